@@ -1,0 +1,363 @@
+//! The Hindsight actor (rollout worker): leases prompts from the replay server, generates a
+//! group of responses per prompt with the candle policy (keeping every token's sampled log-prob
+//! and the entropy of its sampling distribution), streams the groups back over gRPC, and swaps
+//! in newer weight versions from the learner between generation batches.
+//!
+//! Actors are stateless and elastic: start or kill any number at any time. A killed actor's
+//! leases expire on the replay server and its prompts are handed to another actor.
+
+pub mod metrics;
+pub mod weights;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hindsight_policy::{Device, SamplingParams, Sampler, Weights};
+use hindsight_proto::v1::health_server::{Health, HealthServer};
+use hindsight_proto::v1::replay_client::ReplayClient;
+use hindsight_proto::v1::weights_client::WeightsClient;
+use hindsight_proto::v1::{
+    health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse, LeaseRequest,
+    ReleaseLeasesRequest, Response as RolloutResponse, RolloutAck, RolloutGroup,
+};
+use tokio::sync::{mpsc, watch};
+
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+/// Command-line / environment configuration of `hindsight actor`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ActorArgs {
+    /// Replay server to lease prompts from and stream rollouts to.
+    #[arg(long, env = "HINDSIGHT_REPLAY_URL", default_value = "http://127.0.0.1:50051")]
+    pub replay: String,
+    /// Learner whose Weights service publishes new versions.
+    #[arg(long, env = "HINDSIGHT_LEARNER_URL", default_value = "http://127.0.0.1:50052")]
+    pub learner: String,
+    /// Model to generate with (must be the learner's base model): "tiny", "smollm2" or a .gguf path.
+    #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
+    pub model: String,
+    /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
+    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// This actor's id (default: actor-<hostname>-<pid>).
+    #[arg(long, env = "HINDSIGHT_ACTOR_ID")]
+    pub actor_id: Option<String>,
+    /// Prompts leased (and generated together in one batch) at a time.
+    #[arg(long, env = "HINDSIGHT_PROMPTS_PER_LEASE", default_value_t = 2)]
+    pub prompts_per_lease: u32,
+    /// Base seed of the sampler (mixed with the actor id and the batch number).
+    #[arg(long, env = "HINDSIGHT_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Optional gRPC Health endpoint of this actor.
+    #[arg(long, env = "HINDSIGHT_ACTOR_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Stop after this many accepted groups (0 = run until stopped).
+    #[arg(long, env = "HINDSIGHT_MAX_GROUPS", default_value_t = 0)]
+    pub max_groups: u64,
+}
+
+fn default_actor_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host = if host.is_empty() { "local".to_string() } else { host };
+    format!("actor-{host}-{}", std::process::id())
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    // splitmix64 of the pair: decorrelates seeds of different actors and batches.
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+struct ActorHealth {
+    started: Instant,
+    id: String,
+    version: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl Health for ActorHealth {
+    async fn check(
+        &self,
+        _: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        Ok(tonic::Response::new(HealthCheckResponse {
+            status: ServingStatus::Serving as i32,
+            role: "actor".into(),
+            instance_id: self.id.clone(),
+            build_version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            policy_version: self.version.load(Ordering::Relaxed),
+            details: Default::default(),
+        }))
+    }
+}
+
+async fn connect(url: &str) -> Result<Channel> {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0.. {
+        match tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("bad URL {url}"))?
+            .connect()
+            .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) if attempt < 100 => {
+                warn!(error = %e, url, "not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {url}")),
+        }
+    }
+    unreachable!()
+}
+
+/// An open rollout stream: groups go in through `tx`, acks come back in order.
+struct RolloutStream {
+    tx: mpsc::Sender<RolloutGroup>,
+    acks: tonic::Streaming<RolloutAck>,
+}
+
+async fn open_stream(client: &mut ReplayClient<Channel>) -> Result<RolloutStream> {
+    let (tx, rx) = mpsc::channel(64);
+    let acks = client
+        .stream_rollouts(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .context("opening StreamRollouts")?
+        .into_inner();
+    Ok(RolloutStream { tx, acks })
+}
+
+/// Runs the actor until `shutdown` resolves (or `--max-groups` is reached).
+pub async fn run(args: ActorArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    use tracing::Instrument;
+    metrics::describe();
+    let actor_id = args.actor_id.clone().unwrap_or_else(default_actor_id);
+    let span = tracing::info_span!("actor", actor_id = %actor_id);
+    run_actor(args, actor_id, shutdown).instrument(span).await
+}
+
+async fn run_actor(
+    args: ActorArgs,
+    actor_id: String,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let device = Device::Cpu;
+    let cache = args.cache_dir.clone().unwrap_or_else(hindsight_policy::default_cache_dir);
+    let spec = args.model.clone();
+    let loaded = tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &Device::Cpu)).await??;
+    let tokenizer = loaded.tokenizer;
+    let mut sampler = Sampler::new(&loaded.config, &loaded.weights, tokenizer.stop_token_ids(), &device)?;
+    drop(loaded.weights);
+    info!(model = %loaded.name, "actor ready");
+
+    let version = Arc::new(AtomicU64::new(0));
+    ::metrics::gauge!(metrics::POLICY_VERSION).set(0.0);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    if let Some(addr) = args.listen {
+        let health = ActorHealth { started: Instant::now(), id: actor_id.clone(), version: version.clone() };
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(HealthServer::new(health))
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        );
+    }
+
+    let mut replay = ReplayClient::new(connect(&args.replay).await?)
+        .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+    let mut weights = WeightsClient::new(connect(&args.learner).await?)
+        .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+    let mut stream: Option<RolloutStream> = None;
+    let mut accepted_groups = 0u64;
+    let mut batch_no = 0u64;
+
+    while !*stop_rx.borrow() {
+        // 1. Newer weights? Swap them in between generation batches.
+        let current = version.load(Ordering::Relaxed);
+        match weights::newer_manifest(&mut weights, current).await {
+            Ok(Some(manifest)) => {
+                let started = Instant::now();
+                match weights::fetch(&mut weights, &manifest).await {
+                    Ok(payload) => {
+                        let w = tokio::task::block_in_place(|| -> Result<()> {
+                            let w = Weights::from_safetensors_bytes(&payload, &device)?;
+                            sampler.load_weights(&w)
+                        });
+                        match w {
+                            Ok(()) => {
+                                version.store(manifest.version, Ordering::Relaxed);
+                                ::metrics::gauge!(metrics::POLICY_VERSION).set(manifest.version as f64);
+                                ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
+                                ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS).record(started.elapsed().as_secs_f64());
+                                info!(policy_version = manifest.version, from = current, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "weights updated");
+                            }
+                            Err(e) => warn!(error = format!("{e:#}"), "could not load weights; keeping the current version"),
+                        }
+                    }
+                    Err(e) => warn!(error = format!("{e:#}"), "weight fetch failed; keeping the current version"),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = format!("{e:#}"), "learner not answering Latest"),
+        }
+        let policy_version = version.load(Ordering::Relaxed);
+
+        // 2. Lease work.
+        let lease = match replay
+            .lease_prompts(LeaseRequest { actor_id: actor_id.clone(), max_prompts: args.prompts_per_lease, policy_version })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(error = %e, "LeasePrompts failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+                    _ = stop_rx.wait_for(|s| *s) => {},
+                }
+                continue;
+            }
+        };
+        if lease.prompts.is_empty() {
+            let wait = Duration::from_millis(lease.retry_after_ms.clamp(10, 2_000));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {},
+                _ = stop_rx.wait_for(|s| *s) => {},
+            }
+            continue;
+        }
+        let sampling = lease.sampling.unwrap_or_default();
+        let per_prompt = sampling.responses_per_prompt.max(1) as usize;
+        let inputs: Vec<Vec<u32>> = lease
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.prompt_token_ids.clone(), per_prompt))
+            .collect();
+        batch_no += 1;
+        let params = SamplingParams {
+            temperature: sampling.temperature,
+            top_p: if sampling.top_p > 0.0 { sampling.top_p } else { 1.0 },
+            max_new_tokens: sampling.max_new_tokens.max(1) as usize,
+            seed: mix(mix(args.seed, batch_no), actor_id.bytes().fold(0u64, |h, b| mix(h, b as u64))),
+        };
+
+        // 3. Generate (CPU-heavy; off the async workers).
+        let started = Instant::now();
+        let generations = tokio::task::block_in_place(|| sampler.generate(&inputs, &params));
+        let generations = match generations {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "generation failed; giving the leases back");
+                let ids = lease.prompts.iter().map(|p| p.lease_id.clone()).collect();
+                let _ = replay.release_leases(ReleaseLeasesRequest { actor_id: actor_id.clone(), lease_ids: ids }).await;
+                continue;
+            }
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
+        ::metrics::histogram!(metrics::GENERATION_SECONDS).record(secs);
+        ::metrics::counter!(metrics::GENERATED_TOKENS).increment(tokens as u64);
+        ::metrics::counter!(metrics::RESPONSES).increment(generations.len() as u64);
+        ::metrics::gauge!(metrics::TOKENS_PER_SECOND).set(tokens as f64 / secs.max(1e-9));
+        info!(policy_version, prompts = lease.prompts.len(), tokens, tok_per_s = format!("{:.1}", tokens as f64 / secs.max(1e-9)), "generated");
+
+        let mut groups = Vec::with_capacity(lease.prompts.len());
+        for (p, gens) in lease.prompts.iter().zip(generations.chunks(per_prompt)) {
+            let mut responses = Vec::with_capacity(per_prompt);
+            for g in gens {
+                let text = tokenizer.decode(&g.token_ids, true).unwrap_or_default();
+                responses.push(RolloutResponse {
+                    token_ids: g.token_ids.clone(),
+                    logprobs: g.logprobs.clone(),
+                    entropies: g.entropies.clone(),
+                    finished: g.finished,
+                    text,
+                });
+            }
+            groups.push(RolloutGroup {
+                actor_id: actor_id.clone(),
+                prompt_id: p.prompt_id.clone(),
+                lease_id: p.lease_id.clone(),
+                policy_version,
+                responses,
+                generation_ms: (secs * 1000.0) as u64,
+            });
+        }
+
+        // 4. Stream the groups; wait for their acks.
+        let n = groups.len();
+        let mut acked = 0usize;
+        for attempt in 0..2 {
+            if stream.is_none() {
+                match open_stream(&mut replay).await {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        warn!(error = format!("{e:#}"), "cannot open the rollout stream");
+                        break;
+                    }
+                }
+            }
+            let s = stream.as_mut().expect("stream is open");
+            let mut failed = false;
+            for g in groups.iter().skip(acked) {
+                if s.tx.send(g.clone()).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            while !failed && acked < n {
+                match s.acks.message().await {
+                    Ok(Some(ack)) => {
+                        acked += 1;
+                        if ack.accepted {
+                            accepted_groups += 1;
+                            ::metrics::counter!(metrics::ROLLOUT_GROUPS).increment(1);
+                        } else {
+                            ::metrics::counter!(metrics::REJECTED_GROUPS).increment(1);
+                            info!(lease_id = %ack.lease_id, reason = %ack.reason, "group not accepted");
+                        }
+                    }
+                    Ok(None) => failed = true,
+                    Err(status) => {
+                        // INVALID_ARGUMENT ends the stream: that group is dropped (a bug on our
+                        // side, logged loudly); its lease expires and the prompt is re-leased.
+                        warn!(code = ?status.code(), message = status.message(), "rollout stream ended by the server");
+                        if status.code() == tonic::Code::InvalidArgument {
+                            acked += 1;
+                        }
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                stream = None;
+                if attempt == 0 && acked < n {
+                    continue;
+                }
+            }
+            break;
+        }
+        if args.max_groups > 0 && accepted_groups >= args.max_groups {
+            info!(accepted_groups, "reached --max-groups");
+            break;
+        }
+    }
+    info!(accepted_groups, "actor stopping");
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! Conformance with the reference IFEval checkers (lm_eval 0.4.13): for every golden
+//! record of the GPT-4 set and of the probe set, each in-scope instruction's strict and
+//! loose verdicts must equal the oracle's, except entries the oracle marks as random
+//! (`random_used`) or erroring (`errors`). The two language-detection ids (langdetect in
+//! the reference, whatlang here) may disagree only on the listed cases.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use common::{key_str, oracle_dir, read_jsonl};
+use hindsight_constraints::{build, supported_ids, ConstraintSpec, Map, Value};
+
+const LANG_IDS: [&str; 2] = [
+    "change_case:english_capital",
+    "change_case:english_lowercase",
+];
+
+/// One input record: key, instruction ids, kwargs, response.
+struct Case {
+    key: String,
+    ids: Vec<String>,
+    kwargs: Vec<Map<String, Value>>,
+    response: String,
+}
+
+fn cases_from(records: &[Value], response_of: impl Fn(&Value) -> String) -> Vec<Case> {
+    records
+        .iter()
+        .map(|r| Case {
+            key: key_str(&r["key"]),
+            ids: r["instruction_id_list"]
+                .as_array()
+                .expect("instruction_id_list")
+                .iter()
+                .map(|v| v.as_str().expect("id").to_string())
+                .collect(),
+            kwargs: r["kwargs"]
+                .as_array()
+                .expect("kwargs")
+                .iter()
+                .map(|v| v.as_object().cloned().unwrap_or_default())
+                .collect(),
+            response: response_of(r),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Disagreement {
+    key: String,
+    index: usize,
+    id: String,
+    mode: &'static str,
+    expected: bool,
+}
+
+/// Compare every in-scope instruction; returns (checked count, language disagreements).
+/// Non-language disagreements fail the test immediately with details.
+fn check_set(name: &str, cases: &[Case], expected: &[Value]) -> (usize, Vec<Disagreement>) {
+    let expected: HashMap<String, &Value> =
+        expected.iter().map(|e| (key_str(&e["key"]), e)).collect();
+    let in_scope: HashSet<&str> = supported_ids().iter().copied().collect();
+    let mut checked = 0;
+    let mut lang = Vec::new();
+    let mut failures = Vec::new();
+    for case in cases {
+        let exp = expected
+            .get(&case.key)
+            .unwrap_or_else(|| panic!("{name}: no expected verdicts for key {}", case.key));
+        let skip: BTreeSet<usize> = ["random_used", "errors"]
+            .iter()
+            .filter_map(|k| exp.get(*k))
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(|v| {
+                v.as_u64()
+                    .or_else(|| v.get("index").and_then(Value::as_u64))
+            })
+            .map(|v| v as usize)
+            .collect();
+        for (index, id) in case.ids.iter().enumerate() {
+            if !in_scope.contains(id.as_str()) || skip.contains(&index) {
+                continue;
+            }
+            let spec = ConstraintSpec::new(id.clone(), case.kwargs[index].clone());
+            let c = build(&spec).unwrap_or_else(|e| panic!("{name} key {}: {e}", case.key));
+            for (mode, field, got) in [
+                (
+                    "strict",
+                    "follow_instruction_list_strict",
+                    c.check_strict(&case.response),
+                ),
+                (
+                    "loose",
+                    "follow_instruction_list_loose",
+                    c.check_loose(&case.response),
+                ),
+            ] {
+                let want = exp[field][index].as_bool().expect("boolean verdict");
+                if got != want {
+                    let d = Disagreement {
+                        key: case.key.clone(),
+                        index,
+                        id: id.clone(),
+                        mode,
+                        expected: want,
+                    };
+                    if LANG_IDS.contains(&id.as_str()) {
+                        lang.push(d);
+                    } else {
+                        failures.push(format!("{d:?} response={:?}", truncate(&case.response)));
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{name}: {} disagreements:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    (checked, lang)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(300).collect()
+}
+
+#[test]
+fn ifeval_gpt4_matches_reference() {
+    let dir = oracle_dir();
+    let inputs = read_jsonl(&dir.join("data/ifeval/input_data.jsonl"));
+    let responses: HashMap<String, String> =
+        read_jsonl(&dir.join("data/ifeval/input_response_data_gpt4_20231107_145030.jsonl"))
+            .into_iter()
+            .map(|r| {
+                (
+                    r["prompt"].as_str().unwrap().to_string(),
+                    r["response"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+    let cases = cases_from(&inputs, |r| {
+        responses
+            .get(r["prompt"].as_str().unwrap())
+            .cloned()
+            .unwrap_or_default()
+    });
+    let expected = read_jsonl(&dir.join("golden/ifeval_gpt4.expected.jsonl"));
+    assert_eq!(cases.len(), 541);
+    let (checked, lang) = check_set("ifeval_gpt4", &cases, &expected);
+    println!("ifeval_gpt4: {checked} instructions checked, language disagreements: {lang:#?}");
+    assert!(
+        checked > 450,
+        "only {checked} in-scope instructions checked"
+    );
+    assert_known(&lang, KNOWN_GPT4);
+}
+
+#[test]
+fn ifeval_probe_matches_reference() {
+    let dir = oracle_dir();
+    let inputs = read_jsonl(&dir.join("golden/probe/ifeval_in.jsonl"));
+    let cases = cases_from(&inputs, |r| r["response"].as_str().unwrap().to_string());
+    let expected = read_jsonl(&dir.join("golden/probe/ifeval_probe.expected.jsonl"));
+    let (checked, lang) = check_set("ifeval_probe", &cases, &expected);
+    println!("ifeval_probe: {checked} instructions checked, language disagreements: {lang:#?}");
+    assert_eq!(checked, 14 * 12, "every in-scope id has 12 probes");
+    assert_known(&lang, KNOWN_PROBE);
+}
+
+/// (key, instruction index, reason) of each accepted language-detection disagreement
+/// (langdetect in the reference vs whatlang here); the verdict may differ in strict mode,
+/// loose mode or both.
+type Known = &'static [(&'static str, usize, &'static str)];
+
+const KNOWN_GPT4: Known = &[
+    (
+        "279",
+        0,
+        "english_lowercase on a 17-word lowercase poem full of Irish names (\"glistening \
+         emerald hills, gulls glide over galway's grace, gaelic ghosts ...\"): langdetect says \
+         en, whatlang says Dutch (confidence 0.46, unreliable)",
+    ),
+    (
+        "3456",
+        1,
+        "english_capital on a numbered list of ~50 upper-case first/last names: langdetect \
+         says not en, whatlang says English (reliable): names carry no real language signal",
+    ),
+    (
+        "3617",
+        0,
+        "english_capital on six words (\"PIXEL PRODIGY / CODE CONSTRUCT / DIGITAL DYNAMICS\"): \
+         langdetect says en, whatlang says Catalan (confidence 0.43, unreliable)",
+    ),
+];
+const KNOWN_PROBE: Known = &[];
+
+fn assert_known(found: &[Disagreement], known: Known) {
+    assert!(
+        known.len() <= 3,
+        "at most 3 accepted disagreements per data set"
+    );
+    let found_keys: BTreeSet<(String, usize)> =
+        found.iter().map(|d| (d.key.clone(), d.index)).collect();
+    let known_keys: BTreeSet<(String, usize)> =
+        known.iter().map(|(k, i, _)| (k.to_string(), *i)).collect();
+    assert_eq!(
+        found_keys, known_keys,
+        "language-detection disagreements changed: {found:#?}"
+    );
+}

@@ -1,0 +1,387 @@
+//! The Hindsight learner: pulls training batches from the replay server, takes one
+//! policy-gradient step per batch, publishes every new weight version to the actors and
+//! checkpoints periodically.
+//!
+//! Modules: [`advantage`] (REINFORCE++ / GRPO), [`loss`] (PPO dual clip), [`trainer`] (one
+//! step), [`publish`] (the `Weights` gRPC service), [`checkpoint`] (save / resume) and
+//! [`metrics`]. [`run`] wires them into the service loop.
+//!
+//! Scope: one rank. Several ranks with an all-reduce of gradients (NCCL on GPUs) is designed
+//! for (`--rank` / `--world-size` travel in the batch request) but not implemented yet: a
+//! `--world-size` above 1 is refused with a clear error.
+
+pub mod advantage;
+pub mod checkpoint;
+pub mod loss;
+pub mod metrics;
+pub mod publish;
+pub mod trainer;
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hindsight_proto::v1::health_server::{Health, HealthServer};
+use hindsight_proto::v1::replay_client::ReplayClient;
+use hindsight_proto::v1::weights_server::WeightsServer;
+use hindsight_proto::v1::{
+    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest, HealthCheckRequest,
+    HealthCheckResponse,
+};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+pub use advantage::AdvantageKind;
+use checkpoint::{Checkpoint, TrainerState};
+use loss::PpoConfig;
+use publish::WeightStore;
+use trainer::{StepStats, TrainConfig, Trainer};
+
+/// Command-line / environment configuration of `hindsight learner`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LearnerArgs {
+    /// Replay server to pull batches from.
+    #[arg(long, env = "HINDSIGHT_REPLAY_URL", default_value = "http://127.0.0.1:50051")]
+    pub replay: String,
+    /// Address of the learner's gRPC server (Weights + Health).
+    #[arg(long, env = "HINDSIGHT_LEARNER_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+    /// Model to train: "tiny", "smollm2" or a path to a .gguf file.
+    #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
+    pub model: String,
+    /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
+    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// AdamW learning rate.
+    #[arg(long, env = "HINDSIGHT_LR", default_value_t = 1e-6)]
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, env = "HINDSIGHT_WEIGHT_DECAY", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    #[arg(long, env = "HINDSIGHT_MAX_GRAD_NORM", default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Advantage estimator.
+    #[arg(long, env = "HINDSIGHT_ADVANTAGE", value_enum, default_value = "reinforce++")]
+    pub advantage: AdvantageKind,
+    /// Load a frozen reference model (the starting weights) for the REINFORCE++ KL term.
+    #[arg(long, env = "HINDSIGHT_REFERENCE_MODEL", default_value_t = false)]
+    pub reference_model: bool,
+    /// KL coefficient used when a reference model is loaded.
+    #[arg(long, env = "HINDSIGHT_KL_BETA", default_value_t = 0.001)]
+    pub kl_beta: f64,
+    /// PPO clip range.
+    #[arg(long, env = "HINDSIGHT_CLIP", default_value_t = 0.2)]
+    pub clip: f64,
+    /// PPO dual clip (caps the loss of negative-advantage tokens).
+    #[arg(long, env = "HINDSIGHT_DUAL_CLIP", default_value_t = 3.0)]
+    pub dual_clip: f64,
+    /// Sequences per forward/backward pass; gradients are accumulated over the batch.
+    #[arg(long, env = "HINDSIGHT_MICRO_BATCH", default_value_t = 4)]
+    pub micro_batch: usize,
+    /// Stop after this many optimizer steps in total (0 = run until stopped).
+    #[arg(long, env = "HINDSIGHT_MAX_STEPS", default_value_t = 0)]
+    pub max_steps: u64,
+    /// Directory for checkpoints (none = no checkpoints).
+    #[arg(long, env = "HINDSIGHT_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many steps (and after the last step).
+    #[arg(long, env = "HINDSIGHT_CHECKPOINT_EVERY", default_value_t = 50)]
+    pub checkpoint_every: u64,
+    /// Resume from the latest checkpoint in --checkpoint-dir if there is one.
+    #[arg(long, env = "HINDSIGHT_RESUME", default_value_t = false)]
+    pub resume: bool,
+    /// Append one JSON line of figures per step to this file.
+    #[arg(long, env = "HINDSIGHT_STEP_LOG")]
+    pub step_log: Option<PathBuf>,
+    /// Weight versions kept fetchable.
+    #[arg(long, env = "HINDSIGHT_KEEP_VERSIONS", default_value_t = 2)]
+    pub keep_versions: usize,
+    /// This learner's id (logs, replay bookkeeping).
+    #[arg(long, env = "HINDSIGHT_LEARNER_ID", default_value = "learner-0")]
+    pub learner_id: String,
+    /// Rank of this learner process.
+    #[arg(long, env = "HINDSIGHT_RANK", default_value_t = 0)]
+    pub rank: u32,
+    /// After --max-steps, keep serving weights and health until stopped (used by `hindsight up`).
+    #[arg(long, env = "HINDSIGHT_LINGER", default_value_t = false)]
+    pub linger: bool,
+    /// Number of learner ranks (only 1 is supported for now).
+    #[arg(long, env = "HINDSIGHT_WORLD_SIZE", default_value_t = 1)]
+    pub world_size: u32,
+}
+
+struct LearnerHealth {
+    started: Instant,
+    store: WeightStore,
+    id: String,
+    step: watch::Receiver<u64>,
+}
+
+#[tonic::async_trait]
+impl Health for LearnerHealth {
+    async fn check(
+        &self,
+        _: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let mut details = std::collections::HashMap::new();
+        details.insert("step".to_string(), self.step.borrow().to_string());
+        Ok(tonic::Response::new(HealthCheckResponse {
+            status: ServingStatus::Serving as i32,
+            role: "learner".into(),
+            instance_id: self.id.clone(),
+            build_version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            policy_version: self.store.latest_version(),
+            details,
+        }))
+    }
+}
+
+async fn connect_replay(url: &str) -> Result<ReplayClient<tonic::transport::Channel>> {
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match ReplayClient::connect(url.to_string()).await {
+            Ok(c) => {
+                return Ok(c
+                    .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES))
+            }
+            Err(e) if tries < 100 => {
+                tries += 1;
+                warn!(error = %e, url, "replay server not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to replay server {url}")),
+        }
+    }
+}
+
+/// Runs the learner until `--max-steps` is reached or `shutdown` resolves.
+pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    if args.world_size != 1 || args.rank != 0 {
+        bail!(
+            "--world-size {} / --rank {}: multi-rank training (gradient all-reduce) is not implemented yet; run one learner with --world-size 1",
+            args.world_size,
+            args.rank
+        );
+    }
+    metrics::describe();
+    let device = hindsight_policy::Device::Cpu;
+    let cache = args.cache_dir.clone().unwrap_or_else(hindsight_policy::default_cache_dir);
+    let spec = args.model.clone();
+    let loaded = tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &device))
+        .await??;
+    info!(model = %loaded.name, params = loaded.weights.num_parameters(), "model loaded");
+    let config = TrainConfig {
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        advantage: args.advantage,
+        kl_beta: if args.reference_model { args.kl_beta } else { 0.0 },
+        ppo: PpoConfig { clip: args.clip, dual_clip: args.dual_clip },
+        micro_batch: args.micro_batch,
+    };
+    let config_json = serde_json::to_string_pretty(&loaded.config)?;
+    let mut trainer = Trainer::new(&loaded, args.reference_model, config, &hindsight_policy::Device::Cpu)?;
+    drop(loaded);
+
+    let store = WeightStore::new(args.keep_versions, hindsight_proto::WEIGHT_CHUNK_BYTES);
+    let mut state = TrainerState { base_model: args.model.clone(), ..Default::default() };
+    if args.resume {
+        let dir = args.checkpoint_dir.as_ref().context("--resume needs --checkpoint-dir")?;
+        if let Some(ckpt) = checkpoint::load_latest(dir)? {
+            trainer.import_weights(&ckpt.model_safetensors)?;
+            trainer.optimizer.load_state(&ckpt.optimizer_safetensors)?;
+            state = ckpt.state;
+            info!(step = state.step, policy_version = state.policy_version, "resumed from checkpoint");
+            // Actors start from the base model: publish the resumed weights at once.
+            store.publish(state.policy_version, state.step, ckpt.model_safetensors);
+        } else {
+            info!(dir = %dir.display(), "no checkpoint to resume from; starting fresh");
+        }
+    }
+    ::metrics::gauge!(metrics::STEP).set(state.step as f64);
+
+    // gRPC server: Weights + Health.
+    let (step_tx, step_rx) = watch::channel(state.step);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health = LearnerHealth { started: Instant::now(), store: store.clone(), id: args.learner_id.clone(), step: step_rx };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding learner gRPC address {}", args.listen))?;
+    info!(addr = %listener.local_addr()?, "learner serving Weights and Health");
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                WeightsServer::new(store.clone())
+                    .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
+            )
+            .add_service(HealthServer::new(health))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            }),
+    );
+    let shutdown_task = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+    };
+
+    let mut step_log = match &args.step_log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening step log {}", p.display()))?,
+        ),
+        None => None,
+    };
+
+    let result = train_loop(&args, &mut trainer, &store, &mut state, &step_tx, &mut step_log, stop_rx.clone(), &config_json).await;
+    if let Err(e) = &result {
+        warn!(error = format!("{e:#}"), "learner loop ended with an error");
+    } else if args.linger {
+        info!("training done; still serving weights until stopped (--linger)");
+        let mut stop = stop_rx.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+    let _ = stop_tx.send(true);
+    shutdown_task.abort();
+    let _ = server.await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn train_loop(
+    args: &LearnerArgs,
+    trainer: &mut Trainer,
+    store: &WeightStore,
+    state: &mut TrainerState,
+    step_tx: &watch::Sender<u64>,
+    step_log: &mut Option<std::fs::File>,
+    mut stop: watch::Receiver<bool>,
+    config_json: &str,
+) -> Result<()> {
+    let mut client = connect_replay(&args.replay).await?;
+    'outer: loop {
+        if args.max_steps > 0 && state.step >= args.max_steps {
+            info!(step = state.step, "reached --max-steps");
+            break;
+        }
+        let request = BatchStreamRequest { learner_id: args.learner_id.clone(), rank: args.rank, world_size: args.world_size };
+        let mut stream = tokio::select! {
+            r = client.stream_batches(request) => match r {
+                Ok(s) => s.into_inner(),
+                Err(e) => {
+                    warn!(error = %e, "StreamBatches failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        loop {
+            let next = tokio::select! {
+                b = stream.next() => b,
+                _ = stop.wait_for(|s| *s) => break 'outer,
+            };
+            let batch = match next {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    warn!(error = %e, "batch stream broke; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'outer;
+                }
+                None => {
+                    warn!("batch stream ended; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'outer;
+                }
+            };
+            let step = state.step + 1;
+            // CPU-heavy: keep it off the async workers.
+            let (stats, payload) = tokio::task::block_in_place(|| -> Result<(StepStats, Vec<u8>)> {
+                let stats = trainer.train_step(&batch, step)?;
+                let payload = trainer.export_weights()?;
+                Ok((stats, payload))
+            })?;
+            state.step = step;
+            state.policy_version += 1;
+            state.last_batch_id = batch.batch_id;
+            state.tokens_trained += stats.response_tokens as u64;
+            let mut stats = stats;
+            stats.policy_version = state.policy_version;
+            store.publish(state.policy_version, state.step, payload);
+            client
+                .ack_batch(AckBatchRequest {
+                    learner_id: args.learner_id.clone(),
+                    batch_id: batch.batch_id,
+                    learner_step: state.step,
+                    policy_version: state.policy_version,
+                })
+                .await
+                .context("AckBatch")?;
+            step_tx.send_replace(state.step);
+            record_metrics(&stats);
+            info!(
+                step = state.step,
+                batch_id = batch.batch_id,
+                loss = stats.loss,
+                reward = stats.reward_mean,
+                success = stats.success_rate,
+                replays = stats.replay_samples,
+                grad_norm = stats.grad_norm,
+                secs = format!("{:.2}", stats.step_seconds),
+                policy_version = state.policy_version,
+                "step done"
+            );
+            if let Some(f) = step_log.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(&stats)?)?;
+                f.flush()?;
+            }
+            let last = args.max_steps > 0 && state.step >= args.max_steps;
+            if let Some(dir) = &args.checkpoint_dir {
+                if last || (args.checkpoint_every > 0 && state.step % args.checkpoint_every == 0) {
+                    let ckpt = tokio::task::block_in_place(|| -> Result<Checkpoint> {
+                        Ok(Checkpoint {
+                            state: state.clone(),
+                            model_safetensors: trainer.export_weights()?,
+                            optimizer_safetensors: trainer.optimizer.state_to_safetensors()?,
+                            config_json: config_json.to_string(),
+                        })
+                    })?;
+                    let path = checkpoint::save(dir, &ckpt)?;
+                    info!(path = %path.display(), "checkpoint written");
+                }
+            }
+            if last {
+                info!(step = state.step, "reached --max-steps");
+                break 'outer;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn record_metrics(s: &StepStats) {
+    use ::metrics::{counter, gauge, histogram};
+    gauge!(metrics::STEP).set(s.step as f64);
+    gauge!(metrics::LOSS).set(s.loss);
+    histogram!(metrics::STEP_SECONDS).record(s.step_seconds);
+    gauge!(metrics::GRAD_NORM).set(s.grad_norm);
+    counter!(metrics::TRAIN_TOKENS).increment(s.response_tokens as u64);
+    gauge!(metrics::TRAIN_TOKENS_PER_SECOND).set(s.train_tokens_per_second);
+    gauge!(metrics::BATCH_REWARD).set(s.reward_mean);
+    gauge!(metrics::CLIP_FRACTION).set(s.clip_fraction);
+}

@@ -1,0 +1,217 @@
+//! Fused AdamW: decoupled weight decay + bias correction, updating each f32
+//! parameter in place in a single pass over raw slices (rayon over chunks) via a
+//! candle in-place op; plus global gradient L2 norm for clipping, and optimizer
+//! state (de)serialisation for checkpoints.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
+
+use crate::weights::{f32_from_safetensors, f32_safetensors_bytes};
+
+const CHUNK: usize = 1 << 14;
+
+/// Runs `f` on the contiguous f32 CPU data of `t` without copying, if possible.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (st, layout) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let (a, b) = layout.contiguous_offsets()?;
+            Some(f(&data[a..b]))
+        }
+        _ => None,
+    }
+}
+
+/// Global L2 norm of the gradients of `vars` (vars without a gradient are skipped).
+pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> anyhow::Result<f64> {
+    let mut total = 0f64;
+    for (_, v) in vars {
+        let Some(g) = grads.get(v.as_tensor()) else { continue };
+        let fast = with_cpu_f32(g, |s| s.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>());
+        total += match fast {
+            Some(x) => x,
+            None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
+        };
+    }
+    Ok(total.sqrt())
+}
+
+#[derive(Clone, Copy)]
+struct Hyper {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    bc1: f32,
+    bc2_sqrt: f32,
+    grad_scale: f32,
+}
+
+impl Hyper {
+    #[inline(always)]
+    fn update(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let keep = 1.0 - self.lr * self.decay;
+        let step_size = self.lr / self.bc1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * self.grad_scale;
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+            *p = *p * keep - step_size * *m / denom;
+        }
+    }
+}
+
+struct AdamWKernel<'a> {
+    hyper: Hyper,
+    state: Mutex<(&'a mut [f32], &'a mut [f32])>,
+}
+
+impl candle_core::InplaceOp2 for AdamWKernel<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("fused-adamw: f32 parameters and gradients required")
+        };
+        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("fused-adamw: contiguous parameters and gradients required")
+        };
+        let (p, g) = (&mut p[pa..pb], &g[ga..gb]);
+        let mut st = self.state.lock().unwrap();
+        let (m, v) = &mut *st;
+        if p.len() != g.len() || p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("fused-adamw: size mismatch")
+        }
+        let h = self.hyper;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| h.update(p, g, m, v));
+        Ok(())
+    }
+}
+
+/// Fused AdamW (PyTorch semantics: `p *= 1 - lr*wd; m,v EMA; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`).
+/// Weight decay applies to every parameter except 1-D ones (norm weights) unless `decay_1d` is set.
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Also decay 1-D parameters (RMSNorm weights). Default false (HF Trainer convention).
+    pub decay_1d: bool,
+    step: u64,
+    state: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+}
+
+impl AdamW {
+    /// Betas 0.9/0.999, eps 1e-8; zero moments for every var.
+    pub fn new(vars: &[(String, Var)], lr: f64, weight_decay: f64) -> Self {
+        let state = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()])))
+            .collect();
+        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, decay_1d: false, step: 0, state }
+    }
+
+    /// Number of steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of every var that has a gradient; gradients are multiplied by `grad_scale`.
+    pub fn step(&mut self, grads: &GradStore, vars: &[(String, Var)], grad_scale: f32) -> anyhow::Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        for (name, var) in vars {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let n = var.elem_count();
+            let (m, v) = self.state.entry(name.clone()).or_insert_with(|| (vec![0f32; n], vec![0f32; n]));
+            anyhow::ensure!(m.len() == n, "adamw: state size mismatch for {name}");
+            let decay = if var.rank() >= 2 || self.decay_1d { self.weight_decay } else { 0.0 };
+            let hyper = Hyper {
+                lr: self.lr as f32,
+                beta1: self.beta1 as f32,
+                beta2: self.beta2 as f32,
+                eps: self.eps as f32,
+                decay: decay as f32,
+                bc1: bc1 as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+                grad_scale,
+            };
+            let pt = var.as_tensor();
+            if pt.device().is_cpu() && pt.dtype() == DType::F32 && pt.is_contiguous() {
+                let g = g.to_dtype(DType::F32)?.contiguous()?;
+                let kernel = AdamWKernel { hyper, state: Mutex::new((m.as_mut_slice(), v.as_mut_slice())) };
+                pt.inplace_op2(&g, &kernel)?;
+            } else {
+                // Generic path (GPU / non-f32): same math on host copies.
+                let mut p = pt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                hyper.update(&mut p, &g, m, v);
+                let new = Tensor::from_vec(p, pt.shape(), pt.device())?.to_dtype(pt.dtype())?;
+                var.set(&new)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises step, hyper-parameters (metadata key `adamw`, JSON) and first/second moments
+    /// (`m.{name}`, `v.{name}` tensors) as safetensors.
+    pub fn state_to_safetensors(&self) -> anyhow::Result<Vec<u8>> {
+        let mut items = Vec::with_capacity(self.state.len() * 2);
+        for (n, (m, v)) in &self.state {
+            items.push((format!("m.{n}"), vec![m.len()], m.clone()));
+            items.push((format!("v.{n}"), vec![v.len()], v.clone()));
+        }
+        // One metadata key so the serialised bytes are deterministic.
+        let info = serde_json::json!({
+            "step": self.step, "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
+            "eps": self.eps, "weight_decay": self.weight_decay, "decay_1d": self.decay_1d,
+        });
+        let mut meta = HashMap::new();
+        meta.insert("adamw".to_string(), info.to_string());
+        f32_safetensors_bytes(&items, Some(meta))
+    }
+
+    /// Restores step and moments saved by [`AdamW::state_to_safetensors`]
+    /// (hyper-parameters stay as configured on `self`).
+    pub fn load_state(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+        let info: serde_json::Value = serde_json::from_str(
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get("adamw"))
+                .ok_or_else(|| anyhow::anyhow!("optimizer state has no `adamw` metadata"))?,
+        )?;
+        let step = info["step"].as_u64().ok_or_else(|| anyhow::anyhow!("optimizer state has no step"))?;
+        let tensors = f32_from_safetensors(bytes)?;
+        let mut state: BTreeMap<String, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
+        for (k, (_, data)) in tensors {
+            if let Some(n) = k.strip_prefix("m.") {
+                state.entry(n.to_string()).or_default().0 = data;
+            } else if let Some(n) = k.strip_prefix("v.") {
+                state.entry(n.to_string()).or_default().1 = data;
+            }
+        }
+        for (n, (m, v)) in &state {
+            anyhow::ensure!(m.len() == v.len(), "optimizer state for {n}: m/v size mismatch");
+        }
+        self.state = state;
+        self.step = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,403 @@
+//! The inference engine (`Sampler`): a Llama forward built on candle's fused
+//! inference kernels (rope, rms_norm, softmax), a pre-allocated KV cache, batched
+//! prefill of left-padded prompts with per-sequence positions and padding masks,
+//! and temperature / top-p sampling that reports per-token log-probs and entropy.
+//!
+//! Log-prob convention: `logprobs[t]` is `log p(token_t)` under
+//! `softmax(logits / temperature)` — the distribution actually sampled from —
+//! *before* top-p truncation (so it is a smooth function of the weights, and equals
+//! what the trainer recomputes with the same temperature). `entropies[t]` is the
+//! entropy of that same distribution. With `temperature == 0` (greedy) both refer
+//! to the temperature-1 distribution.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::ModelConfig;
+use crate::ops::{padded_causal_mask, rope_cos_sin};
+use crate::weights::Weights;
+
+/// Sampling parameters. `temperature == 0` => greedy; `top_p >= 1` => no truncation.
+#[derive(Clone, Debug)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_p: 1.0, max_new_tokens: 128, seed: 0 }
+    }
+}
+
+/// One generated continuation. Stop tokens are included (with their log-prob).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub entropies: Vec<f32>,
+    /// True iff the sequence ended on a stop token (false: hit `max_new_tokens`).
+    pub finished: bool,
+}
+
+struct Layer {
+    ln1: Tensor,
+    /// q, k, v projections concatenated: `[(H + 2*KV) * hd, D]`.
+    wqkv: Tensor,
+    wo: Tensor,
+    ln2: Tensor,
+    /// gate and up projections concatenated: `[2 * I, D]`.
+    wgu: Tensor,
+    wdown: Tensor,
+}
+
+struct KvBuf {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// Batched KV-cache inference engine.
+pub struct Sampler {
+    config: ModelConfig,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    stops: Vec<u32>,
+    interleaved_rope: bool,
+}
+
+impl Sampler {
+    /// Builds the engine from HF-layout weights (half-rotation rope).
+    pub fn new(config: &ModelConfig, weights: &Weights, tokenizer_stops: &[u32], device: &Device) -> anyhow::Result<Self> {
+        config.validate()?;
+        let mut s = Self {
+            config: config.clone(),
+            device: device.clone(),
+            embed: Tensor::zeros(1, DType::F32, device)?,
+            layers: Vec::new(),
+            norm: Tensor::zeros(1, DType::F32, device)?,
+            lm_head: Tensor::zeros(1, DType::F32, device)?,
+            stops: tokenizer_stops.to_vec(),
+            interleaved_rope: false,
+        };
+        s.load_weights(weights)?;
+        Ok(s)
+    }
+
+    /// Test hook: treat q/k weights as GGUF-permuted and use interleaved rope (`rope_i`).
+    pub fn set_interleaved_rope(&mut self, interleaved: bool) {
+        self.interleaved_rope = interleaved;
+    }
+
+    /// The stop token ids generation ends on.
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.stops
+    }
+
+    /// Replaces the stop tokens.
+    pub fn set_stop_token_ids(&mut self, stops: &[u32]) {
+        self.stops = stops.to_vec();
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Swaps in a new weight version (same config).
+    pub fn load_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        weights.validate(&self.config)?;
+        let dev = &self.device;
+        let get = |n: &str| -> anyhow::Result<Tensor> { Ok(weights.get(n)?.to_dtype(DType::F32)?.to_device(dev)?) };
+        let mut layers = Vec::with_capacity(self.config.num_hidden_layers);
+        for l in 0..self.config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let q = get(&format!("{p}.self_attn.q_proj.weight"))?;
+            let k = get(&format!("{p}.self_attn.k_proj.weight"))?;
+            let v = get(&format!("{p}.self_attn.v_proj.weight"))?;
+            let gate = get(&format!("{p}.mlp.gate_proj.weight"))?;
+            let up = get(&format!("{p}.mlp.up_proj.weight"))?;
+            layers.push(Layer {
+                ln1: get(&format!("{p}.input_layernorm.weight"))?,
+                wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
+                wo: get(&format!("{p}.self_attn.o_proj.weight"))?,
+                ln2: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                wgu: Tensor::cat(&[&gate, &up], 0)?,
+                wdown: get(&format!("{p}.mlp.down_proj.weight"))?,
+            });
+        }
+        self.embed = get("model.embed_tokens.weight")?;
+        self.lm_head = if self.config.tie_word_embeddings { self.embed.clone() } else { get("lm_head.weight")? };
+        self.norm = get("model.norm.weight")?;
+        self.layers = layers;
+        Ok(())
+    }
+
+    /// Runs the transformer over `ids` `[B, T]`, writing K/V into `caches` at slot
+    /// `offset` (or attending only within the chunk when `caches` is None).
+    /// `cos`/`sin`: `[B, T, hd/2]`; `mask`: `[B, 1, 1, T, Tk]` additive. Returns the
+    /// final-normed hidden states `[B, T, D]`.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        mut caches: Option<&mut [KvBuf]>,
+        offset: usize,
+    ) -> anyhow::Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let d = c.hidden_size;
+        let (h, kv, hd, n_rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim(), c.n_rep());
+        let eps = c.rms_norm_eps as f32;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let xn = candle_nn::ops::rms_norm(&x, &l.ln1, eps)?;
+            let qkv = linear(&xn.reshape((b * t, d))?, &l.wqkv)?;
+            let q = qkv.narrow(1, 0, h * hd)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = qkv.narrow(1, h * hd, kv * hd)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = qkv.narrow(1, (h + kv) * hd, kv * hd)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let (q, k) = if self.interleaved_rope {
+                (candle_nn::rotary_emb::rope_i(&q, cos, sin)?, candle_nn::rotary_emb::rope_i(&k, cos, sin)?)
+            } else {
+                (candle_nn::rotary_emb::rope(&q, cos, sin)?, candle_nn::rotary_emb::rope(&k, cos, sin)?)
+            };
+            let (k_all, v_all) = match caches.as_deref_mut() {
+                Some(cs) => {
+                    let cb = &mut cs[li];
+                    cb.k.slice_set(&k, 2, offset)?;
+                    cb.v.slice_set(&v, 2, offset)?;
+                    let (mut ka, mut va) = (cb.k.narrow(2, 0, offset + t)?, cb.v.narrow(2, 0, offset + t)?);
+                    if !self.device.is_cpu() {
+                        ka = ka.contiguous()?;
+                        va = va.contiguous()?;
+                    }
+                    (ka, va)
+                }
+                None => (k, v),
+            };
+            let tk = k_all.dim(2)?;
+            let q = q.reshape((b, kv, n_rep * t, hd))?;
+            let att = (q.matmul(&k_all.t()?)? * scale)?;
+            let att = match mask {
+                Some(m) => att.reshape((b, kv, n_rep, t, tk))?.broadcast_add(m)?.reshape((b, kv, n_rep * t, tk))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v_all)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            let y = linear(&y, &l.wo)?.reshape((b, t, d))?;
+            x = (x + y)?;
+            let xn = candle_nn::ops::rms_norm(&x, &l.ln2, eps)?.reshape((b * t, d))?;
+            let gu = linear(&xn, &l.wgu)?;
+            let i = c.intermediate_size;
+            let g = gu.narrow(1, 0, i)?.silu()?;
+            let u = gu.narrow(1, i, i)?;
+            let m = linear(&(g * u)?, &l.wdown)?.reshape((b, t, d))?;
+            x = (x + m)?;
+        }
+        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
+    }
+
+    fn cos_sin_batch(&self, positions: &[usize], b: usize, t: usize) -> anyhow::Result<(Tensor, Tensor)> {
+        let (cos, sin) = rope_cos_sin(positions, self.config.head_dim(), self.config.rope_theta, DType::F32, &self.device)?;
+        let half = self.config.head_dim() / 2;
+        Ok((cos.reshape((b, t, half))?, sin.reshape((b, t, half))?))
+    }
+
+    /// Full-sequence forward without cache: logits `[T, vocab]` (f32).
+    pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Tensor> {
+        anyhow::ensure!(!tokens.is_empty(), "logits: empty token sequence");
+        let t = tokens.len();
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, t), &self.device)?;
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = self.cos_sin_batch(&positions, 1, t)?;
+        let mask = if t > 1 { Some(padded_causal_mask(&[0], t, 0, t, DType::F32, &self.device)?) } else { None };
+        let h = self.forward(&ids, &cos, &sin, mask.as_ref(), None, 0)?;
+        Ok(h.reshape((t, self.config.hidden_size))?.matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Generates continuations for a batch of prompts (token ids, any lengths >= 1).
+    /// Prompts are left-padded into one batch; finished sequences are dropped from
+    /// the batch (KV cache compacted). Each sequence draws from its own ChaCha8 stream
+    /// (seed, stream = index in `prompts`), so results are seed-deterministic.
+    pub fn generate(&mut self, prompts: &[Vec<u32>], params: &SamplingParams) -> anyhow::Result<Vec<Generation>> {
+        let n = prompts.len();
+        let mut gens: Vec<Generation> =
+            (0..n).map(|_| Generation { token_ids: vec![], logprobs: vec![], entropies: vec![], finished: false }).collect();
+        if n == 0 || params.max_new_tokens == 0 {
+            return Ok(gens);
+        }
+        anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: empty prompt");
+        let vocab = self.config.vocab_size as u32;
+        anyhow::ensure!(prompts.iter().flatten().all(|&t| t < vocab), "generate: token id out of vocabulary");
+        let c = &self.config;
+        let (kv, hd) = (c.num_key_value_heads, c.head_dim());
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let lmax = *lens.iter().max().unwrap();
+        let cap = lmax + params.max_new_tokens;
+        let mut rngs: Vec<ChaCha8Rng> = (0..n)
+            .map(|i| {
+                let mut r = ChaCha8Rng::seed_from_u64(params.seed);
+                r.set_stream(i as u64);
+                r
+            })
+            .collect();
+
+        // Prefill.
+        let mut pads: Vec<usize> = lens.iter().map(|l| lmax - l).collect();
+        let mut ids = Vec::with_capacity(n * lmax);
+        let mut positions = Vec::with_capacity(n * lmax);
+        for (p, &pad) in prompts.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend_from_slice(p);
+            positions.extend((0..lmax).map(|i| i.saturating_sub(pad)));
+        }
+        let ids = Tensor::from_vec(ids, (n, lmax), &self.device)?;
+        let (cos, sin) = self.cos_sin_batch(&positions, n, lmax)?;
+        let mask = if lmax > 1 || pads.iter().any(|&p| p > 0) {
+            Some(padded_causal_mask(&pads, lmax, 0, lmax, DType::F32, &self.device)?)
+        } else {
+            None
+        };
+        let mut caches: Vec<KvBuf> = (0..c.num_hidden_layers)
+            .map(|_| -> anyhow::Result<KvBuf> {
+                Ok(KvBuf {
+                    k: Tensor::zeros((n, kv, cap, hd), DType::F32, &self.device)?,
+                    v: Tensor::zeros((n, kv, cap, hd), DType::F32, &self.device)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let h = self.forward(&ids, &cos, &sin, mask.as_ref(), Some(&mut caches), 0)?;
+        let mut logits = linear(&h.narrow(1, lmax - 1, 1)?.squeeze(1)?, &self.lm_head)?;
+
+        // active[r] = original index of batch row r.
+        let mut active: Vec<usize> = (0..n).collect();
+        for step in 0..params.max_new_tokens {
+            let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            let mut next = Vec::with_capacity(active.len());
+            let mut keep = Vec::with_capacity(active.len());
+            for (r, &orig) in active.iter().enumerate() {
+                let (tok, lp, ent) = sample_row(&rows[r], params, &mut rngs[orig]);
+                let g = &mut gens[orig];
+                g.token_ids.push(tok);
+                g.logprobs.push(lp);
+                g.entropies.push(ent);
+                if self.stops.contains(&tok) {
+                    g.finished = true;
+                } else {
+                    keep.push(r);
+                    next.push(tok);
+                }
+            }
+            if keep.is_empty() || step + 1 == params.max_new_tokens {
+                break;
+            }
+            if keep.len() < active.len() {
+                let idx = Tensor::from_vec(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), keep.len(), &self.device)?;
+                for cb in caches.iter_mut() {
+                    cb.k = cb.k.index_select(&idx, 0)?.contiguous()?;
+                    cb.v = cb.v.index_select(&idx, 0)?.contiguous()?;
+                }
+                active = keep.iter().map(|&r| active[r]).collect();
+                pads = keep.iter().map(|&r| pads[r]).collect();
+            }
+            let b = active.len();
+            let slot = lmax + step;
+            let positions: Vec<usize> = pads.iter().map(|&p| slot - p).collect();
+            let (cos, sin) = self.cos_sin_batch(&positions, b, 1)?;
+            let mask = if pads.iter().any(|&p| p > 0) {
+                Some(padded_causal_mask(&pads, 1, slot, slot + 1, DType::F32, &self.device)?)
+            } else {
+                None
+            };
+            let ids = Tensor::from_vec(next, (b, 1), &self.device)?;
+            let h = self.forward(&ids, &cos, &sin, mask.as_ref(), Some(&mut caches), slot)?;
+            logits = linear(&h.squeeze(1)?, &self.lm_head)?;
+        }
+        Ok(gens)
+    }
+}
+
+/// `x [m, k] @ w [n, k]^T`: the small-m CPU kernel for decode steps, candle's gemm otherwise.
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match crate::kernels::linear_small_m(x, w)? {
+        Some(y) => Ok(y),
+        None => x.matmul(&w.t()?),
+    }
+}
+
+/// log-softmax of `logits * inv_t` (f64 accumulation) and the entropy of that distribution.
+fn log_softmax(logits: &[f32], inv_t: f64) -> (Vec<f64>, f64) {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64 * inv_t;
+    let z: Vec<f64> = logits.iter().map(|&l| l as f64 * inv_t - m).collect();
+    let lse = z.iter().map(|&x| x.exp()).sum::<f64>().ln();
+    let lsm: Vec<f64> = z.into_iter().map(|x| x - lse).collect();
+    let ent = -lsm.iter().map(|&l| if l.is_finite() { l.exp() * l } else { 0.0 }).sum::<f64>();
+    (lsm, ent.max(0.0))
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Samples one token: returns (token, log-prob before top-p truncation, entropy).
+pub(crate) fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32, f32) {
+    if params.temperature <= 0.0 {
+        let tok = argmax(logits);
+        let (lsm, ent) = log_softmax(logits, 1.0);
+        return (tok as u32, lsm[tok] as f32, ent as f32);
+    }
+    let (lsm, ent) = log_softmax(logits, 1.0 / params.temperature as f64);
+    let u: f64 = rng.random::<f64>();
+    let tok = if params.top_p >= 1.0 {
+        let mut acc = 0.0;
+        let mut tok = argmax(logits);
+        for (i, &l) in lsm.iter().enumerate() {
+            acc += l.exp();
+            if u < acc {
+                tok = i;
+                break;
+            }
+        }
+        tok
+    } else {
+        let mut idx: Vec<usize> = (0..lsm.len()).filter(|&i| lsm[i] > -60.0).collect();
+        idx.sort_unstable_by(|&a, &b| lsm[b].total_cmp(&lsm[a]).then(a.cmp(&b)));
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for &i in &idx {
+            mass += lsm[i].exp();
+            kept += 1;
+            if mass >= params.top_p as f64 {
+                break;
+            }
+        }
+        let kept = kept.max(1);
+        let target = u * mass;
+        let mut acc = 0.0;
+        let mut tok = idx[kept - 1];
+        for &i in &idx[..kept] {
+            acc += lsm[i].exp();
+            if target < acc {
+                tok = i;
+                break;
+            }
+        }
+        tok
+    };
+    (tok as u32, lsm[tok] as f32, ent as f32)
+}
+

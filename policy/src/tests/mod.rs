@@ -1,0 +1,6 @@
+//! Unit tests: tiny-model gradients/consistency, sampling, serialisation,
+//! AdamW, and the real SmolLM2 checks.
+
+mod smollm2;
+mod tiny;
+mod probe;

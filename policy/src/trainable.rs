@@ -1,0 +1,226 @@
+//! The trainable model: every parameter is a candle `Var`, and the forward uses
+//! only ops that have a backward in candle 0.11 (matmul, broadcast arithmetic,
+//! exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select, silu).
+//! Response log-probs are computed chunk-wise over rows so the full
+//! `[B, T, vocab]` log-softmax is never materialised at once, and the target
+//! logit is a row dot product with the gathered embedding rows (no one-hot).
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::config::ModelConfig;
+use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin, rope_half_diff, softmax_diff};
+use crate::weights::Weights;
+
+/// Rows of `[rows, vocab]` logits processed per chunk in `response_logprobs`.
+const LOGPROB_CHUNK_ROWS: usize = 128;
+
+/// Differentiable Llama whose parameters are `Var`s (HF names).
+pub struct TrainableModel {
+    config: ModelConfig,
+    device: Device,
+    dtype: DType,
+    vars: Vec<(String, Var)>,
+    /// Index into `vars` for each HF name used by the forward.
+    idx: std::collections::HashMap<String, usize>,
+}
+
+impl TrainableModel {
+    /// f32 trainable model.
+    pub fn new(config: &ModelConfig, weights: &Weights, device: &Device) -> anyhow::Result<Self> {
+        Self::new_with_dtype(config, weights, device, DType::F32)
+    }
+
+    /// Trainable model in `dtype` (F32 for training; F64 for gradient checks).
+    pub fn new_with_dtype(config: &ModelConfig, weights: &Weights, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        config.validate()?;
+        weights.validate(config)?;
+        let mut vars = Vec::new();
+        let mut idx = std::collections::HashMap::new();
+        for (name, _) in config.parameter_shapes() {
+            let t = weights.get(&name)?.to_dtype(dtype)?.to_device(device)?;
+            idx.insert(name.clone(), vars.len());
+            vars.push((name, Var::from_tensor(&t)?));
+        }
+        Ok(Self { config: config.clone(), device: device.clone(), dtype, vars, idx })
+    }
+
+    /// One entry per parameter tensor (tied embedding counted once), HF names.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Snapshot (copies) of the parameters as f32 HF-named weights.
+    pub fn weights(&self) -> anyhow::Result<Weights> {
+        let mut tensors = std::collections::BTreeMap::new();
+        for (n, v) in &self.vars {
+            tensors.insert(n.clone(), v.as_tensor().detach().to_dtype(DType::F32)?.copy()?);
+        }
+        Ok(Weights { tensors })
+    }
+
+    /// Overwrites the parameters in place from `weights` (e.g. to resume).
+    pub fn set_weights(&self, weights: &Weights) -> anyhow::Result<()> {
+        for (n, v) in &self.vars {
+            v.set(&weights.get(n)?.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+
+    fn p(&self, name: &str) -> anyhow::Result<&Tensor> {
+        let i = *self.idx.get(name).ok_or_else(|| anyhow::anyhow!("no parameter {name}"))?;
+        Ok(self.vars[i].1.as_tensor())
+    }
+
+    fn lm_head(&self) -> anyhow::Result<&Tensor> {
+        if self.config.tie_word_embeddings {
+            self.p("model.embed_tokens.weight")
+        } else {
+            self.p("lm_head.weight")
+        }
+    }
+
+    /// Final-normed hidden states `[B, T, D]` for right-padded `ids` `[B, T]`
+    /// (positions 0..T; a causal mask suffices since padding only follows real tokens).
+    fn hidden(&self, ids: &Tensor) -> anyhow::Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let d = c.hidden_size;
+        let (h, kv, hd, n_rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim(), c.n_rep());
+        let eps = c.rms_norm_eps;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = rope_cos_sin(&positions, hd, c.rope_theta, self.dtype, &self.device)?;
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)?;
+        let mut x = self.p("model.embed_tokens.weight")?.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        for l in 0..c.num_hidden_layers {
+            let pf = format!("model.layers.{l}");
+            let w = |n: &str| self.p(&format!("{pf}.{n}"));
+            let xn = rms_norm_diff(&x, w("input_layernorm.weight")?, eps)?.reshape((b * t, d))?;
+            let q = xn.matmul(&w("self_attn.q_proj.weight")?.t()?)?;
+            let k = xn.matmul(&w("self_attn.k_proj.weight")?.t()?)?;
+            let v = xn.matmul(&w("self_attn.v_proj.weight")?.t()?)?;
+            let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = rope_half_diff(&q, &cos, &sin)?.contiguous()?;
+            let k = rope_half_diff(&k, &cos, &sin)?.contiguous()?;
+            // GQA without repeating K/V: group the n_rep query heads of each kv head.
+            let q = q.reshape((b, kv, n_rep * t, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = att.reshape((b, kv, n_rep, t, t))?.broadcast_add(&mask)?;
+            let att = softmax_diff(&att)?.reshape((b, kv, n_rep * t, t))?;
+            let y = att.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            let y = y.matmul(&w("self_attn.o_proj.weight")?.t()?)?.reshape((b, t, d))?;
+            x = (x + y)?;
+            let xn = rms_norm_diff(&x, w("post_attention_layernorm.weight")?, eps)?.reshape((b * t, d))?;
+            let g = xn.matmul(&w("mlp.gate_proj.weight")?.t()?)?.silu()?;
+            let u = xn.matmul(&w("mlp.up_proj.weight")?.t()?)?;
+            let m = (g * u)?.matmul(&w("mlp.down_proj.weight")?.t()?)?.reshape((b, t, d))?;
+            x = (x + m)?;
+        }
+        Ok(rms_norm_diff(&x, self.p("model.norm.weight")?, eps)?)
+    }
+
+    /// Full-sequence logits `[T, vocab]` (model dtype), same math as `response_logprobs`.
+    pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Tensor> {
+        anyhow::ensure!(!tokens.is_empty(), "logits: empty token sequence");
+        let t = tokens.len();
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, t), &self.device)?;
+        let h = self.hidden(&ids)?.reshape((t, self.config.hidden_size))?;
+        Ok(h.matmul(&self.lm_head()?.t()?)?)
+    }
+
+    /// `log pi(response_t | prompt, response_<t)` for every response token of each
+    /// `(prompt, response)` pair. Returns `(logprobs [B, Tmax], mask [B, Tmax])`,
+    /// Tmax = longest response, padding entries 0 in both (mask is 1/0 in model dtype).
+    /// Differentiable w.r.t. `vars()`. Prompts must be non-empty.
+    pub fn response_logprobs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> anyhow::Result<(Tensor, Tensor)> {
+        self.response_logprobs_t(pairs, 1.0)
+    }
+
+    /// As [`TrainableModel::response_logprobs`] but under `softmax(logits / temperature)`
+    /// (matches the sampler's log-probs when generation used that temperature).
+    pub fn response_logprobs_t(&self, pairs: &[(Vec<u32>, Vec<u32>)], temperature: f64) -> anyhow::Result<(Tensor, Tensor)> {
+        let b = pairs.len();
+        anyhow::ensure!(b > 0, "response_logprobs: empty batch");
+        anyhow::ensure!(pairs.iter().all(|(p, _)| !p.is_empty()), "response_logprobs: empty prompt");
+        let vocab = self.config.vocab_size as u32;
+        anyhow::ensure!(
+            pairs.iter().flat_map(|(p, r)| p.iter().chain(r)).all(|&t| t < vocab),
+            "response_logprobs: token id out of vocabulary"
+        );
+        let tmax = pairs.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        if tmax == 0 {
+            let z = Tensor::zeros((b, 0), self.dtype, &self.device)?;
+            return Ok((z.clone(), z));
+        }
+        // Input = prompt + response[..R-1], right-padded with token 0.
+        let lens: Vec<usize> = pairs.iter().map(|(p, r)| p.len() + r.len().saturating_sub(1)).collect();
+        let t = *lens.iter().max().unwrap();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut rows = Vec::with_capacity(b * tmax);
+        let mut targets = Vec::with_capacity(b * tmax);
+        let mut mask = Vec::with_capacity(b * tmax);
+        for (bi, (p, r)) in pairs.iter().enumerate() {
+            let seq: Vec<u32> = p.iter().chain(r.iter()).copied().take(lens[bi]).collect();
+            ids.extend_from_slice(&seq);
+            ids.extend(std::iter::repeat_n(0u32, t - seq.len()));
+            for j in 0..tmax {
+                if j < r.len() {
+                    rows.push((bi * t + p.len() - 1 + j) as u32);
+                    targets.push(r[j]);
+                    mask.push(1f32);
+                } else {
+                    rows.push(0);
+                    targets.push(0);
+                    mask.push(0f32);
+                }
+            }
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let d = self.config.hidden_size;
+        let h = self.hidden(&ids)?.reshape((b * t, d))?;
+        let n = b * tmax;
+        let rows = Tensor::from_vec(rows, n, &self.device)?;
+        let targets = Tensor::from_vec(targets, n, &self.device)?;
+        let hs = h.index_select(&rows, 0)?; // [N, D]
+        let w = self.lm_head()?;
+        let inv_t = 1.0 / temperature;
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = LOGPROB_CHUNK_ROWS.min(n - start);
+            let hc = hs.narrow(0, start, len)?;
+            let tc = targets.narrow(0, start, len)?;
+            let mut logits = hc.matmul(&w.t()?)?;
+            let mut tgt = (&hc * w.index_select(&tc, 0)?)?.sum_keepdim(D::Minus1)?;
+            if temperature != 1.0 {
+                logits = (logits * inv_t)?;
+                tgt = (tgt * inv_t)?;
+            }
+            chunks.push((tgt - logsumexp_diff(&logits)?)?);
+            start += len;
+        }
+        let lp = Tensor::cat(&chunks, 0)?.reshape((b, tmax))?;
+        let mask = Tensor::from_vec(mask, (b, tmax), &self.device)?.to_dtype(self.dtype)?;
+        let lp = (lp * &mask)?;
+        Ok((lp, mask))
+    }
+}

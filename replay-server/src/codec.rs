@@ -1,0 +1,63 @@
+//! The prompt codec: how the server turns an instruction into chat-templated token ids.
+//!
+//! The server tokenizes every prompt it leases (and every rewritten HiR instruction) so
+//! actors and learner see exactly the same prompt tokens. [`PromptCodec`] hides the real
+//! tokenizer ([`hindsight_policy::ChatTokenizer`]) so the batch logic can be unit-tested
+//! with a trivial codec.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+/// Chat-templates and tokenizes user instructions; knows the vocabulary size.
+pub trait PromptCodec: Send + Sync {
+    /// Token ids of `instruction` as a single user turn with the chat template applied
+    /// (ending with the assistant header, so generation can start right after).
+    fn encode_chat(&self, instruction: &str) -> anyhow::Result<Vec<u32>>;
+    /// Number of token ids; every response token must be below it.
+    fn vocab_size(&self) -> usize;
+}
+
+impl PromptCodec for hindsight_policy::ChatTokenizer {
+    fn encode_chat(&self, instruction: &str) -> anyhow::Result<Vec<u32>> {
+        hindsight_policy::ChatTokenizer::encode_chat(self, instruction)
+    }
+
+    fn vocab_size(&self) -> usize {
+        hindsight_policy::ChatTokenizer::vocab_size(self)
+    }
+}
+
+/// Loads the tokenizer of `model` (`tiny`, `smollm2` or a `.gguf` path) as a codec.
+/// Blocking (it may read or download files): call it from a blocking context.
+pub fn load_codec(model: &str, cache_dir: Option<&Path>) -> anyhow::Result<Arc<dyn PromptCodec>> {
+    let default_dir;
+    let dir = match cache_dir {
+        Some(dir) => dir,
+        None => {
+            default_dir = hindsight_policy::default_cache_dir();
+            default_dir.as_path()
+        }
+    };
+    let tokenizer = hindsight_policy::load_tokenizer(model, dir)
+        .with_context(|| format!("loading the tokenizer of model {model:?}"))?;
+    Ok(Arc::new(tokenizer))
+}
+
+/// A codec for tests: one token per byte of a fixed `<user>...<assistant>` framing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByteCodec;
+
+impl PromptCodec for ByteCodec {
+    fn encode_chat(&self, instruction: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(format!("<user>{instruction}<assistant>")
+            .bytes()
+            .map(u32::from)
+            .collect())
+    }
+
+    fn vocab_size(&self) -> usize {
+        256
+    }
+}

@@ -1,0 +1,235 @@
+//! Command-line / environment configuration of the replay server ([`ReplayArgs`]).
+//!
+//! Every flag is also an environment variable (`HINDSIGHT_REPLAY_*`), so a container can
+//! be configured without a command line. [`ReplayArgs::validate`] rejects inconsistent
+//! settings before anything is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+/// Whether failed responses are replayed with rewritten instructions (HiR).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Hindsight {
+    /// Actors generate m responses per prompt; (n - m) per prompt are filled with replays.
+    #[default]
+    On,
+    /// Actors generate n responses per prompt and nothing is replayed (plain GRPO).
+    Off,
+}
+
+/// Settings of the replay server.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ReplayArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "HINDSIGHT_REPLAY_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], 50051)))]
+    pub listen: SocketAddr,
+    /// Model whose tokenizer templates the prompts: `tiny`, `smollm2` or a `.gguf` path.
+    #[arg(long, env = "HINDSIGHT_REPLAY_MODEL", default_value = "tiny")]
+    pub model: String,
+    /// Where downloaded tokenizers / models are cached (default: the policy crate's).
+    #[arg(long, env = "HINDSIGHT_REPLAY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Training prompts as JSONL records; without it a seeded set is generated.
+    #[arg(long, env = "HINDSIGHT_REPLAY_PROMPTS")]
+    pub prompts: Option<PathBuf>,
+    /// Size of the generated prompt set (when --prompts is not given).
+    #[arg(long, env = "HINDSIGHT_REPLAY_NUM_PROMPTS", default_value_t = 512)]
+    pub num_prompts: usize,
+    /// Seed of the prompt generator and of the per-epoch prompt shuffle.
+    #[arg(long, env = "HINDSIGHT_REPLAY_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// n: samples per prompt in a training batch (originals + replays).
+    #[arg(long, env = "HINDSIGHT_REPLAY_GROUP_SIZE", default_value_t = 8)]
+    pub group_size: u32,
+    /// m: responses the actors generate per prompt with hindsight on (m <= n).
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_RESPONSES_PER_PROMPT",
+        default_value_t = 6
+    )]
+    pub responses_per_prompt: u32,
+    /// Hindsight instruction replay on or off.
+    #[arg(long, env = "HINDSIGHT_REPLAY_HINDSIGHT", value_enum, default_value_t = Hindsight::On)]
+    pub hindsight: Hindsight,
+    /// Prompts (groups) per training batch.
+    #[arg(long, env = "HINDSIGHT_REPLAY_PROMPTS_PER_BATCH", default_value_t = 4)]
+    pub prompts_per_batch: u32,
+    /// lambda_0 of the HiR selection schedule.
+    #[arg(long, env = "HINDSIGHT_REPLAY_LAMBDA0", default_value_t = 2.0)]
+    pub lambda0: f64,
+    /// eta (decay) of the HiR selection schedule.
+    #[arg(long, env = "HINDSIGHT_REPLAY_ETA", default_value_t = 0.05)]
+    pub eta: f64,
+    /// Groups generated more than this many policy versions ago are dropped.
+    #[arg(long, env = "HINDSIGHT_REPLAY_MAX_STALENESS", default_value_t = 4)]
+    pub max_staleness: u64,
+    /// Back-pressure: batches' worth of work (leased, waiting or unacked) buffered at most.
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_MAX_BUFFERED_BATCHES",
+        default_value_t = 2
+    )]
+    pub max_buffered_batches: u32,
+    /// A prompt lease not completed, renewed or released within this time is re-queued.
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_LEASE_TIMEOUT_MS",
+        default_value_t = 120_000
+    )]
+    pub lease_timeout_ms: u64,
+    /// Sampling temperature the actors use.
+    #[arg(long, env = "HINDSIGHT_REPLAY_TEMPERATURE", default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Nucleus sampling threshold the actors use.
+    #[arg(long, env = "HINDSIGHT_REPLAY_TOP_P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Longest response the actors generate, in tokens.
+    #[arg(long, env = "HINDSIGHT_REPLAY_MAX_NEW_TOKENS", default_value_t = 256)]
+    pub max_new_tokens: u32,
+    /// Directory of the write-ahead log; without it accepted groups live in memory only.
+    #[arg(long, env = "HINDSIGHT_REPLAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Append every sample of every batch built to this JSONL file (provenance, verdicts,
+    /// instruction and response text).
+    #[arg(long, env = "HINDSIGHT_REPLAY_BATCH_LOG")]
+    pub batch_log: Option<PathBuf>,
+    /// Largest gRPC message accepted or sent.
+    #[arg(long, env = "HINDSIGHT_REPLAY_MAX_MESSAGE_BYTES", default_value_t = hindsight_proto::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+impl Default for ReplayArgs {
+    /// The same values as the command-line defaults.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            model: "tiny".to_owned(),
+            cache_dir: None,
+            prompts: None,
+            num_prompts: 512,
+            seed: 0,
+            group_size: 8,
+            responses_per_prompt: 6,
+            hindsight: Hindsight::On,
+            prompts_per_batch: 4,
+            lambda0: 2.0,
+            eta: 0.05,
+            max_staleness: 4,
+            max_buffered_batches: 2,
+            lease_timeout_ms: 120_000,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 256,
+            data_dir: None,
+            batch_log: None,
+            max_message_bytes: hindsight_proto::MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+impl ReplayArgs {
+    /// Rejects settings the server cannot run with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.group_size == 0 {
+            bail!("--group-size (n) must be at least 1");
+        }
+        if self.hindsight == Hindsight::On
+            && (self.responses_per_prompt == 0 || self.responses_per_prompt > self.group_size)
+        {
+            bail!(
+                "--responses-per-prompt (m = {}) must be between 1 and --group-size (n = {})",
+                self.responses_per_prompt,
+                self.group_size
+            );
+        }
+        if self.prompts_per_batch == 0 {
+            bail!("--prompts-per-batch must be at least 1");
+        }
+        if self.max_buffered_batches == 0 {
+            bail!("--max-buffered-batches must be at least 1");
+        }
+        if self.lease_timeout_ms == 0 {
+            bail!("--lease-timeout-ms must be at least 1");
+        }
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens must be at least 1");
+        }
+        if self.prompts.is_none() && self.num_prompts == 0 {
+            bail!("--num-prompts must be at least 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("--temperature must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1]");
+        }
+        if !(self.lambda0.is_finite() && self.eta.is_finite()) {
+            bail!("--lambda0 and --eta must be finite");
+        }
+        if self.max_message_bytes < 1024 {
+            bail!("--max-message-bytes must be at least 1024");
+        }
+        Ok(())
+    }
+
+    /// Responses an actor generates per prompt: m with hindsight on, n with it off.
+    pub fn actor_responses(&self) -> u32 {
+        match self.hindsight {
+            Hindsight::On => self.responses_per_prompt,
+            Hindsight::Off => self.group_size,
+        }
+    }
+
+    /// K = (n - m) * prompts_per_batch replays per batch (0 with hindsight off).
+    pub fn replays_per_batch(&self) -> usize {
+        match self.hindsight {
+            Hindsight::On => {
+                self.group_size.saturating_sub(self.responses_per_prompt) as usize
+                    * self.prompts_per_batch as usize
+            }
+            Hindsight::Off => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReplayArgs,
+    }
+
+    #[test]
+    fn clap_defaults_match_default_impl() {
+        let parsed = Cli::parse_from(["replay"]).args;
+        let default = ReplayArgs::default();
+        assert_eq!(format!("{parsed:?}"), format!("{default:?}"));
+        default.validate().unwrap();
+        assert_eq!(default.actor_responses(), 6);
+        assert_eq!(default.replays_per_batch(), 8);
+    }
+
+    #[test]
+    fn hindsight_flag_and_validation() {
+        let args = Cli::parse_from(["replay", "--hindsight", "off", "--group-size", "5"]).args;
+        assert_eq!(args.hindsight, Hindsight::Off);
+        assert_eq!(args.actor_responses(), 5);
+        assert_eq!(args.replays_per_batch(), 0);
+        let bad = ReplayArgs {
+            responses_per_prompt: 9,
+            ..ReplayArgs::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ReplayArgs {
+            prompts_per_batch: 0,
+            ..ReplayArgs::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! `hindsight`: the one binary of Hindsight. Every role is a subcommand (`replay-server`,
+//! `learner`, `actor`), `up` runs a whole local cluster, and `fetch-model` / `status` are tools.
+//! Every flag is also an environment variable (shown in `--help`).
+
+mod status;
+mod telemetry;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use telemetry::LogFormat;
+use tracing::Instrument;
+
+#[derive(Parser, Debug)]
+#[command(name = "hindsight", version, about = "Hindsight instruction Replay (HiR): distributed RL for instruction following")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "HINDSIGHT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log level (RUST_LOG overrides).
+    #[arg(long, global = true, env = "HINDSIGHT_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Address of this process's Prometheus `/metrics` endpoint (none = no exporter).
+    #[arg(long, global = true, env = "HINDSIGHT_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Compute threads of this process (candle / rayon); 0 = all cores. Set it when several
+    /// processes share a machine.
+    #[arg(long, global = true, env = "HINDSIGHT_THREADS", default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the replay server: prompt leases, verification, HiR replays, training batches.
+    ReplayServer(hindsight_replay_server::ReplayArgs),
+    /// Run the learner: policy-gradient steps, weight publishing, checkpoints.
+    Learner(hindsight_learner::LearnerArgs),
+    /// Run one actor: generate rollouts with the current policy.
+    Actor(hindsight_actor::ActorArgs),
+    /// Run a local cluster (replay server, learner, N actors) as separate processes.
+    Up(up::UpArgs),
+    /// Download the default model (SmolLM2-135M-Instruct, GGUF) into the cache.
+    FetchModel {
+        /// Cache directory (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
+        #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Ask a running cluster how it is doing (health of each service, replay counters).
+    Status(status::StatusArgs),
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if cli.threads > 0 {
+        // candle's CPU kernels and rayon read this once, before any pool exists.
+        std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
+    }
+    telemetry::init_logging(cli.log_format, &cli.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let role = match &cli.command {
+            Command::ReplayServer(_) => "replay-server",
+            Command::Learner(_) => "learner",
+            Command::Actor(_) => "actor",
+            Command::Up(_) => "up",
+            Command::FetchModel { .. } => "fetch-model",
+            Command::Status(_) => "status",
+        };
+        if let Some(addr) = cli.metrics_addr {
+            telemetry::init_metrics(addr, role)?;
+        }
+        let span = tracing::info_span!("hindsight", role);
+        let result = async move {
+            match cli.command {
+                Command::ReplayServer(args) => hindsight_replay_server::run(args, shutdown_signal()).await,
+                Command::Learner(args) => hindsight_learner::run(args, shutdown_signal()).await,
+                Command::Actor(args) => hindsight_actor::run(args, shutdown_signal()).await,
+                Command::Up(args) => up::run(args, cli.log_format).await,
+                Command::FetchModel { cache_dir } => {
+                    let dir = cache_dir.unwrap_or_else(hindsight_policy::default_cache_dir);
+                    let path = tokio::task::spawn_blocking(move || hindsight_policy::fetch_smollm2(&dir)).await??;
+                    println!("{}", path.display());
+                    Ok(())
+                }
+                Command::Status(args) => status::run(args).await,
+            }
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = &result {
+            tracing::error!(error = format!("{e:#}"), "exiting with an error");
+        }
+        result
+    })
+}

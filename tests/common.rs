@@ -1,0 +1,121 @@
+//! Shared helpers of the end-to-end tests: run `hindsight up` as a real process tree, wait for
+//! learner steps, scrape Prometheus endpoints over HTTP.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn hindsight() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hindsight"))
+}
+
+/// `hindsight up ... --linger` in the background, logging to `run_dir/up.log`.
+pub fn start_up(run_dir: &Path, extra: &[&str]) -> Child {
+    std::fs::create_dir_all(run_dir).unwrap();
+    let log = std::fs::File::create(run_dir.join("up.log")).unwrap();
+    hindsight()
+        .arg("up")
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--linger")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawning hindsight up")
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line in {}: {e}: {l}", path.display())))
+        .collect()
+}
+
+fn dump_logs(run_dir: &Path) -> String {
+    let mut out = String::new();
+    let mut files: Vec<PathBuf> = vec![run_dir.join("up.log")];
+    if let Ok(rd) = std::fs::read_dir(run_dir.join("logs")) {
+        files.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out += &format!("\n===== {} (last 40 lines)\n{}", f.display(), lines[lines.len().saturating_sub(40)..].join("\n"));
+    }
+    out
+}
+
+/// Waits until the learner's step log has `steps` lines; panics with every log on failure.
+pub fn wait_for_steps(up: &mut Child, run_dir: &Path, steps: usize, timeout: Duration) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let lines = read_jsonl(&run_dir.join("steps.jsonl"));
+        if lines.len() >= steps {
+            return lines;
+        }
+        if let Ok(Some(status)) = up.try_wait() {
+            panic!("hindsight up exited early ({status}){}", dump_logs(run_dir));
+        }
+        if started.elapsed() > timeout {
+            let _ = up.kill();
+            panic!("only {} of {steps} steps after {timeout:?}{}", lines.len(), dump_logs(run_dir));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Stops `up` with SIGTERM (as Ctrl-C would) and returns the summary it wrote.
+pub fn stop_up(mut up: Child, run_dir: &Path) -> Value {
+    unsafe {
+        libc::kill(up.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let _ = up.kill();
+            panic!("hindsight up did not stop within 90 s{}", dump_logs(run_dir));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "hindsight up failed: {status}{}", dump_logs(run_dir));
+    let text = std::fs::read_to_string(run_dir.join("summary.json"))
+        .unwrap_or_else(|e| panic!("no summary.json: {e}{}", dump_logs(run_dir)));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn scrape(url: &str) -> String {
+    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+    let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.") && body.contains(" 200 "), "bad response from {url}: {body:.200}");
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+/// Values of every sample of series `name` in a Prometheus text page.
+pub fn series(page: &str, name: &str) -> Vec<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                return None;
+            }
+            rest.rsplit(' ').next()?.parse().ok()
+        })
+        .collect()
+}
