@@ -70,6 +70,10 @@ pub struct UpArgs {
     /// metrics); the summary is written when stopped.
     #[arg(long, env = "HINDSIGHT_LINGER", default_value_t = false)]
     pub linger: bool,
+    /// Continue an earlier run in the same --run-dir: the learner resumes from its latest
+    /// checkpoint and the replay server from its write-ahead log; --steps counts all steps.
+    #[arg(long, env = "HINDSIGHT_RESUME", default_value_t = false)]
+    pub resume: bool,
     /// Give up if a step takes longer than this many seconds.
     #[arg(long, env = "HINDSIGHT_STEP_TIMEOUT_SECS", default_value_t = 1800)]
     pub step_timeout_secs: u64,
@@ -194,7 +198,13 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let steps_path = run_dir.join("steps.jsonl");
-    let _ = std::fs::remove_file(&steps_path);
+    if !args.resume {
+        let _ = std::fs::remove_file(&steps_path);
+        let _ = std::fs::remove_file(run_dir.join("batches.jsonl"));
+        let _ = std::fs::remove_dir_all(run_dir.join("replay-data"));
+        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    }
+    let already = read_steps(&steps_path).len();
     let exe = std::env::current_exe().context("locating the hindsight binary")?;
     let cache = args.cache_dir.clone().unwrap_or_else(hindsight_policy::default_cache_dir);
 
@@ -282,6 +292,9 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         args.micro_batch.to_string(),
         "--linger".into(),
     ];
+    if args.resume {
+        learner_args.push("--resume".into());
+    }
     if let Some(lr) = args.lr {
         learner_args.push("--lr".into());
         learner_args.push(lr.to_string());
@@ -328,6 +341,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     }
 
     let pb = indicatif::ProgressBar::new(args.steps);
+    pb.set_position(already as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] step {pos}/{len} {bar:30} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -336,7 +350,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     pb.enable_steady_tick(Duration::from_millis(200));
     let started = Instant::now();
     let mut last_step_at = Instant::now();
-    let mut shown = 0usize;
+    let mut shown = already;
     let mut failure: Option<String> = None;
     let mut done_at: Option<Instant> = None;
     loop {

@@ -120,4 +120,19 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     let log = std::fs::read_to_string(run_dir.join("logs/actor-0.log")).unwrap()
         + &std::fs::read_to_string(run_dir.join("logs/actor-1.log")).unwrap();
     assert!(log.contains("weights updated"), "no weight update in the actor logs");
+
+    // Resume: the learner continues from its step-3 checkpoint, the replay server from its log.
+    let status = hindsight()
+        .args(["up", "--resume", "--run-dir", run_dir.to_str().unwrap(), "--model", "tiny", "--actors", "1"])
+        .args(["--steps", "4", "--prompts", prompts.to_str().unwrap(), "--max-new-tokens", "48"])
+        .args(["--prompts-per-batch", "2", "--threads-per-process", "1"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let steps = read_jsonl(&run_dir.join("steps.jsonl"));
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    assert_eq!(steps[3]["step"], 4);
+    assert_eq!(steps[3]["policy_version"], 4);
+    let learner_log = std::fs::read_to_string(run_dir.join("logs/learner.log")).unwrap();
+    assert!(learner_log.contains("resumed from checkpoint"), "{learner_log}");
 }

@@ -39,7 +39,7 @@ impl<'a> Kwargs<'a> {
         }
     }
 
-    fn get(&self, key: &str) -> Result<&'a Value, ConstraintError> {
+    pub(crate) fn get(&self, key: &str) -> Result<&'a Value, ConstraintError> {
         match self.map.get(key) {
             Some(v) if !v.is_null() => Ok(v),
             _ => Err(self.error(format!("missing required kwarg `{key}`"))),

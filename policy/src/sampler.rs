@@ -13,6 +13,7 @@
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::ops::{padded_causal_mask, rope_cos_sin};
@@ -283,8 +284,19 @@ impl Sampler {
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             let mut next = Vec::with_capacity(active.len());
             let mut keep = Vec::with_capacity(active.len());
+            // Rows are independent (own RNG stream), so sample them in parallel.
+            let mut row_rngs: Vec<(usize, ChaCha8Rng)> =
+                active.iter().map(|&o| (o, std::mem::replace(&mut rngs[o], ChaCha8Rng::seed_from_u64(0)))).collect();
+            let picks: Vec<(u32, f32, f32)> = row_rngs
+                .par_iter_mut()
+                .zip(rows.par_iter())
+                .map(|((_, rng), row)| sample_row(row, params, rng))
+                .collect();
+            for (o, rng) in row_rngs {
+                rngs[o] = rng;
+            }
             for (r, &orig) in active.iter().enumerate() {
-                let (tok, lp, ent) = sample_row(&rows[r], params, &mut rngs[orig]);
+                let (tok, lp, ent) = picks[r];
                 let g = &mut gens[orig];
                 g.token_ids.push(tok);
                 g.logprobs.push(lp);
@@ -333,14 +345,19 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// log-softmax of `logits * inv_t` (f64 accumulation) and the entropy of that distribution.
-fn log_softmax(logits: &[f32], inv_t: f64) -> (Vec<f64>, f64) {
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64 * inv_t;
-    let z: Vec<f64> = logits.iter().map(|&l| l as f64 * inv_t - m).collect();
-    let lse = z.iter().map(|&x| x.exp()).sum::<f64>().ln();
-    let lsm: Vec<f64> = z.into_iter().map(|x| x - lse).collect();
-    let ent = -lsm.iter().map(|&l| if l.is_finite() { l.exp() * l } else { 0.0 }).sum::<f64>();
-    (lsm, ent.max(0.0))
+/// One pass over `logits * inv_t` shifted by its max: returns `(max, inv_t, ln Σe^z, entropy)`
+/// with f64 accumulation and no allocation (`H = lse - Σ p z`).
+fn softmax_stats(logits: &[f32], inv_t: f64) -> (f64, f64, f64) {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let (mut s0, mut s1) = (0f64, 0f64);
+    for &l in logits {
+        let z = (l as f64 - m) * inv_t;
+        let e = z.exp();
+        s0 += e;
+        s1 += e * z;
+    }
+    let lse = s0.ln();
+    (m, lse, (lse - s1 / s0).max(0.0))
 }
 
 fn argmax(x: &[f32]) -> usize {
@@ -355,18 +372,18 @@ fn argmax(x: &[f32]) -> usize {
 
 /// Samples one token: returns (token, log-prob before top-p truncation, entropy).
 pub(crate) fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32, f32) {
-    if params.temperature <= 0.0 {
-        let tok = argmax(logits);
-        let (lsm, ent) = log_softmax(logits, 1.0);
-        return (tok as u32, lsm[tok] as f32, ent as f32);
-    }
-    let (lsm, ent) = log_softmax(logits, 1.0 / params.temperature as f64);
-    let u: f64 = rng.random::<f64>();
-    let tok = if params.top_p >= 1.0 {
+    let greedy = params.temperature <= 0.0;
+    let inv_t = if greedy { 1.0 } else { 1.0 / params.temperature as f64 };
+    let (m, lse, ent) = softmax_stats(logits, inv_t);
+    let logp = |i: usize| (logits[i] as f64 - m) * inv_t - lse;
+    let tok = if greedy {
+        argmax(logits)
+    } else if params.top_p >= 1.0 {
+        let u: f64 = rng.random::<f64>();
         let mut acc = 0.0;
         let mut tok = argmax(logits);
-        for (i, &l) in lsm.iter().enumerate() {
-            acc += l.exp();
+        for i in 0..logits.len() {
+            acc += logp(i).exp();
             if u < acc {
                 tok = i;
                 break;
@@ -374,30 +391,45 @@ pub(crate) fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut ChaC
         }
         tok
     } else {
-        let mut idx: Vec<usize> = (0..lsm.len()).filter(|&i| lsm[i] > -60.0).collect();
-        idx.sort_unstable_by(|&a, &b| lsm[b].total_cmp(&lsm[a]).then(a.cmp(&b)));
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for &i in &idx {
-            mass += lsm[i].exp();
-            kept += 1;
-            if mass >= params.top_p as f64 {
-                break;
+        let u: f64 = rng.random::<f64>();
+        // Nucleus: find the smallest top-k (k grown geometrically) whose mass reaches
+        // top_p, using selection instead of a full sort.
+        let v = logits.len();
+        let mut idx: Vec<u32> = (0..v as u32).collect();
+        let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let mut k = 64.min(v);
+        let kept = loop {
+            if k < v {
+                idx.select_nth_unstable_by(k - 1, desc);
             }
-        }
-        let kept = kept.max(1);
+            idx[..k].sort_unstable_by(desc);
+            let mut mass = 0.0;
+            let mut kept = None;
+            for (n, &i) in idx[..k].iter().enumerate() {
+                mass += logp(i as usize).exp();
+                if mass >= params.top_p as f64 {
+                    kept = Some((n + 1, mass));
+                    break;
+                }
+            }
+            match kept {
+                Some(x) => break x,
+                None if k == v => break (v, mass),
+                None => k = if k < 1024 { 1024.min(v) } else { v },
+            }
+        };
+        let (kept, mass) = kept;
         let target = u * mass;
         let mut acc = 0.0;
-        let mut tok = idx[kept - 1];
+        let mut tok = idx[kept - 1] as usize;
         for &i in &idx[..kept] {
-            acc += lsm[i].exp();
+            acc += logp(i as usize).exp();
             if target < acc {
-                tok = i;
+                tok = i as usize;
                 break;
             }
         }
         tok
     };
-    (tok as u32, lsm[tok] as f32, ent as f32)
+    (tok as u32, logp(tok) as f32, ent as f32)
 }
-

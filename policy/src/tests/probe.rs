@@ -72,3 +72,30 @@ fn probe_adamw_real() {
         eprintln!("fwd {f:.3} bwd {b:.3} adamw {:.3} noncontig grads {nc}", t.elapsed().as_secs_f64());
     }
 }
+
+#[test]
+#[ignore]
+fn probe_generate() {
+    let dev = Device::Cpu;
+    let m = load(fetch_smollm2(&default_cache_dir()).unwrap().to_str().unwrap(), &default_cache_dir(), &dev).unwrap();
+    let mut s = Sampler::new(&m.config, &m.weights, &[], &dev).unwrap();
+    let qs = ["What is 2+2?", "Name a fruit.", "Say hello in French.", "What color is the sky?", "Count to five.", "Give me a synonym for happy.", "What is the capital of Italy?", "Write a haiku about rain."];
+    let ps: Vec<Vec<u32>> = qs.iter().map(|q| m.tokenizer.encode_chat(q).unwrap()).collect();
+    for (b, n) in [(8usize, 1usize), (8, 33)] {
+        let params = SamplingParams { temperature: 0.7, top_p: 0.95, max_new_tokens: n, seed: 1 };
+        let t = Instant::now();
+        let g = s.generate(&ps[..b], &params).unwrap();
+        let tot: usize = g.iter().map(|g| g.token_ids.len()).sum();
+        eprintln!("batch {b} new {n}: {:.3}s ({tot} tokens)", t.elapsed().as_secs_f64());
+    }
+    let toks = vec![1u32; 8];
+    for flat in [false, true] {
+    let logits: Vec<f32> = (0..49152usize).map(|i| if flat { (i % 97) as f32 * 0.01 } else { -2.0 * (1.0 + ((i * 7919) % 49152) as f32).ln() }).collect();
+    let t = Instant::now();
+    for _ in 0..1000 {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let _ = crate::sampler::sample_row(&logits, &SamplingParams { temperature: 0.7, top_p: 0.95, max_new_tokens: 1, seed: 0 }, &mut rng);
+    }
+    eprintln!("sample_row top_p (flat {flat}): {:.3} ms each {}", t.elapsed().as_secs_f64(), toks.len());
+    }
+}
