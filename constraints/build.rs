@@ -21,6 +21,9 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+#[path = "build/ifbench_data.rs"]
+mod ifbench_data;
+
 const WHEEL: &str = "llama-index-core==0.14.25";
 const WHEEL_FILE: &str = "llama_index_core-0.14.25-py3-none-any.whl";
 const WHEEL_SHA256: &str = "caa7d9c5ac9b13dc33400cf8d5e92e689b6d1e4497eb9bfa50d6f52ca2eb22a1";
@@ -160,4 +163,5 @@ fn main() {
         std::fs::write(out.join(name), &data).expect("write OUT_DIR file");
         println!("cargo:rerun-if-changed={}", path.display());
     }
+    ifbench_data::generate();
 }

@@ -5,6 +5,7 @@
 mod status;
 mod telemetry;
 mod up;
+mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +53,10 @@ enum Command {
     },
     /// Ask a running cluster how it is doing (health of each service, replay counters).
     Status(status::StatusArgs),
+    /// Score responses against IFEval / IFBench instructions (the reference oracle's format).
+    Verify(verify::VerifyArgs),
+    /// Benchmarks (`bench verify`: verifier throughput next to the reference).
+    Bench(verify::BenchArgs),
 }
 
 async fn shutdown_signal() {
@@ -94,6 +99,8 @@ fn main() -> Result<()> {
             Command::Up(_) => "up",
             Command::FetchModel { .. } => "fetch-model",
             Command::Status(_) => "status",
+            Command::Verify(_) => "verify",
+            Command::Bench(_) => "bench",
         };
         if let Some(addr) = cli.metrics_addr {
             telemetry::init_metrics(addr, role)?;
@@ -112,6 +119,8 @@ fn main() -> Result<()> {
                     Ok(())
                 }
                 Command::Status(args) => status::run(args).await,
+                Command::Verify(args) => verify::run(args),
+                Command::Bench(args) => verify::bench(args),
             }
         }
         .instrument(span)

@@ -34,6 +34,11 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         assert_eq!(s["original_samples"].as_u64(), Some(12), "2 prompts x m=6 originals: {s}");
     }
 
+    // The learner scores the actors' on-policy tokens as the actors did (same weights, same
+    // model maths on both sides): the first batch is all version-0 rollouts.
+    let mismatch = steps[0]["logprob_mismatch_max"].as_f64().expect("step 1 has on-policy samples");
+    assert!(mismatch < 1e-3, "actor vs learner log-prob mismatch {mismatch}");
+
     // Every service answers /metrics with its named series.
     let endpoints: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("endpoints.json")).unwrap()).unwrap();
@@ -72,6 +77,16 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         assert!(started.elapsed() < Duration::from_secs(60), "actors still on versions {versions:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
+
+    // `hindsight status` reports every service and actor.
+    let out = hindsight()
+        .args(["status", "--replay", endpoints["replay"].as_str().unwrap(), "--learner", endpoints["learner"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("replay-server Serving") && text.contains("learner Serving"), "{text}");
+    assert!(text.contains("actor actor-0") && text.contains("actor actor-1"), "{text}");
 
     let summary = stop_up(up, &run_dir);
     assert_eq!(summary["ok"], true, "{summary}");

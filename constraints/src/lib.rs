@@ -31,6 +31,7 @@
 mod constraint;
 mod generator;
 pub mod hir;
+mod ifbench;
 mod ifeval;
 mod jsonval;
 mod kwargs;
@@ -39,6 +40,8 @@ mod loose;
 mod pytext;
 mod record;
 mod registry;
+mod sentences;
+mod wordtok;
 
 pub use constraint::{Constraint, ConstraintError, ConstraintSpec};
 pub use generator::generate_prompts;

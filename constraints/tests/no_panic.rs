@@ -15,6 +15,46 @@ fn sample_kwargs(id: &str) -> Value {
         "detectable_content:postscript" => json!({"postscript_marker": "P.S."}),
         "detectable_format:number_bullet_lists" => json!({"num_bullets": 2}),
         "detectable_format:number_highlighted_sections" => json!({"num_highlights": 1}),
+        "keywords:letter_frequency" => {
+            json!({"letter": "a", "let_frequency": 2, "let_relation": "at least"})
+        }
+        "language:response_language" => json!({"language": "sw"}),
+        "length_constraints:number_sentences" => {
+            json!({"num_sentences": 2, "relation": "less than"})
+        }
+        "length_constraints:number_paragraphs" => json!({"num_paragraphs": 2}),
+        "length_constraints:nth_paragraph_first_word" => {
+            json!({"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "bye"})
+        }
+        "detectable_content:number_placeholders" => json!({"num_placeholders": 1}),
+        "detectable_format:multiple_sections" => {
+            json!({"section_spliter": "Section", "num_sections": 2})
+        }
+        "combination:repeat_prompt" => json!({"prompt_to_repeat": "Repeat: İ Σ *"}),
+        "change_case:capital_word_frequency" => {
+            json!({"capital_frequency": 1, "capital_relation": "at least"})
+        }
+        // IFBench (counts are JSON floats in the benchmark data)
+        "count:word_count_range" => json!({"min_words": 2, "max_words": 5.0}),
+        "count:unique_word_count" | "count:person_names" | "count:numbers" | "count:pronouns" => {
+            json!({"N": 3.0})
+        }
+        "count:words_japanese" => json!({"N": 2}),
+        "ratio:stop_words" => json!({"percentage": 40}),
+        "ratio:overlap" => json!({"percentage": 50.0, "reference_text": "a b c d e f"}),
+        "count:conjunctions" | "words:repeats" | "sentence:increment" => json!({"small_n": 2.0}),
+        "format:options" => json!({"options": "a), b), c), d)"}),
+        "format:list" => json!({"sep": "..."}),
+        "sentence:keyword" => json!({"word": "alpha", "N": 2.0}),
+        "count:keywords_multiple" => {
+            json!({"keyword1": "a", "keyword2": "b", "keyword3": "c", "keyword4": "d", "keyword5": "e"})
+        }
+        "words:keywords_specific_position" => json!({"keyword": "alpha", "n": 2, "m": 3}),
+        "words:words_position" => json!({"keyword": "alpha"}),
+        "repeat:repeat_change" => json!({"prompt_to_repeat": "Say hi to me."}),
+        "repeat:repeat_span" => {
+            json!({"prompt_to_repeat": "one two three four five", "n_start": 1, "n_end": 3})
+        }
         _ => json!({}),
     }
 }

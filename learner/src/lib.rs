@@ -312,7 +312,7 @@ async fn train_loop(
             let step = state.step + 1;
             // CPU-heavy: keep it off the async workers.
             let (stats, payload) = tokio::task::block_in_place(|| -> Result<(StepStats, Vec<u8>)> {
-                let stats = trainer.train_step(&batch, step)?;
+                let stats = trainer.train_step(&batch, step, state.policy_version)?;
                 let payload = trainer.export_weights()?;
                 Ok((stats, payload))
             })?;

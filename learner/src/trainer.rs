@@ -51,6 +51,11 @@ pub struct StepStats {
     pub ratio_mean: f64,
     pub step_seconds: f64,
     pub train_tokens_per_second: f64,
+    /// Actor-vs-learner log-prob mismatch: mean and max |log p_learner - log p_actor| over the
+    /// tokens of original (not replayed) samples generated with exactly the weights being
+    /// trained (same policy version). `None` when the batch has no such sample.
+    pub logprob_mismatch_mean: Option<f64>,
+    pub logprob_mismatch_max: Option<f64>,
 }
 
 /// The trainable policy, the frozen reference (optional) and the optimizer.
@@ -102,7 +107,8 @@ impl Trainer {
     }
 
     /// One optimizer step on `batch`. `step` is the step number this update completes.
-    pub fn train_step(&mut self, batch: &TrainingBatch, step: u64) -> Result<StepStats> {
+    /// `current_version` is the weight version before the step (for the mismatch figure).
+    pub fn train_step(&mut self, batch: &TrainingBatch, step: u64, current_version: u64) -> Result<StepStats> {
         let started = Instant::now();
         // Samples with an empty response have no token to learn from.
         let samples: Vec<_> = batch.samples.iter().filter(|s| !s.response_token_ids.is_empty()).collect();
@@ -122,13 +128,15 @@ impl Trainer {
         let old: Vec<Vec<f32>> = samples.iter().map(|s| s.behaviour_logprobs.clone()).collect();
         let lengths: Vec<usize> = old.iter().map(Vec::len).collect();
         let micro = self.config.micro_batch.max(1);
+        // Score responses at the temperature they were sampled at (greedy = temperature 1).
+        let temperature = if batch.temperature > 0.0 { batch.temperature as f64 } else { 1.0 };
 
         // Reference log-probs (no gradient), only for the REINFORCE++ KL term.
         let reference: Option<Vec<Vec<f32>>> = match &self.reference {
             Some(reference) if self.config.advantage == AdvantageKind::ReinforcePp => {
                 let mut out = Vec::with_capacity(pairs.len());
                 for chunk in pairs.chunks(micro) {
-                    let (lp, _) = reference.response_logprobs(chunk)?;
+                    let (lp, _) = reference.response_logprobs_t(chunk, temperature)?;
                     let rows = lp.detach().to_vec2::<f32>()?;
                     for (row, (_, resp)) in rows.into_iter().zip(chunk) {
                         out.push(row[..resp.len()].to_vec());
@@ -148,6 +156,11 @@ impl Trainer {
             }
         };
 
+        let on_policy: Vec<bool> = samples
+            .iter()
+            .map(|s| !s.is_replay && s.provenance.as_ref().is_some_and(|p| p.policy_version == current_version))
+            .collect();
+        let (mut mismatch_sum, mut mismatch_max, mut mismatch_n) = (0f64, 0f64, 0usize);
         let total_tokens: usize = lengths.iter().sum();
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut loss_sum = 0f64;
@@ -155,8 +168,22 @@ impl Trainer {
         for (c, chunk) in pairs.chunks(micro).enumerate() {
             let lo = c * micro;
             let hi = lo + chunk.len();
-            let (logp, mask) = self.model.response_logprobs(chunk).context("trainable forward")?;
+            let (logp, mask) =
+                self.model.response_logprobs_t(chunk, temperature).context("trainable forward")?;
             let width = logp.dim(1)?;
+            if on_policy[lo..hi].iter().any(|b| *b) {
+                let rows = logp.detach().to_vec2::<f32>()?;
+                for (i, row) in rows.iter().enumerate() {
+                    if on_policy[lo + i] {
+                        for (a, b) in row.iter().zip(&old[lo + i]) {
+                            let d = (*a as f64 - *b as f64).abs();
+                            mismatch_sum += d;
+                            mismatch_max = mismatch_max.max(d);
+                            mismatch_n += 1;
+                        }
+                    }
+                }
+            }
             let old_rows: Vec<&[f32]> = old[lo..hi].iter().map(Vec::as_slice).collect();
             let adv_rows: Vec<&[f32]> = advantages[lo..hi].iter().map(Vec::as_slice).collect();
             let old_t = pad(&old_rows, width, &self.device)?;
@@ -210,6 +237,8 @@ impl Trainer {
             ratio_mean: sums.ratio_sum / n,
             step_seconds: secs,
             train_tokens_per_second: (total_tokens + prompt_tokens) as f64 / secs.max(1e-9),
+            logprob_mismatch_mean: (mismatch_n > 0).then(|| mismatch_sum / mismatch_n as f64),
+            logprob_mismatch_max: (mismatch_n > 0).then_some(mismatch_max),
         })
     }
 }

@@ -30,11 +30,21 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> anyhow::Result<f64> {
     let mut total = 0f64;
     for (_, v) in vars {
-        let Some(g) = grads.get(v.as_tensor()) else { continue };
-        let fast = with_cpu_f32(g, |s| s.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>());
+        let Some(g) = grads.get(v.as_tensor()) else {
+            continue;
+        };
+        let fast = with_cpu_f32(g, |s| {
+            s.par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum::<f64>()
+        });
         total += match fast {
             Some(x) => x,
-            None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
+            None => g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?,
         };
     }
     Ok(total.sqrt())
@@ -78,11 +88,18 @@ impl candle_core::InplaceOp2 for AdamWKernel<'_> {
         "fused-adamw"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("fused-adamw: f32 parameters and gradients required")
         };
-        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("fused-adamw: contiguous parameters and gradients required")
         };
         let (p, g) = (&mut p[pa..pb], &g[ga..gb]);
@@ -120,9 +137,23 @@ impl AdamW {
     pub fn new(vars: &[(String, Var)], lr: f64, weight_decay: f64) -> Self {
         let state = vars
             .iter()
-            .map(|(n, v)| (n.clone(), (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()])))
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()]),
+                )
+            })
             .collect();
-        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, decay_1d: false, step: 0, state }
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            decay_1d: false,
+            step: 0,
+            state,
+        }
     }
 
     /// Number of steps taken.
@@ -131,17 +162,31 @@ impl AdamW {
     }
 
     /// One update of every var that has a gradient; gradients are multiplied by `grad_scale`.
-    pub fn step(&mut self, grads: &GradStore, vars: &[(String, Var)], grad_scale: f32) -> anyhow::Result<()> {
+    pub fn step(
+        &mut self,
+        grads: &GradStore,
+        vars: &[(String, Var)],
+        grad_scale: f32,
+    ) -> anyhow::Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (name, var) in vars {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let n = var.elem_count();
-            let (m, v) = self.state.entry(name.clone()).or_insert_with(|| (vec![0f32; n], vec![0f32; n]));
+            let (m, v) = self
+                .state
+                .entry(name.clone())
+                .or_insert_with(|| (vec![0f32; n], vec![0f32; n]));
             anyhow::ensure!(m.len() == n, "adamw: state size mismatch for {name}");
-            let decay = if var.rank() >= 2 || self.decay_1d { self.weight_decay } else { 0.0 };
+            let decay = if var.rank() >= 2 || self.decay_1d {
+                self.weight_decay
+            } else {
+                0.0
+            };
             let hyper = Hyper {
                 lr: self.lr as f32,
                 beta1: self.beta1 as f32,
@@ -155,7 +200,10 @@ impl AdamW {
             let pt = var.as_tensor();
             if pt.device().is_cpu() && pt.dtype() == DType::F32 && pt.is_contiguous() {
                 let g = g.to_dtype(DType::F32)?.contiguous()?;
-                let kernel = AdamWKernel { hyper, state: Mutex::new((m.as_mut_slice(), v.as_mut_slice())) };
+                let kernel = AdamWKernel {
+                    hyper,
+                    state: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                };
                 pt.inplace_op2(&g, &kernel)?;
             } else {
                 // Generic path (GPU / non-f32): same math on host copies.
@@ -190,14 +238,17 @@ impl AdamW {
     /// Restores step and moments saved by [`AdamW::state_to_safetensors`]
     /// (hyper-parameters stay as configured on `self`).
     pub fn load_state(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
         let info: serde_json::Value = serde_json::from_str(
             meta.metadata()
                 .as_ref()
                 .and_then(|m| m.get("adamw"))
                 .ok_or_else(|| anyhow::anyhow!("optimizer state has no `adamw` metadata"))?,
         )?;
-        let step = info["step"].as_u64().ok_or_else(|| anyhow::anyhow!("optimizer state has no step"))?;
+        let step = info["step"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("optimizer state has no step"))?;
         let tensors = f32_from_safetensors(bytes)?;
         let mut state: BTreeMap<String, (Vec<f32>, Vec<f32>)> = BTreeMap::new();
         for (k, (_, data)) in tensors {
@@ -208,7 +259,10 @@ impl AdamW {
             }
         }
         for (n, (m, v)) in &state {
-            anyhow::ensure!(m.len() == v.len(), "optimizer state for {n}: m/v size mismatch");
+            anyhow::ensure!(
+                m.len() == v.len(),
+                "optimizer state for {n}: m/v size mismatch"
+            );
         }
         self.state = state;
         self.step = step;

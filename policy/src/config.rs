@@ -36,7 +36,10 @@ impl ModelConfig {
 
     /// Checks internal consistency (divisibility of heads, even head dim).
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.num_attention_heads > 0 && self.num_key_value_heads > 0, "zero heads");
+        anyhow::ensure!(
+            self.num_attention_heads > 0 && self.num_key_value_heads > 0,
+            "zero heads"
+        );
         anyhow::ensure!(
             divides(self.num_attention_heads, self.hidden_size),
             "hidden_size {} not divisible by num_attention_heads {}",
@@ -49,7 +52,10 @@ impl ModelConfig {
             self.num_attention_heads,
             self.num_key_value_heads
         );
-        anyhow::ensure!(divides(2, self.head_dim()), "head_dim must be even for rope");
+        anyhow::ensure!(
+            divides(2, self.head_dim()),
+            "head_dim must be even for rope"
+        );
         Ok(())
     }
 
@@ -57,7 +63,10 @@ impl ModelConfig {
     pub fn to_hf_json(&self) -> anyhow::Result<String> {
         let mut v = serde_json::to_value(self)?;
         if let Some(o) = v.as_object_mut() {
-            o.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            o.insert(
+                "architectures".into(),
+                serde_json::json!(["LlamaForCausalLM"]),
+            );
             o.insert("model_type".into(), serde_json::json!("llama"));
             o.insert("hidden_act".into(), serde_json::json!("silu"));
             o.insert("torch_dtype".into(), serde_json::json!("float32"));
@@ -71,7 +80,10 @@ impl ModelConfig {
         let hd = self.head_dim();
         let kv = self.num_key_value_heads * hd;
         let i = self.intermediate_size;
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, d])];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, d],
+        )];
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![d]));

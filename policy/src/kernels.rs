@@ -21,7 +21,11 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
-            acc[l] = if FMA { x[l].mul_add(y[l], acc[l]) } else { acc[l] + x[l] * y[l] };
+            acc[l] = if FMA {
+                x[l].mul_add(y[l], acc[l])
+            } else {
+                acc[l] + x[l] * y[l]
+            };
         }
     }
     let mut s = 0f32;
@@ -42,7 +46,11 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 fn fma8<const FMA: bool>(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
     for l in 0..8 {
-        acc[l] = if FMA { a[l].mul_add(b[l], acc[l]) } else { acc[l] + a[l] * b[l] };
+        acc[l] = if FMA {
+            a[l].mul_add(b[l], acc[l])
+        } else {
+            acc[l] + a[l] * b[l]
+        };
     }
 }
 
@@ -135,16 +143,19 @@ pub fn matmul_t_small(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec
     assert_eq!(w.len(), n * k);
     let mut out_t = vec![0f32; n * m];
     let avx = has_avx2_fma();
-    out_t.par_chunks_mut(ROWS_PER_TASK * m).zip(w.par_chunks(ROWS_PER_TASK * k)).for_each(|(o, wb)| {
-        #[cfg(target_arch = "x86_64")]
-        if avx {
-            // SAFETY: the CPU supports avx2 and fma (checked at runtime above).
-            unsafe { block_avx2(wb, x, k, m, o) };
-            return;
-        }
-        let _ = avx;
-        block::<false>(wb, x, k, m, o)
-    });
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .zip(w.par_chunks(ROWS_PER_TASK * k))
+        .for_each(|(o, wb)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx {
+                // SAFETY: the CPU supports avx2 and fma (checked at runtime above).
+                unsafe { block_avx2(wb, x, k, m, o) };
+                return;
+            }
+            let _ = avx;
+            block::<false>(wb, x, k, m, o)
+        });
     if m == 1 {
         return out_t;
     }
@@ -160,7 +171,12 @@ pub fn matmul_t_small(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec
 /// `x [m, k] @ w [n, k]^T` via [`matmul_t_small`] when both are f32 CPU tensors
 /// and `w` is contiguous; `None` otherwise (caller falls back to candle's matmul).
 pub fn linear_small_m(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || x.rank() != 2 || w.rank() != 2 {
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || x.rank() != 2
+        || w.rank() != 2
+    {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
@@ -171,10 +187,12 @@ pub fn linear_small_m(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tens
     let x = x.contiguous()?;
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::F32(wd))) = (&*xs, &*ws) else {
+    let (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::F32(wd))) = (&*xs, &*ws)
+    else {
         return Ok(None);
     };
-    let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
+    let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+    else {
         return Ok(None);
     };
     let out = matmul_t_small(&xd[xa..xb], &wd[wa..wb], m, k, n);
@@ -194,7 +212,14 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let a = linear_small_m(&x, &w).unwrap().unwrap();
             let b = x.matmul(&w.t().unwrap()).unwrap();
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-4, "({m},{k},{n}): {d}");
         }
     }

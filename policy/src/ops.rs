@@ -64,7 +64,10 @@ pub fn rope_half_diff(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Re
             Tensor::cat(&[cos, cos], 1)?.unsqueeze(0)?.unsqueeze(0)?,
             Tensor::cat(&[sin, sin], 1)?.unsqueeze(0)?.unsqueeze(0)?,
         ),
-        _ => (Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?, Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?),
+        _ => (
+            Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?,
+            Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?,
+        ),
     };
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -104,12 +107,18 @@ pub fn padded_causal_mask(
 pub fn permute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / n_head;
-    w.reshape((n_head, 2, hd / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))
+    w.reshape((n_head, 2, hd / 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))
 }
 
 /// Inverse of [`permute_qk`]: GGUF interleaved layout -> HF half-rotation layout.
 pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / n_head;
-    w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))
+    w.reshape((n_head, hd / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))
 }

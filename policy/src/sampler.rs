@@ -30,7 +30,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, max_new_tokens: 128, seed: 0 }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 128,
+            seed: 0,
+        }
     }
 }
 
@@ -74,7 +79,12 @@ pub struct Sampler {
 
 impl Sampler {
     /// Builds the engine from HF-layout weights (half-rotation rope).
-    pub fn new(config: &ModelConfig, weights: &Weights, tokenizer_stops: &[u32], device: &Device) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &ModelConfig,
+        weights: &Weights,
+        tokenizer_stops: &[u32],
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         let mut s = Self {
             config: config.clone(),
@@ -114,7 +124,9 @@ impl Sampler {
     pub fn load_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
         weights.validate(&self.config)?;
         let dev = &self.device;
-        let get = |n: &str| -> anyhow::Result<Tensor> { Ok(weights.get(n)?.to_dtype(DType::F32)?.to_device(dev)?) };
+        let get = |n: &str| -> anyhow::Result<Tensor> {
+            Ok(weights.get(n)?.to_dtype(DType::F32)?.to_device(dev)?)
+        };
         let mut layers = Vec::with_capacity(self.config.num_hidden_layers);
         for l in 0..self.config.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -133,7 +145,11 @@ impl Sampler {
             });
         }
         self.embed = get("model.embed_tokens.weight")?;
-        self.lm_head = if self.config.tie_word_embeddings { self.embed.clone() } else { get("lm_head.weight")? };
+        self.lm_head = if self.config.tie_word_embeddings {
+            self.embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
         self.norm = get("model.norm.weight")?;
         self.layers = layers;
         Ok(())
@@ -155,27 +171,56 @@ impl Sampler {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let d = c.hidden_size;
-        let (h, kv, hd, n_rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim(), c.n_rep());
+        let (h, kv, hd, n_rep) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim(),
+            c.n_rep(),
+        );
         let eps = c.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
         for (li, l) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &l.ln1, eps)?;
             let qkv = linear(&xn.reshape((b * t, d))?, &l.wqkv)?;
-            let q = qkv.narrow(1, 0, h * hd)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = qkv.narrow(1, h * hd, kv * hd)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = qkv.narrow(1, (h + kv) * hd, kv * hd)?.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = qkv
+                .narrow(1, 0, h * hd)?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = qkv
+                .narrow(1, h * hd, kv * hd)?
+                .reshape((b, t, kv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = qkv
+                .narrow(1, (h + kv) * hd, kv * hd)?
+                .reshape((b, t, kv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let (q, k) = if self.interleaved_rope {
-                (candle_nn::rotary_emb::rope_i(&q, cos, sin)?, candle_nn::rotary_emb::rope_i(&k, cos, sin)?)
+                (
+                    candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+                )
             } else {
-                (candle_nn::rotary_emb::rope(&q, cos, sin)?, candle_nn::rotary_emb::rope(&k, cos, sin)?)
+                (
+                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                )
             };
             let (k_all, v_all) = match caches.as_deref_mut() {
                 Some(cs) => {
                     let cb = &mut cs[li];
                     cb.k.slice_set(&k, 2, offset)?;
                     cb.v.slice_set(&v, 2, offset)?;
-                    let (mut ka, mut va) = (cb.k.narrow(2, 0, offset + t)?, cb.v.narrow(2, 0, offset + t)?);
+                    let (mut ka, mut va) = (
+                        cb.k.narrow(2, 0, offset + t)?,
+                        cb.v.narrow(2, 0, offset + t)?,
+                    );
                     if !self.device.is_cpu() {
                         ka = ka.contiguous()?;
                         va = va.contiguous()?;
@@ -188,11 +233,18 @@ impl Sampler {
             let q = q.reshape((b, kv, n_rep * t, hd))?;
             let att = (q.matmul(&k_all.t()?)? * scale)?;
             let att = match mask {
-                Some(m) => att.reshape((b, kv, n_rep, t, tk))?.broadcast_add(m)?.reshape((b, kv, n_rep * t, tk))?,
+                Some(m) => att
+                    .reshape((b, kv, n_rep, t, tk))?
+                    .broadcast_add(m)?
+                    .reshape((b, kv, n_rep * t, tk))?,
                 None => att,
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v_all)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+            let y = att
+                .matmul(&v_all)?
+                .reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b * t, h * hd))?;
             let y = linear(&y, &l.wo)?.reshape((b, t, d))?;
             x = (x + y)?;
             let xn = candle_nn::ops::rms_norm(&x, &l.ln2, eps)?.reshape((b * t, d))?;
@@ -206,8 +258,19 @@ impl Sampler {
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?)
     }
 
-    fn cos_sin_batch(&self, positions: &[usize], b: usize, t: usize) -> anyhow::Result<(Tensor, Tensor)> {
-        let (cos, sin) = rope_cos_sin(positions, self.config.head_dim(), self.config.rope_theta, DType::F32, &self.device)?;
+    fn cos_sin_batch(
+        &self,
+        positions: &[usize],
+        b: usize,
+        t: usize,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let (cos, sin) = rope_cos_sin(
+            positions,
+            self.config.head_dim(),
+            self.config.rope_theta,
+            DType::F32,
+            &self.device,
+        )?;
         let half = self.config.head_dim() / 2;
         Ok((cos.reshape((b, t, half))?, sin.reshape((b, t, half))?))
     }
@@ -219,25 +282,46 @@ impl Sampler {
         let ids = Tensor::from_vec(tokens.to_vec(), (1, t), &self.device)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = self.cos_sin_batch(&positions, 1, t)?;
-        let mask = if t > 1 { Some(padded_causal_mask(&[0], t, 0, t, DType::F32, &self.device)?) } else { None };
+        let mask = if t > 1 {
+            Some(padded_causal_mask(&[0], t, 0, t, DType::F32, &self.device)?)
+        } else {
+            None
+        };
         let h = self.forward(&ids, &cos, &sin, mask.as_ref(), None, 0)?;
-        Ok(h.reshape((t, self.config.hidden_size))?.matmul(&self.lm_head.t()?)?)
+        Ok(h.reshape((t, self.config.hidden_size))?
+            .matmul(&self.lm_head.t()?)?)
     }
 
     /// Generates continuations for a batch of prompts (token ids, any lengths >= 1).
     /// Prompts are left-padded into one batch; finished sequences are dropped from
     /// the batch (KV cache compacted). Each sequence draws from its own ChaCha8 stream
     /// (seed, stream = index in `prompts`), so results are seed-deterministic.
-    pub fn generate(&mut self, prompts: &[Vec<u32>], params: &SamplingParams) -> anyhow::Result<Vec<Generation>> {
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+    ) -> anyhow::Result<Vec<Generation>> {
         let n = prompts.len();
-        let mut gens: Vec<Generation> =
-            (0..n).map(|_| Generation { token_ids: vec![], logprobs: vec![], entropies: vec![], finished: false }).collect();
+        let mut gens: Vec<Generation> = (0..n)
+            .map(|_| Generation {
+                token_ids: vec![],
+                logprobs: vec![],
+                entropies: vec![],
+                finished: false,
+            })
+            .collect();
         if n == 0 || params.max_new_tokens == 0 {
             return Ok(gens);
         }
-        anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: empty prompt");
+        anyhow::ensure!(
+            prompts.iter().all(|p| !p.is_empty()),
+            "generate: empty prompt"
+        );
         let vocab = self.config.vocab_size as u32;
-        anyhow::ensure!(prompts.iter().flatten().all(|&t| t < vocab), "generate: token id out of vocabulary");
+        anyhow::ensure!(
+            prompts.iter().flatten().all(|&t| t < vocab),
+            "generate: token id out of vocabulary"
+        );
         let c = &self.config;
         let (kv, hd) = (c.num_key_value_heads, c.head_dim());
         let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
@@ -263,7 +347,14 @@ impl Sampler {
         let ids = Tensor::from_vec(ids, (n, lmax), &self.device)?;
         let (cos, sin) = self.cos_sin_batch(&positions, n, lmax)?;
         let mask = if lmax > 1 || pads.iter().any(|&p| p > 0) {
-            Some(padded_causal_mask(&pads, lmax, 0, lmax, DType::F32, &self.device)?)
+            Some(padded_causal_mask(
+                &pads,
+                lmax,
+                0,
+                lmax,
+                DType::F32,
+                &self.device,
+            )?)
         } else {
             None
         };
@@ -285,8 +376,15 @@ impl Sampler {
             let mut next = Vec::with_capacity(active.len());
             let mut keep = Vec::with_capacity(active.len());
             // Rows are independent (own RNG stream), so sample them in parallel.
-            let mut row_rngs: Vec<(usize, ChaCha8Rng)> =
-                active.iter().map(|&o| (o, std::mem::replace(&mut rngs[o], ChaCha8Rng::seed_from_u64(0)))).collect();
+            let mut row_rngs: Vec<(usize, ChaCha8Rng)> = active
+                .iter()
+                .map(|&o| {
+                    (
+                        o,
+                        std::mem::replace(&mut rngs[o], ChaCha8Rng::seed_from_u64(0)),
+                    )
+                })
+                .collect();
             let picks: Vec<(u32, f32, f32)> = row_rngs
                 .par_iter_mut()
                 .zip(rows.par_iter())
@@ -312,7 +410,11 @@ impl Sampler {
                 break;
             }
             if keep.len() < active.len() {
-                let idx = Tensor::from_vec(keep.iter().map(|&r| r as u32).collect::<Vec<_>>(), keep.len(), &self.device)?;
+                let idx = Tensor::from_vec(
+                    keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    keep.len(),
+                    &self.device,
+                )?;
                 for cb in caches.iter_mut() {
                     cb.k = cb.k.index_select(&idx, 0)?.contiguous()?;
                     cb.v = cb.v.index_select(&idx, 0)?.contiguous()?;
@@ -325,7 +427,14 @@ impl Sampler {
             let positions: Vec<usize> = pads.iter().map(|&p| slot - p).collect();
             let (cos, sin) = self.cos_sin_batch(&positions, b, 1)?;
             let mask = if pads.iter().any(|&p| p > 0) {
-                Some(padded_causal_mask(&pads, 1, slot, slot + 1, DType::F32, &self.device)?)
+                Some(padded_causal_mask(
+                    &pads,
+                    1,
+                    slot,
+                    slot + 1,
+                    DType::F32,
+                    &self.device,
+                )?)
             } else {
                 None
             };
@@ -371,9 +480,17 @@ fn argmax(x: &[f32]) -> usize {
 }
 
 /// Samples one token: returns (token, log-prob before top-p truncation, entropy).
-pub(crate) fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32, f32) {
+pub(crate) fn sample_row(
+    logits: &[f32],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> (u32, f32, f32) {
     let greedy = params.temperature <= 0.0;
-    let inv_t = if greedy { 1.0 } else { 1.0 / params.temperature as f64 };
+    let inv_t = if greedy {
+        1.0
+    } else {
+        1.0 / params.temperature as f64
+    };
     let (m, lse, ent) = softmax_stats(logits, inv_t);
     let logp = |i: usize| (logits[i] as f64 - m) * inv_t - lse;
     let tok = if greedy {
@@ -396,7 +513,11 @@ pub(crate) fn sample_row(logits: &[f32], params: &SamplingParams, rng: &mut ChaC
         // top_p, using selection instead of a full sort.
         let v = logits.len();
         let mut idx: Vec<u32> = (0..v as u32).collect();
-        let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         let mut k = 64.min(v);
         let kept = loop {
             if k < v {

@@ -6,7 +6,8 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 /// The SmolLM2 chat template default system prompt (also used by the tiny model).
-pub const SMOLLM2_DEFAULT_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+pub const SMOLLM2_DEFAULT_SYSTEM: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 /// SmolLM2-135M-Instruct's `tokenizer.chat_template` (used verbatim for the tiny model).
 pub const SMOLLM2_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -36,9 +37,16 @@ pub fn bytes_to_unicode() -> [char; 256] {
 /// Builds a HF `tokenizers` byte-level BPE (GPT-2 style, SmolLM2 pre-tokenizer:
 /// individual digits + ByteLevel regex) from a vocabulary (index = id), merges
 /// ("a b" strings) and the ids of special (control) tokens.
-pub(crate) fn build_bpe_tokenizer(tokens: &[String], merges: &[String], special_ids: &[u32]) -> anyhow::Result<Tokenizer> {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+pub(crate) fn build_bpe_tokenizer(
+    tokens: &[String],
+    merges: &[String],
+    special_ids: &[u32],
+) -> anyhow::Result<Tokenizer> {
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     let added: Vec<serde_json::Value> = special_ids
         .iter()
         .map(|&id| {
@@ -63,7 +71,8 @@ pub(crate) fn build_bpe_tokenizer(tokens: &[String], merges: &[String], special_
                   "vocab": vocab, "merges": merges}
     });
     let s = serde_json::to_string(&spec)?;
-    s.parse::<Tokenizer>().map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))
+    s.parse::<Tokenizer>()
+        .map_err(|e| anyhow::anyhow!("building tokenizer: {e}"))
 }
 
 /// Tokenizer + chat template + stop tokens for a chat model.
@@ -94,7 +103,9 @@ fn default_system_from_template(template: &str) -> Option<String> {
     let marker = "<|im_start|>system";
     let start = template.find(marker)? + marker.len();
     let rest = &template[start..];
-    let rest = rest.strip_prefix("\\n").or_else(|| rest.strip_prefix('\n'))?;
+    let rest = rest
+        .strip_prefix("\\n")
+        .or_else(|| rest.strip_prefix('\n'))?;
     let end = rest.find("<|im_end|>")?;
     let sys = &rest[..end];
     // A template that builds the system block from a variable has no literal default.
@@ -107,11 +118,18 @@ fn default_system_from_template(template: &str) -> Option<String> {
 impl ChatTokenizer {
     /// Wraps a tokenizer. `chat_template` is the Jinja template string (if known); the
     /// renderer supports the ChatML shape only (see [`ChatTokenizer::chat_prompt`]).
-    pub fn new(tokenizer: Tokenizer, chat_template: Option<String>, fallback_eos: Option<u32>) -> anyhow::Result<Self> {
+    pub fn new(
+        tokenizer: Tokenizer,
+        chat_template: Option<String>,
+        fallback_eos: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let vocab_size = tokenizer.get_vocab_size(true);
         let im_end = tokenizer.token_to_id("<|im_end|>");
         let eot = tokenizer.token_to_id("<|endoftext|>");
-        let eos = im_end.or(fallback_eos).or(eot).context("tokenizer has no <|im_end|>/<|endoftext|>/eos token")?;
+        let eos = im_end
+            .or(fallback_eos)
+            .or(eot)
+            .context("tokenizer has no <|im_end|>/<|endoftext|>/eos token")?;
         let mut stops = vec![eos];
         for s in [im_end, eot, fallback_eos].into_iter().flatten() {
             if !stops.contains(&s) {
@@ -120,11 +138,22 @@ impl ChatTokenizer {
         }
         if let Some(t) = &chat_template {
             if !t.contains("<|im_start|>") {
-                tracing::warn!("chat template is not ChatML; chat_prompt renders plain ChatML anyway");
+                tracing::warn!(
+                    "chat template is not ChatML; chat_prompt renders plain ChatML anyway"
+                );
             }
         }
-        let default_system = chat_template.as_deref().and_then(default_system_from_template);
-        Ok(Self { tokenizer, chat_template, default_system, eos, stops, vocab_size })
+        let default_system = chat_template
+            .as_deref()
+            .and_then(default_system_from_template);
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            default_system,
+            eos,
+            stops,
+            vocab_size,
+        })
     }
 
     /// The tiny model's tokenizer: 256 byte tokens (GPT-2 byte-level alphabet, no
@@ -140,13 +169,18 @@ impl ChatTokenizer {
     /// Encodes text without inserting special tokens; special tokens written in the
     /// text (e.g. `<|im_start|>`) are recognised as single tokens.
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes ids; `skip_special` drops special tokens such as `<|im_end|>`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> anyhow::Result<String> {
-        self.tokenizer.decode(ids, skip_special).map_err(|e| anyhow::anyhow!("decode: {e}"))
+        self.tokenizer
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow::anyhow!("decode: {e}"))
     }
 
     /// The prompt for one user message with `add_generation_prompt=true`, i.e. what

@@ -1,18 +1,18 @@
 //! The trainable model: every parameter is a candle `Var`, and the forward uses
 //! only ops that have a backward in candle 0.11 (matmul, broadcast arithmetic,
 //! exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select, silu).
-//! Response log-probs are computed chunk-wise over rows so the full
-//! `[B, T, vocab]` log-softmax is never materialised at once, and the target
-//! logit is a row dot product with the gathered embedding rows (no one-hot).
+//! Response log-probs are computed only at response positions and chunk-wise
+//! over rows (512 at a time), so the full `[B, T, vocab]` log-softmax is never
+//! materialised at once; the target logit is gathered from the chunk's logits.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::ModelConfig;
 use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin, rope_half_diff, softmax_diff};
 use crate::weights::Weights;
 
 /// Rows of `[rows, vocab]` logits processed per chunk in `response_logprobs`.
-const LOGPROB_CHUNK_ROWS: usize = 128;
+const LOGPROB_CHUNK_ROWS: usize = 512;
 
 /// Differentiable Llama whose parameters are `Var`s (HF names).
 pub struct TrainableModel {
@@ -31,7 +31,12 @@ impl TrainableModel {
     }
 
     /// Trainable model in `dtype` (F32 for training; F64 for gradient checks).
-    pub fn new_with_dtype(config: &ModelConfig, weights: &Weights, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    pub fn new_with_dtype(
+        config: &ModelConfig,
+        weights: &Weights,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         weights.validate(config)?;
         let mut vars = Vec::new();
@@ -41,7 +46,13 @@ impl TrainableModel {
             idx.insert(name.clone(), vars.len());
             vars.push((name, Var::from_tensor(&t)?));
         }
-        Ok(Self { config: config.clone(), device: device.clone(), dtype, vars, idx })
+        Ok(Self {
+            config: config.clone(),
+            device: device.clone(),
+            dtype,
+            vars,
+            idx,
+        })
     }
 
     /// One entry per parameter tensor (tied embedding counted once), HF names.
@@ -68,7 +79,10 @@ impl TrainableModel {
     pub fn weights(&self) -> anyhow::Result<Weights> {
         let mut tensors = std::collections::BTreeMap::new();
         for (n, v) in &self.vars {
-            tensors.insert(n.clone(), v.as_tensor().detach().to_dtype(DType::F32)?.copy()?);
+            tensors.insert(
+                n.clone(),
+                v.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+            );
         }
         Ok(Weights { tensors })
     }
@@ -76,13 +90,21 @@ impl TrainableModel {
     /// Overwrites the parameters in place from `weights` (e.g. to resume).
     pub fn set_weights(&self, weights: &Weights) -> anyhow::Result<()> {
         for (n, v) in &self.vars {
-            v.set(&weights.get(n)?.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+            v.set(
+                &weights
+                    .get(n)?
+                    .to_dtype(self.dtype)?
+                    .to_device(&self.device)?,
+            )?;
         }
         Ok(())
     }
 
     fn p(&self, name: &str) -> anyhow::Result<&Tensor> {
-        let i = *self.idx.get(name).ok_or_else(|| anyhow::anyhow!("no parameter {name}"))?;
+        let i = *self
+            .idx
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("no parameter {name}"))?;
         Ok(self.vars[i].1.as_tensor())
     }
 
@@ -100,15 +122,24 @@ impl TrainableModel {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let d = c.hidden_size;
-        let (h, kv, hd, n_rep) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim(), c.n_rep());
+        let (h, kv, hd, n_rep) = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim(),
+            c.n_rep(),
+        );
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (hd as f64).sqrt();
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = rope_cos_sin(&positions, hd, c.rope_theta, self.dtype, &self.device)?;
-        let mask: Vec<f32> =
-            (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
         let mask = Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)?;
-        let mut x = self.p("model.embed_tokens.weight")?.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let mut x = self
+            .p("model.embed_tokens.weight")?
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
         for l in 0..c.num_hidden_layers {
             let pf = format!("model.layers.{l}");
             let w = |n: &str| self.p(&format!("{pf}.{n}"));
@@ -126,13 +157,22 @@ impl TrainableModel {
             let att = (q.matmul(&k.t()?)? * scale)?;
             let att = att.reshape((b, kv, n_rep, t, t))?.broadcast_add(&mask)?;
             let att = softmax_diff(&att)?.reshape((b, kv, n_rep * t, t))?;
-            let y = att.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b * t, h * hd))?;
-            let y = y.matmul(&w("self_attn.o_proj.weight")?.t()?)?.reshape((b, t, d))?;
+            let y = att
+                .matmul(&v)?
+                .reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b * t, h * hd))?;
+            let y = y
+                .matmul(&w("self_attn.o_proj.weight")?.t()?)?
+                .reshape((b, t, d))?;
             x = (x + y)?;
-            let xn = rms_norm_diff(&x, w("post_attention_layernorm.weight")?, eps)?.reshape((b * t, d))?;
+            let xn = rms_norm_diff(&x, w("post_attention_layernorm.weight")?, eps)?
+                .reshape((b * t, d))?;
             let g = xn.matmul(&w("mlp.gate_proj.weight")?.t()?)?.silu()?;
             let u = xn.matmul(&w("mlp.up_proj.weight")?.t()?)?;
-            let m = (g * u)?.matmul(&w("mlp.down_proj.weight")?.t()?)?.reshape((b, t, d))?;
+            let m = (g * u)?
+                .matmul(&w("mlp.down_proj.weight")?.t()?)?
+                .reshape((b, t, d))?;
             x = (x + m)?;
         }
         Ok(rms_norm_diff(&x, self.p("model.norm.weight")?, eps)?)
@@ -151,19 +191,32 @@ impl TrainableModel {
     /// `(prompt, response)` pair. Returns `(logprobs [B, Tmax], mask [B, Tmax])`,
     /// Tmax = longest response, padding entries 0 in both (mask is 1/0 in model dtype).
     /// Differentiable w.r.t. `vars()`. Prompts must be non-empty.
-    pub fn response_logprobs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> anyhow::Result<(Tensor, Tensor)> {
+    pub fn response_logprobs(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+    ) -> anyhow::Result<(Tensor, Tensor)> {
         self.response_logprobs_t(pairs, 1.0)
     }
 
     /// As [`TrainableModel::response_logprobs`] but under `softmax(logits / temperature)`
     /// (matches the sampler's log-probs when generation used that temperature).
-    pub fn response_logprobs_t(&self, pairs: &[(Vec<u32>, Vec<u32>)], temperature: f64) -> anyhow::Result<(Tensor, Tensor)> {
+    pub fn response_logprobs_t(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+        temperature: f64,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
         let b = pairs.len();
         anyhow::ensure!(b > 0, "response_logprobs: empty batch");
-        anyhow::ensure!(pairs.iter().all(|(p, _)| !p.is_empty()), "response_logprobs: empty prompt");
+        anyhow::ensure!(
+            pairs.iter().all(|(p, _)| !p.is_empty()),
+            "response_logprobs: empty prompt"
+        );
         let vocab = self.config.vocab_size as u32;
         anyhow::ensure!(
-            pairs.iter().flat_map(|(p, r)| p.iter().chain(r)).all(|&t| t < vocab),
+            pairs
+                .iter()
+                .flat_map(|(p, r)| p.iter().chain(r))
+                .all(|&t| t < vocab),
             "response_logprobs: token id out of vocabulary"
         );
         let tmax = pairs.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
@@ -172,7 +225,10 @@ impl TrainableModel {
             return Ok((z.clone(), z));
         }
         // Input = prompt + response[..R-1], right-padded with token 0.
-        let lens: Vec<usize> = pairs.iter().map(|(p, r)| p.len() + r.len().saturating_sub(1)).collect();
+        let lens: Vec<usize> = pairs
+            .iter()
+            .map(|(p, r)| p.len() + r.len().saturating_sub(1))
+            .collect();
         let t = *lens.iter().max().unwrap();
         let mut ids = Vec::with_capacity(b * t);
         let mut rows = Vec::with_capacity(b * tmax);
@@ -210,11 +266,12 @@ impl TrainableModel {
             let hc = hs.narrow(0, start, len)?;
             let tc = targets.narrow(0, start, len)?;
             let mut logits = hc.matmul(&w.t()?)?;
-            let mut tgt = (&hc * w.index_select(&tc, 0)?)?.sum_keepdim(D::Minus1)?;
             if temperature != 1.0 {
                 logits = (logits * inv_t)?;
-                tgt = (tgt * inv_t)?;
             }
+            // gather's backward scatters into a [rows, vocab] buffer, far smaller than
+            // the [vocab, hidden] one an embedding-row index_select would need.
+            let tgt = logits.gather(&tc.unsqueeze(1)?, 1)?;
             chunks.push((tgt - logsumexp_diff(&logits)?)?);
             start += len;
         }

@@ -38,7 +38,8 @@ pub(crate) fn f32_safetensors_bytes(
                 .map_err(|e| anyhow::anyhow!("safetensors view {n}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("safetensors serialize: {e}"))
+    safetensors::serialize(views, metadata)
+        .map_err(|e| anyhow::anyhow!("safetensors serialize: {e}"))
 }
 
 /// `name -> (shape, f32 data)`.
@@ -46,12 +47,16 @@ pub(crate) type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Reads every tensor of a safetensors buffer as `(shape, f32 data)`; f16/bf16/f64 are converted.
 pub(crate) fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
         let v: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             safetensors::Dtype::F64 => data
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
@@ -89,7 +94,8 @@ impl Weights {
     pub fn from_safetensors_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<Self> {
         let mut tensors = BTreeMap::new();
         for (name, (shape, data)) in f32_from_safetensors(bytes)? {
-            let t = Tensor::from_vec(data, shape, device).with_context(|| format!("tensor {name}"))?;
+            let t =
+                Tensor::from_vec(data, shape, device).with_context(|| format!("tensor {name}"))?;
             tensors.insert(name, t);
         }
         Ok(Self { tensors })
@@ -102,14 +108,21 @@ impl Weights {
 
     /// Fetches a tensor by name with a helpful error.
     pub fn get(&self, name: &str) -> anyhow::Result<&Tensor> {
-        self.tensors.get(name).with_context(|| format!("missing weight tensor {name}"))
+        self.tensors
+            .get(name)
+            .with_context(|| format!("missing weight tensor {name}"))
     }
 
     /// Checks that every tensor `config` needs is present with the right shape.
     pub fn validate(&self, config: &ModelConfig) -> anyhow::Result<()> {
         for (name, shape) in config.parameter_shapes() {
             let t = self.get(&name)?;
-            anyhow::ensure!(t.dims() == shape.as_slice(), "tensor {name}: shape {:?}, expected {:?}", t.dims(), shape);
+            anyhow::ensure!(
+                t.dims() == shape.as_slice(),
+                "tensor {name}: shape {:?}, expected {:?}",
+                t.dims(),
+                shape
+            );
         }
         Ok(())
     }

@@ -187,6 +187,7 @@ pub fn assemble(
             step: params.step,
             samples,
             stats: Some(stats),
+            temperature: 1.0,
         },
         failed_rewrites,
     }

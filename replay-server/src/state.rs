@@ -644,6 +644,7 @@ impl State {
             let assembled = assemble(&window, &params, self.codec.as_ref());
             let mut batch = assembled.batch;
             batch.batch_id = self.next_batch_id;
+            batch.temperature = self.settings.sampling.temperature;
             self.next_batch_id += 1;
             let stats = batch.stats.unwrap_or_default();
             self.counters.batches_built += 1;

@@ -90,12 +90,56 @@ fn conjunctions(value: &str, n: PyNum) -> bool {
 // ---- count:person_names ----
 
 const PERSON_NAMES_LIST: [&str; 50] = [
-    "Emma", "Liam", "Sophia", "Jackson", "Olivia", "Noah", "Ava", "Lucas", "Isabella", "Mason",
-    "Mia", "Ethan", "Charlotte", "Alexander", "Amelia", "Benjamin", "Harper", "Leo", "Zoe",
-    "Daniel", "Chloe", "Samuel", "Lily", "Matthew", "Grace", "Owen", "Abigail", "Gabriel", "Ella",
-    "Jacob", "Scarlett", "Nathan", "Victoria", "Elijah", "Layla", "Nicholas", "Audrey", "David",
-    "Hannah", "Christopher", "Penelope", "Thomas", "Nora", "Andrew", "Aria", "Joseph", "Claire",
-    "Ryan", "Stella", "Jonathan",
+    "Emma",
+    "Liam",
+    "Sophia",
+    "Jackson",
+    "Olivia",
+    "Noah",
+    "Ava",
+    "Lucas",
+    "Isabella",
+    "Mason",
+    "Mia",
+    "Ethan",
+    "Charlotte",
+    "Alexander",
+    "Amelia",
+    "Benjamin",
+    "Harper",
+    "Leo",
+    "Zoe",
+    "Daniel",
+    "Chloe",
+    "Samuel",
+    "Lily",
+    "Matthew",
+    "Grace",
+    "Owen",
+    "Abigail",
+    "Gabriel",
+    "Ella",
+    "Jacob",
+    "Scarlett",
+    "Nathan",
+    "Victoria",
+    "Elijah",
+    "Layla",
+    "Nicholas",
+    "Audrey",
+    "David",
+    "Hannah",
+    "Christopher",
+    "Penelope",
+    "Thomas",
+    "Nora",
+    "Andrew",
+    "Aria",
+    "Joseph",
+    "Claire",
+    "Ryan",
+    "Stella",
+    "Jonathan",
 ];
 
 num_entry!(
@@ -103,11 +147,13 @@ num_entry!(
     "count:person_names",
     "N",
     0.0,
-    |n| format!(
+    |n| {
+        format!(
         "Mention at least {} different person names in the response, from this list of person names: {} .",
         n.py_str(),
         PERSON_NAMES_LIST.join(", ")
-    ),
+    )
+    },
     person_names
 );
 
@@ -223,15 +269,46 @@ num_entry!(
     "count:pronouns",
     "N",
     0.0,
-    |n| format!("The response should include at least {} pronouns.", n.py_str()),
+    |n| format!(
+        "The response should include at least {} pronouns.",
+        n.py_str()
+    ),
     pronouns
 );
 
 fn pronouns(value: &str, n: PyNum) -> bool {
     const PRONOUNS: [&str; 31] = [
-        "i", "me", "my", "mine", "myself", "we", "us", "our", "ours", "ourselves", "you", "your",
-        "yours", "yourself", "yourselves", "he", "him", "his", "himself", "she", "her", "hers",
-        "herself", "it", "its", "itself", "they", "them", "their", "theirs", "themselves",
+        "i",
+        "me",
+        "my",
+        "mine",
+        "myself",
+        "we",
+        "us",
+        "our",
+        "ours",
+        "ourselves",
+        "you",
+        "your",
+        "yours",
+        "yourself",
+        "yourselves",
+        "he",
+        "him",
+        "his",
+        "himself",
+        "she",
+        "her",
+        "hers",
+        "herself",
+        "it",
+        "its",
+        "itself",
+        "they",
+        "them",
+        "their",
+        "theirs",
+        "themselves",
     ];
     let text = remove_punct(&py_lower(&value.replace('/', " ")));
     let count = py_split(&text).filter(|w| PRONOUNS.contains(w)).count();

@@ -27,6 +27,7 @@ mod ratio;
 mod repeat;
 mod sentence;
 mod split;
+mod tokenized;
 mod util;
 mod words;
 
@@ -126,6 +127,10 @@ pub(crate) const ENTRIES: &[Entry] = &[
     repeat::REPEAT_CHANGE,
     repeat::REPEAT_SIMPLE,
     repeat::REPEAT_SPAN,
+    tokenized::START_VERB,
+    tokenized::KEYWORDS_SPECIFIC_POSITION,
+    tokenized::WORDS_POSITION,
+    tokenized::TITLE_CASE,
     format::OUTPUT_TEMPLATE,
     format::NO_WHITESPACE,
 ];

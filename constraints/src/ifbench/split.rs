@@ -66,13 +66,22 @@ pub(crate) fn split_into_sentences(text: &str) -> Vec<String> {
         t = t.replace("Ph.D.", "Ph<prd>D<prd>");
     }
     t = r.single_letter.replace_all(&t, " ${1}<prd> ").into_owned();
-    t = r.acronym_starter.replace_all(&t, "${1}<stop> ${2}").into_owned();
+    t = r
+        .acronym_starter
+        .replace_all(&t, "${1}<stop> ${2}")
+        .into_owned();
     t = r
         .three_letters
         .replace_all(&t, "${1}<prd>${2}<prd>${3}<prd>")
         .into_owned();
-    t = r.two_letters.replace_all(&t, "${1}<prd>${2}<prd>").into_owned();
-    t = r.suffix_starter.replace_all(&t, " ${1}<stop> ${2}").into_owned();
+    t = r
+        .two_letters
+        .replace_all(&t, "${1}<prd>${2}<prd>")
+        .into_owned();
+    t = r
+        .suffix_starter
+        .replace_all(&t, " ${1}<stop> ${2}")
+        .into_owned();
     t = r.suffix.replace_all(&t, " ${1}<prd>").into_owned();
     t = r.letter.replace_all(&t, " ${1}<prd>").into_owned();
     if t.contains('”') {
@@ -114,6 +123,9 @@ mod tests {
         assert!(split_into_sentences("").is_empty());
         assert!(split_into_sentences("   ").is_empty());
         assert_eq!(split_into_sentences("a\nb"), ["a b"]);
-        assert_eq!(split_into_sentences("He said \"hi.\" Then"), ["He said \"hi\".", "Then"]);
+        assert_eq!(
+            split_into_sentences("He said \"hi.\" Then"),
+            ["He said \"hi\".", "Then"]
+        );
     }
 }

@@ -7,10 +7,7 @@ use crate::kwargs::Kwargs;
 use crate::pytext::is_py_space;
 use crate::ConstraintError;
 
-/// Python's `string.punctuation`.
-pub(crate) const PUNCTUATION: &str = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~";
-
-/// Whether `c` is in `string.punctuation`.
+/// Whether `c` is in Python's `string.punctuation` (the ASCII punctuation characters).
 #[inline]
 pub(crate) fn is_punct(c: char) -> bool {
     c.is_ascii_punctuation()
@@ -53,10 +50,10 @@ pub(crate) fn py_len(s: &str) -> usize {
 const DECIMAL_ZEROS: &[u32] = &[
     0x30, 0x660, 0x6f0, 0x7c0, 0x966, 0x9e6, 0xa66, 0xae6, 0xb66, 0xbe6, 0xc66, 0xce6, 0xd66,
     0xde6, 0xe50, 0xed0, 0xf20, 0x1040, 0x1090, 0x17e0, 0x1810, 0x1946, 0x19d0, 0x1a80, 0x1a90,
-    0x1b50, 0x1bb0, 0x1c40, 0x1c50, 0xa620, 0xa8d0, 0xa900, 0xa9d0, 0xa9f0, 0xaa50, 0xabf0,
-    0xff10, 0x104a0, 0x10d30, 0x11066, 0x110f0, 0x11136, 0x111d0, 0x112f0, 0x11450, 0x114d0,
-    0x11650, 0x116c0, 0x11730, 0x118e0, 0x11950, 0x11c50, 0x11d50, 0x11da0, 0x16a60, 0x16ac0,
-    0x16b50, 0x1d7ce, 0x1d7d8, 0x1d7e2, 0x1d7ec, 0x1d7f6, 0x1e140, 0x1e2f0, 0x1e950, 0x1fbf0,
+    0x1b50, 0x1bb0, 0x1c40, 0x1c50, 0xa620, 0xa8d0, 0xa900, 0xa9d0, 0xa9f0, 0xaa50, 0xabf0, 0xff10,
+    0x104a0, 0x10d30, 0x11066, 0x110f0, 0x11136, 0x111d0, 0x112f0, 0x11450, 0x114d0, 0x11650,
+    0x116c0, 0x11730, 0x118e0, 0x11950, 0x11c50, 0x11d50, 0x11da0, 0x16a60, 0x16ac0, 0x16b50,
+    0x1d7ce, 0x1d7d8, 0x1d7e2, 0x1d7ec, 0x1d7f6, 0x1e140, 0x1e2f0, 0x1e950, 0x1fbf0,
 ];
 
 /// `unicodedata.decimal(c)`: the value of a decimal digit (`str.isdecimal()`), else `None`.
@@ -160,11 +157,6 @@ impl PyNum {
             PyNum::Float(f) => f.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64,
         }
     }
-
-    /// Python truthiness (`not x` is false).
-    pub(crate) fn is_truthy(self) -> bool {
-        self.as_f64() != 0.0
-    }
 }
 
 /// A required numeric kwarg (JSON integer or float, not bool) with `value >= min`
@@ -178,7 +170,7 @@ pub(crate) fn num(kw: &Kwargs<'_>, key: &str, min: f64) -> Result<PyNum, Constra
     } else {
         return Err(kw.error(format!("kwarg `{key}` must be a number, got {v}")));
     };
-    if !(n.as_f64() >= min) {
+    if n.as_f64().is_nan() || n.as_f64() < min {
         return Err(kw.error(format!(
             "kwarg `{key}` must be at least {}, got {}",
             py_float_repr(min),
@@ -192,7 +184,11 @@ pub(crate) fn num(kw: &Kwargs<'_>, key: &str, min: f64) -> Result<PyNum, Constra
 pub(crate) fn py_slice_bounds(len: usize, start: i64, stop: i64) -> (usize, usize) {
     let len_i = len as i64;
     let norm = |i: i64| -> usize {
-        let j = if i < 0 { (i + len_i).max(0) } else { i.min(len_i) };
+        let j = if i < 0 {
+            (i + len_i).max(0)
+        } else {
+            i.min(len_i)
+        };
         j as usize
     };
     let (a, b) = (norm(start), norm(stop));
@@ -227,7 +223,10 @@ mod tests {
         assert!(!py_isdigit(""));
         assert_eq!(strip_punct_space(" ..a-b!\t"), "a-b!\t");
         assert_eq!(remove_punct("it's, 3.5"), "its 35");
-        assert_eq!(py_split(" a\u{a0}b\n\u{1c}c ").collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            py_split(" a\u{a0}b\n\u{1c}c ").collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
         assert_eq!(py_slice_bounds(5, 1, 3), (1, 3));
         assert_eq!(py_slice_bounds(5, -2, 10), (3, 5));
         assert_eq!(py_slice_bounds(5, 4, 2), (4, 4));

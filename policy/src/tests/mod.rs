@@ -3,4 +3,3 @@
 
 mod smollm2;
 mod tiny;
-mod probe;

@@ -11,21 +11,38 @@ use crate::*;
 
 fn gguf_path() -> std::path::PathBuf {
     static P: OnceLock<std::path::PathBuf> = OnceLock::new();
-    P.get_or_init(|| fetch_smollm2(&default_cache_dir()).expect("fetch SmolLM2")).clone()
+    P.get_or_init(|| fetch_smollm2(&default_cache_dir()).expect("fetch SmolLM2"))
+        .clone()
 }
 
 fn model() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
     M.get_or_init(|| {
         let t = Instant::now();
-        let m = load(gguf_path().to_str().unwrap(), &default_cache_dir(), &Device::Cpu).expect("load SmolLM2");
-        eprintln!("SmolLM2 loaded in {:.2}s ({} params)", t.elapsed().as_secs_f64(), m.weights.num_parameters());
+        let m = load(
+            gguf_path().to_str().unwrap(),
+            &default_cache_dir(),
+            &Device::Cpu,
+        )
+        .expect("load SmolLM2");
+        eprintln!(
+            "SmolLM2 loaded in {:.2}s ({} params)",
+            t.elapsed().as_secs_f64(),
+            m.weights.num_parameters()
+        );
         m
     })
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -33,7 +50,14 @@ fn smollm2_config_and_tokenizer() {
     let m = model();
     let c = &m.config;
     assert_eq!(
-        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads),
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
         (49152, 576, 1536, 30, 9, 3)
     );
     assert!(c.tie_word_embeddings);
@@ -46,7 +70,12 @@ fn smollm2_config_and_tokenizer() {
     // The metadata-only path gives the same tokenizer.
     let tok2 = load_tokenizer("smollm2", &default_cache_dir()).unwrap();
     assert_eq!(tok2.vocab_size(), 49152);
-    for text in ["Hello, world! The year is 2024.", "  spaces\tand\nnewlines  ", "héllo wörld 😀 ünïcödé", "x = f(3) + 42; // code"] {
+    for text in [
+        "Hello, world! The year is 2024.",
+        "  spaces\tand\nnewlines  ",
+        "héllo wörld 😀 ünïcödé",
+        "x = f(3) + 42; // code",
+    ] {
         let ids = tok.encode(text).unwrap();
         assert_eq!(tok2.encode(text).unwrap(), ids);
         assert_eq!(tok.decode(&ids, false).unwrap(), text, "round trip {ids:?}");
@@ -62,7 +91,9 @@ fn smollm2_config_and_tokenizer() {
     let want = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(tok.chat_prompt("What is 2+2?"), want);
     let ids = tok.encode_chat("What is 2+2?").unwrap();
-    assert_eq!(ids[0], 1);
+    eprintln!("SmolLM2 chat prompt ids: {ids:?}");
+    // What HF's tokenizer.json gives: <|im_start|> system \n You Ġare Ġa Ġhelpful ...
+    assert_eq!(ids[..7], [1, 9690, 198, 2683, 359, 253, 5356]);
     assert_eq!(tok.decode(&ids, false).unwrap(), want);
     assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 3);
     assert_eq!(ids.iter().filter(|&&t| t == 2).count(), 2);
@@ -81,7 +112,13 @@ fn smollm2_unpermuted_half_rope_equals_gguf_interleaved_rope() {
     let a = hf.logits(&toks).unwrap();
     let b = gg.logits(&toks).unwrap();
     let d = max_abs_diff(&a, &b);
-    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     eprintln!(
         "SmolLM2 un-permuted+half-rope vs GGUF+rope_i: max |dlogit| = {d:e} (max |logit| {scale:.1}, relative {:e}) over {} tokens",
         d / scale,
@@ -96,7 +133,10 @@ fn smollm2_unpermuted_half_rope_equals_gguf_interleaved_rope() {
     wrong.set_interleaved_rope(false);
     assert!(max_abs_diff(&c, &wrong.logits(&toks).unwrap()) > 0.1);
     // permute_qk inverts unpermute_qk.
-    let q = m.weights.get("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let q = m
+        .weights
+        .get("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
     let rq = raw.get("model.layers.0.self_attn.q_proj.weight").unwrap();
     assert_eq!(max_abs_diff(&ops::permute_qk(q, 9).unwrap(), rq), 0.0);
 }
@@ -115,9 +155,17 @@ fn smollm2_trainable_matches_sampler_and_greedy_chat() {
     assert!(d < 1e-3, "{d}");
 
     let prompt = m.tokenizer.encode_chat("What is 2+2?").unwrap();
-    let params = SamplingParams { temperature: 0.0, top_p: 1.0, max_new_tokens: 64, seed: 0 };
+    let params = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_new_tokens: 64,
+        seed: 0,
+    };
     let t = Instant::now();
-    let g = s.generate(std::slice::from_ref(&prompt), &params).unwrap().remove(0);
+    let g = s
+        .generate(std::slice::from_ref(&prompt), &params)
+        .unwrap()
+        .remove(0);
     let dt = t.elapsed().as_secs_f64();
     let text = m.tokenizer.decode(&g.token_ids, false).unwrap();
     eprintln!(
@@ -133,17 +181,43 @@ fn smollm2_trainable_matches_sampler_and_greedy_chat() {
     assert!(clean.contains('4'), "{clean:?}");
 
     // Batched sampling throughput (printed for the lead).
-    let qs = ["What is 2+2?", "Name a fruit.", "Say hello in French.", "What color is the sky?", "Count to five.", "Give me a synonym for happy.", "What is the capital of Italy?", "Write a haiku about rain."];
-    let ps: Vec<Vec<u32>> = qs.iter().map(|q| m.tokenizer.encode_chat(q).unwrap()).collect();
-    let params = SamplingParams { temperature: 0.7, top_p: 0.95, max_new_tokens: 32, seed: 1 };
+    let qs = [
+        "What is 2+2?",
+        "Name a fruit.",
+        "Say hello in French.",
+        "What color is the sky?",
+        "Count to five.",
+        "Give me a synonym for happy.",
+        "What is the capital of Italy?",
+        "Write a haiku about rain.",
+    ];
+    let ps: Vec<Vec<u32>> = qs
+        .iter()
+        .map(|q| m.tokenizer.encode_chat(q).unwrap())
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.7,
+        top_p: 0.95,
+        max_new_tokens: 32,
+        seed: 1,
+    };
     let t = Instant::now();
     let gens = s.generate(&ps, &params).unwrap();
     let dt = t.elapsed().as_secs_f64();
     let n: usize = gens.iter().map(|g| g.token_ids.len()).sum();
-    eprintln!("SmolLM2 sampling batch {}: {n} tokens in {dt:.2}s = {:.1} tok/s", ps.len(), n as f64 / dt);
+    eprintln!(
+        "SmolLM2 sampling batch {}: {n} tokens in {dt:.2}s = {:.1} tok/s",
+        ps.len(),
+        n as f64 / dt
+    );
 
     // The trainer reproduces the sampler's log-probs on the real model too.
-    let pairs: Vec<(Vec<u32>, Vec<u32>)> = ps.iter().cloned().zip(gens.iter().map(|g| g.token_ids.clone())).take(2).collect();
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = ps
+        .iter()
+        .cloned()
+        .zip(gens.iter().map(|g| g.token_ids.clone()))
+        .take(2)
+        .collect();
     let t = Instant::now();
     let (lp, _) = tm.response_logprobs_t(&pairs, 0.7).unwrap();
     let loss = lp.sum_all().unwrap();
@@ -163,6 +237,9 @@ fn smollm2_trainable_matches_sampler_and_greedy_chat() {
     let gn = grad_norm(&grads, tm.vars()).unwrap();
     let t = Instant::now();
     opt.step(&grads, tm.vars(), 1.0).unwrap();
-    eprintln!("SmolLM2 grad norm {gn:.3}; fused AdamW step {:.3}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "SmolLM2 grad norm {gn:.3}; fused AdamW step {:.3}s",
+        t.elapsed().as_secs_f64()
+    );
     assert!(gn.is_finite() && gn > 0.0);
 }

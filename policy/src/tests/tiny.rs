@@ -20,7 +20,10 @@ fn loss_of(m: &TrainableModel, pairs: &[(Vec<u32>, Vec<u32>)]) -> Tensor {
     // A weighted sum so no symmetric cancellation hides errors.
     let (b, t) = lp.dims2().unwrap();
     let w: Vec<f64> = (0..b * t).map(|i| 1.0 + 0.1 * (i % 7) as f64).collect();
-    let w = Tensor::from_vec(w, (b, t), lp.device()).unwrap().to_dtype(lp.dtype()).unwrap();
+    let w = Tensor::from_vec(w, (b, t), lp.device())
+        .unwrap()
+        .to_dtype(lp.dtype())
+        .unwrap();
     ((lp * w).unwrap() * mask).unwrap().sum_all().unwrap()
 }
 
@@ -32,9 +35,20 @@ fn every_parameter_gets_nonzero_gradient_f32() {
     let loss = loss_of(&m, &pairs());
     let grads = loss.backward().unwrap();
     for (name, v) in m.vars() {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(s.is_finite() && s > 0.0, "zero/non-finite gradient for {name}: {s}");
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            s.is_finite() && s > 0.0,
+            "zero/non-finite gradient for {name}: {s}"
+        );
     }
     let gn = grad_norm(&grads, m.vars()).unwrap();
     assert!(gn.is_finite() && gn > 0.0);
@@ -43,7 +57,8 @@ fn every_parameter_gets_nonzero_gradient_f32() {
 #[test]
 fn gradients_match_finite_differences_f64() {
     let tm = tiny(5).unwrap();
-    let m = TrainableModel::new_with_dtype(&tm.config, &tm.weights, &Device::Cpu, DType::F64).unwrap();
+    let m =
+        TrainableModel::new_with_dtype(&tm.config, &tm.weights, &Device::Cpu, DType::F64).unwrap();
     let ps = pairs();
     let grads = loss_of(&m, &ps).backward().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -51,26 +66,45 @@ fn gradients_match_finite_differences_f64() {
     let mut worst = 0f64;
     let mut checked = 0;
     for (name, var) in m.vars() {
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let shape = var.as_tensor().shape().clone();
         // Largest-gradient entry plus a few random ones.
         let mut idxs: Vec<usize> = (0..3).map(|_| rng.random_range(0..orig.len())).collect();
-        let imax = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        let imax = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
         idxs.push(imax);
         for i in idxs {
             let eval = |delta: f64| {
                 let mut w = orig.clone();
                 w[i] += delta;
-                var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(w, shape.clone(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss_of(&m, &ps).to_scalar::<f64>().unwrap()
             };
             let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(orig.clone(), shape.clone(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(orig.clone(), shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
             let err = (fd - g[i]).abs() / (1e-4 + fd.abs().max(g[i].abs()));
             worst = worst.max(err);
             checked += 1;
-            assert!(err < 1e-4, "{name}[{i}]: autograd {} vs finite difference {fd} (rel err {err:e})", g[i]);
+            assert!(
+                err < 1e-4,
+                "{name}[{i}]: autograd {} vs finite difference {fd} (rel err {err:e})",
+                g[i]
+            );
         }
     }
     eprintln!("finite differences: {checked} entries, worst relative error {worst:e}");
@@ -82,11 +116,21 @@ fn trainable_logits_match_sampler_tiny() {
     let dev = Device::Cpu;
     let s = Sampler::new(&tm.config, &tm.weights, tm.tokenizer.stop_token_ids(), &dev).unwrap();
     let m = TrainableModel::new(&tm.config, &tm.weights, &dev).unwrap();
-    let toks = tm.tokenizer.encode_chat("Hello there, tiny model!").unwrap();
+    let toks = tm
+        .tokenizer
+        .encode_chat("Hello there, tiny model!")
+        .unwrap();
     let a = s.logits(&toks).unwrap();
     let b = m.logits(&toks).unwrap();
     assert_eq!(a.dims(), &[toks.len(), tm.config.vocab_size]);
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     eprintln!("tiny trainable vs sampler max |dlogit| = {d:e}");
     assert!(d < 1e-5, "max diff {d}");
 }
@@ -97,22 +141,48 @@ fn gguf_permutation_with_rope_i_equals_half_rope_tiny() {
     let dev = Device::Cpu;
     let mut permuted = tm.weights.clone();
     for l in 0..tm.config.num_hidden_layers {
-        for (proj, heads) in [("q_proj", tm.config.num_attention_heads), ("k_proj", tm.config.num_key_value_heads)] {
+        for (proj, heads) in [
+            ("q_proj", tm.config.num_attention_heads),
+            ("k_proj", tm.config.num_key_value_heads),
+        ] {
             let name = format!("model.layers.{l}.self_attn.{proj}.weight");
             let w = ops::permute_qk(&tm.weights.tensors[&name], heads).unwrap();
-            assert_eq!(ops::unpermute_qk(&w, heads).unwrap().to_vec2::<f32>().unwrap(), tm.weights.tensors[&name].to_vec2::<f32>().unwrap());
+            assert_eq!(
+                ops::unpermute_qk(&w, heads)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+                tm.weights.tensors[&name].to_vec2::<f32>().unwrap()
+            );
             permuted.tensors.insert(name, w);
         }
     }
     let hf = Sampler::new(&tm.config, &tm.weights, &[], &dev).unwrap();
     let mut gg = Sampler::new(&tm.config, &permuted, &[], &dev).unwrap();
     gg.set_interleaved_rope(true);
-    let toks = tm.tokenizer.encode("rotary embeddings, interleaved or not").unwrap();
-    let d = (hf.logits(&toks).unwrap() - gg.logits(&toks).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let toks = tm
+        .tokenizer
+        .encode("rotary embeddings, interleaved or not")
+        .unwrap();
+    let d = (hf.logits(&toks).unwrap() - gg.logits(&toks).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     eprintln!("tiny permuted+rope_i vs half rope: max |dlogit| = {d:e}");
     assert!(d < 1e-5, "{d}");
     gg.set_interleaved_rope(false);
-    let d2 = (hf.logits(&toks).unwrap() - gg.logits(&toks).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d2 = (hf.logits(&toks).unwrap() - gg.logits(&toks).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d2 > 1e-2, "permutation had no effect: {d2}");
 }
 
@@ -141,7 +211,11 @@ fn response_logprobs_batched_match_sampler_logits() {
             if j < r.len() {
                 assert_eq!(mask[bi][j], 1.0);
                 let want = log_softmax_row(&logits[p.len() - 1 + j], 1.0)[r[j] as usize];
-                assert!((lp[bi][j] as f64 - want).abs() < 1e-4, "pair {bi} tok {j}: {} vs {want}", lp[bi][j]);
+                assert!(
+                    (lp[bi][j] as f64 - want).abs() < 1e-4,
+                    "pair {bi} tok {j}: {} vs {want}",
+                    lp[bi][j]
+                );
             } else {
                 assert_eq!(mask[bi][j], 0.0);
                 assert_eq!(lp[bi][j], 0.0);
@@ -152,7 +226,13 @@ fn response_logprobs_batched_match_sampler_logits() {
 
 fn sampler() -> (LoadedModel, Sampler) {
     let tm = tiny(7).unwrap();
-    let s = Sampler::new(&tm.config, &tm.weights, tm.tokenizer.stop_token_ids(), &Device::Cpu).unwrap();
+    let s = Sampler::new(
+        &tm.config,
+        &tm.weights,
+        tm.tokenizer.stop_token_ids(),
+        &Device::Cpu,
+    )
+    .unwrap();
     (tm, s)
 }
 
@@ -170,7 +250,12 @@ fn sampling_shapes_and_values() {
     let (tm, mut s) = sampler();
     let ps = prompts(&tm);
     for (temp, top_p) in [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0), (1.3, 0.5)] {
-        let params = SamplingParams { temperature: temp, top_p, max_new_tokens: 12, seed: 3 };
+        let params = SamplingParams {
+            temperature: temp,
+            top_p,
+            max_new_tokens: 12,
+            seed: 3,
+        };
         let gens = s.generate(&ps, &params).unwrap();
         assert_eq!(gens.len(), ps.len());
         for g in &gens {
@@ -180,26 +265,51 @@ fn sampling_shapes_and_values() {
             if !g.finished {
                 assert_eq!(g.token_ids.len(), 12);
             } else {
-                assert!(tm.tokenizer.stop_token_ids().contains(g.token_ids.last().unwrap()));
+                assert!(tm
+                    .tokenizer
+                    .stop_token_ids()
+                    .contains(g.token_ids.last().unwrap()));
             }
             // No stop token before the end.
             for t in &g.token_ids[..g.token_ids.len() - 1] {
                 assert!(!tm.tokenizer.stop_token_ids().contains(t));
             }
-            assert!(g.token_ids.iter().all(|&t| (t as usize) < tm.config.vocab_size));
-            assert!(g.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0), "{:?}", g.logprobs);
-            assert!(g.entropies.iter().all(|e| e.is_finite() && *e >= 0.0), "{:?}", g.entropies);
-            assert!(g.entropies.iter().all(|e| *e <= (tm.config.vocab_size as f32).ln() + 1e-3));
+            assert!(g
+                .token_ids
+                .iter()
+                .all(|&t| (t as usize) < tm.config.vocab_size));
+            assert!(
+                g.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0),
+                "{:?}",
+                g.logprobs
+            );
+            assert!(
+                g.entropies.iter().all(|e| e.is_finite() && *e >= 0.0),
+                "{:?}",
+                g.entropies
+            );
+            assert!(g
+                .entropies
+                .iter()
+                .all(|e| *e <= (tm.config.vocab_size as f32).ln() + 1e-3));
         }
     }
-    assert!(s.generate(&[], &SamplingParams::default()).unwrap().is_empty());
+    assert!(s
+        .generate(&[], &SamplingParams::default())
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn sampling_stops_on_stop_tokens() {
     let (tm, mut s) = sampler();
     let ps = prompts(&tm);
-    let greedy = SamplingParams { temperature: 0.0, top_p: 1.0, max_new_tokens: 10, seed: 0 };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_new_tokens: 10,
+        seed: 0,
+    };
     s.set_stop_token_ids(&[]);
     let free = s.generate(&ps, &greedy).unwrap();
     assert!(free.iter().all(|g| g.token_ids.len() == 10 && !g.finished));
@@ -227,12 +337,20 @@ fn sampling_stops_on_stop_tokens() {
 fn sampling_is_seed_deterministic() {
     let (tm, mut s) = sampler();
     let ps = prompts(&tm);
-    let p = |seed| SamplingParams { temperature: 1.0, top_p: 0.95, max_new_tokens: 16, seed };
+    let p = |seed| SamplingParams {
+        temperature: 1.0,
+        top_p: 0.95,
+        max_new_tokens: 16,
+        seed,
+    };
     let a = s.generate(&ps, &p(9)).unwrap();
     let b = s.generate(&ps, &p(9)).unwrap();
     let c = s.generate(&ps, &p(10)).unwrap();
     assert_eq!(a, b);
-    assert_ne!(a.iter().map(|g| g.token_ids.clone()).collect::<Vec<_>>(), c.iter().map(|g| g.token_ids.clone()).collect::<Vec<_>>());
+    assert_ne!(
+        a.iter().map(|g| g.token_ids.clone()).collect::<Vec<_>>(),
+        c.iter().map(|g| g.token_ids.clone()).collect::<Vec<_>>()
+    );
     // Per-sequence RNG streams: a sequence's sample does not depend on its batch mates
     // (as long as its index is the same).
     let a0 = s.generate(&ps[..1], &p(9)).unwrap();
@@ -243,10 +361,18 @@ fn sampling_is_seed_deterministic() {
 fn batched_greedy_equals_single() {
     let (tm, mut s) = sampler();
     let ps = prompts(&tm);
-    let greedy = SamplingParams { temperature: 0.0, top_p: 1.0, max_new_tokens: 20, seed: 0 };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_new_tokens: 20,
+        seed: 0,
+    };
     let batched = s.generate(&ps, &greedy).unwrap();
     for (i, p) in ps.iter().enumerate() {
-        let single = s.generate(std::slice::from_ref(p), &greedy).unwrap().remove(0);
+        let single = s
+            .generate(std::slice::from_ref(p), &greedy)
+            .unwrap()
+            .remove(0);
         assert_eq!(single.token_ids, batched[i].token_ids, "prompt {i}");
         assert_eq!(single.finished, batched[i].finished);
         for (a, b) in single.logprobs.iter().zip(&batched[i].logprobs) {
@@ -262,8 +388,28 @@ fn batched_greedy_equals_single() {
 fn tiny_top_p_is_greedy() {
     let (tm, mut s) = sampler();
     let ps = prompts(&tm);
-    let greedy = s.generate(&ps, &SamplingParams { temperature: 0.0, top_p: 1.0, max_new_tokens: 15, seed: 0 }).unwrap();
-    let nucleus = s.generate(&ps, &SamplingParams { temperature: 1.0, top_p: 1e-6, max_new_tokens: 15, seed: 4 }).unwrap();
+    let greedy = s
+        .generate(
+            &ps,
+            &SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_new_tokens: 15,
+                seed: 0,
+            },
+        )
+        .unwrap();
+    let nucleus = s
+        .generate(
+            &ps,
+            &SamplingParams {
+                temperature: 1.0,
+                top_p: 1e-6,
+                max_new_tokens: 15,
+                seed: 4,
+            },
+        )
+        .unwrap();
     for (g, n) in greedy.iter().zip(&nucleus) {
         assert_eq!(g.token_ids, n.token_ids);
         // Greedy reports temperature-1 log-probs, as does temperature 1 sampling.
@@ -279,13 +425,31 @@ fn sampler_logprobs_match_trainer() {
     let m = TrainableModel::new(&tm.config, &tm.weights, &Device::Cpu).unwrap();
     let ps = prompts(&tm);
     for temp in [1.0f32, 0.7] {
-        let gens = s.generate(&ps, &SamplingParams { temperature: temp, top_p: 0.9, max_new_tokens: 10, seed: 1 }).unwrap();
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> = ps.iter().cloned().zip(gens.iter().map(|g| g.token_ids.clone())).collect();
+        let gens = s
+            .generate(
+                &ps,
+                &SamplingParams {
+                    temperature: temp,
+                    top_p: 0.9,
+                    max_new_tokens: 10,
+                    seed: 1,
+                },
+            )
+            .unwrap();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = ps
+            .iter()
+            .cloned()
+            .zip(gens.iter().map(|g| g.token_ids.clone()))
+            .collect();
         let (lp, _) = m.response_logprobs_t(&pairs, temp as f64).unwrap();
         let lp = lp.to_vec2::<f32>().unwrap();
         for (bi, g) in gens.iter().enumerate() {
             for (j, &l) in g.logprobs.iter().enumerate() {
-                assert!((lp[bi][j] - l).abs() < 1e-4, "T={temp} seq {bi} tok {j}: trainer {} sampler {l}", lp[bi][j]);
+                assert!(
+                    (lp[bi][j] - l).abs() < 1e-4,
+                    "T={temp} seq {bi} tok {j}: trainer {} sampler {l}",
+                    lp[bi][j]
+                );
             }
         }
     }
@@ -294,27 +458,47 @@ fn sampler_logprobs_match_trainer() {
 #[test]
 fn weights_and_config_round_trip() {
     let tm = tiny(1).unwrap();
-    assert_eq!(tm.weights.num_parameters(), tiny(1).unwrap().weights.num_parameters());
+    assert_eq!(
+        tm.weights.num_parameters(),
+        tiny(1).unwrap().weights.num_parameters()
+    );
     let bytes = tm.weights.to_safetensors_bytes().unwrap();
     let back = Weights::from_safetensors_bytes(&bytes, &Device::Cpu).unwrap();
     assert_eq!(back.tensors.len(), tm.weights.tensors.len());
     for (n, t) in &tm.weights.tensors {
         let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = back.tensors[n].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = back.tensors[n]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b, "{n}");
         assert_eq!(t.dims(), back.tensors[n].dims());
     }
     // Determinism of the tiny generator.
     let again = tiny(1).unwrap().weights.to_safetensors_bytes().unwrap();
     assert_eq!(bytes, again);
-    assert_ne!(bytes, tiny(2).unwrap().weights.to_safetensors_bytes().unwrap());
+    assert_ne!(
+        bytes,
+        tiny(2).unwrap().weights.to_safetensors_bytes().unwrap()
+    );
     // Trainable snapshot round trip.
     let m = TrainableModel::new(&tm.config, &back, &Device::Cpu).unwrap();
     assert_eq!(m.weights().unwrap().to_safetensors_bytes().unwrap(), bytes);
     // Config: HF field names.
     let js = serde_json::to_value(&tm.config).unwrap();
-    for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings"] {
+    for k in [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ] {
         assert!(js.get(k).is_some(), "{k}");
     }
     let back: ModelConfig = serde_json::from_value(js).unwrap();
@@ -345,7 +529,16 @@ fn tiny_tokenizer_and_template() {
 
 /// Reference AdamW in f64 (PyTorch semantics).
 #[allow(clippy::too_many_arguments)]
-fn ref_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], t: i32, lr: f64, wd: f64, scale: f64) {
+fn ref_adamw(
+    p: &mut [f64],
+    g: &[f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    t: i32,
+    lr: f64,
+    wd: f64,
+    scale: f64,
+) {
     let (b1, b2, eps) = (0.9, 0.999, 1e-8);
     for i in 0..p.len() {
         let g = g[i] * scale;
@@ -365,7 +558,10 @@ fn adamw_matches_hand_computed_update() {
     let c = vec![1.0f32, 1.0, -1.0, 0.0, 2.0, 0.5];
     let w = Var::from_tensor(&Tensor::from_vec(w0.clone(), (2, 3), &dev).unwrap()).unwrap();
     let n = Var::from_tensor(&Tensor::from_vec(vec![1.0f32, 2.0], 2, &dev).unwrap()).unwrap();
-    let vars = vec![("w".to_string(), w.clone()), ("norm.weight".to_string(), n.clone())];
+    let vars = vec![
+        ("w".to_string(), w.clone()),
+        ("norm.weight".to_string(), n.clone()),
+    ];
     let (lr, wd) = (0.1, 0.01);
     let mut opt = AdamW::new(&vars, lr, wd);
     let ct = Tensor::from_vec(c.clone(), (2, 3), &dev).unwrap();
@@ -374,20 +570,39 @@ fn adamw_matches_hand_computed_update() {
     let (mut mw, mut vw, mut mn, mut vn) = (vec![0.0; 6], vec![0.0; 6], vec![0.0; 2], vec![0.0; 2]);
     for step in 1..=3 {
         // L = sum((w - c)^2) + sum(n^2) * 0.5  => dL/dw = 2 (w - c), dL/dn = n.
-        let loss = (w.as_tensor().sub(&ct).unwrap().sqr().unwrap().sum_all().unwrap()
+        let loss = (w
+            .as_tensor()
+            .sub(&ct)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
             + (n.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap())
         .unwrap();
         let grads = loss.backward().unwrap();
-        let gw: Vec<f64> = pw.iter().zip(&c).map(|(p, c)| 2.0 * (p - *c as f64)).collect();
+        let gw: Vec<f64> = pw
+            .iter()
+            .zip(&c)
+            .map(|(p, c)| 2.0 * (p - *c as f64))
+            .collect();
         let gn_: Vec<f64> = pn.clone();
         let norm = grad_norm(&grads, &vars).unwrap();
         let want_norm = (gw.iter().chain(&gn_).map(|x| x * x).sum::<f64>()).sqrt();
-        assert!((norm - want_norm).abs() < 1e-4 * want_norm, "{norm} vs {want_norm}");
+        assert!(
+            (norm - want_norm).abs() < 1e-4 * want_norm,
+            "{norm} vs {want_norm}"
+        );
         let scale = if step == 2 { 0.5 } else { 1.0 };
         opt.step(&grads, &vars, scale as f32).unwrap();
         ref_adamw(&mut pw, &gw, &mut mw, &mut vw, step, lr, wd, scale);
         ref_adamw(&mut pn, &gn_, &mut mn, &mut vn, step, lr, 0.0, scale); // 1-D: no decay
-        let got = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = w
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (a, b) in got.iter().zip(&pw) {
             assert!((*a as f64 - b).abs() < 1e-5, "step {step}: {a} vs {b}");
         }
@@ -427,7 +642,10 @@ fn adamw_state_round_trip() {
         m1.weights().unwrap().to_safetensors_bytes().unwrap(),
         m2.weights().unwrap().to_safetensors_bytes().unwrap()
     );
-    assert_eq!(o1.state_to_safetensors().unwrap(), o2.state_to_safetensors().unwrap());
+    assert_eq!(
+        o1.state_to_safetensors().unwrap(),
+        o2.state_to_safetensors().unwrap()
+    );
 }
 
 #[test]
@@ -438,7 +656,9 @@ fn training_reduces_loss_tiny() {
     let mut opt = AdamW::new(m.vars(), 3e-3, 0.0);
     let nll = |m: &TrainableModel| {
         let (lp, mask) = m.response_logprobs(&ps).unwrap();
-        (lp.sum_all().unwrap().neg().unwrap() / mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64).unwrap()
+        (lp.sum_all().unwrap().neg().unwrap()
+            / mask.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+            .unwrap()
     };
     let l0 = nll(&m).to_scalar::<f32>().unwrap();
     for _ in 0..20 {
@@ -451,4 +671,15 @@ fn training_reduces_loss_tiny() {
     let l1 = nll(&m).to_scalar::<f32>().unwrap();
     eprintln!("tiny training: nll {l0} -> {l1}");
     assert!(l1 < l0 * 0.7, "{l0} -> {l1}");
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Sampler>();
+    assert_send_sync::<TrainableModel>();
+    assert_send_sync::<ChatTokenizer>();
+    assert_send_sync::<LoadedModel>();
+    assert_send_sync::<AdamW>();
+    assert_send_sync::<Weights>();
 }
