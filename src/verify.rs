@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_constraints::{build, supported_ids, Constraint, ConstraintSpec, Map, Value};
+use hindsight_constraints::{build, supported_ids, ConstraintSpec, Map, Value};
 use serde_json::json;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +99,8 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}:{}: bad JSON", path.display(), i + 1))
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: bad JSON", path.display(), i + 1))
         })
         .collect()
 }
@@ -114,7 +115,11 @@ fn record_from(v: &Value, response: String) -> Result<Record> {
         .as_array()
         .context("record without instruction_id_list")?
         .iter()
-        .map(|x| x.as_str().map(str::to_string).context("instruction id is not a string"))
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .context("instruction id is not a string")
+        })
         .collect::<Result<_>>()?;
     let kws = v.get("kwargs").and_then(Value::as_array);
     let kwargs = (0..ids.len())
@@ -199,8 +204,10 @@ fn verify_record(r: &Record) -> Verdicts {
         let spec = ConstraintSpec::new(id.clone(), r.kwargs[i].clone());
         match build(&spec) {
             Ok(c) => {
-                v.strict.push(Some(c.check_strict(&r.response)));
-                v.loose.push(Some(c.check_loose(&r.response)));
+                let strict = c.check_strict(&r.response);
+                // the response itself is the first loose variant
+                v.strict.push(Some(strict));
+                v.loose.push(Some(strict || c.check_loose(&r.response)));
             }
             Err(e) => {
                 v.strict.push(None);
@@ -292,19 +299,19 @@ fn output_line(r: &Record, v: &Verdicts, out: &mut String) {
         all(&v.loose)
     );
     if !v.errors.is_empty() {
-        let errs: Vec<Value> = v
+        // oracle field order: index, instruction_id, error
+        let errs: Vec<String> = v
             .errors
             .iter()
             .map(|(i, e)| {
-                let mut m = Map::new();
-                m.insert("index".into(), json!(i));
-                m.insert("instruction_id".into(), json!(r.ids[*i]));
-                m.insert("error".into(), json!(e));
-                Value::Object(m)
+                format!(
+                    "{{\"index\": {i}, \"instruction_id\": {}, \"error\": {}}}",
+                    json!(r.ids[*i]),
+                    json!(e)
+                )
             })
             .collect();
-        out.push_str(", \"errors\": ");
-        py_json(&Value::Array(errs), out);
+        let _ = write!(out, ", \"errors\": [{}]", errs.join(", "));
     }
     out.push_str("}\n");
 }
@@ -353,7 +360,13 @@ fn summary(
             }
         }
     }
-    let ratio = |a: usize, b: usize| if b == 0 { Value::Null } else { json!(a as f64 / b as f64) };
+    let ratio = |a: usize, b: usize| {
+        if b == 0 {
+            Value::Null
+        } else {
+            json!(a as f64 / b as f64)
+        }
+    };
     let n = records.len();
     json!({
         "bench": bench.name(),
@@ -400,7 +413,10 @@ pub fn run(args: VerifyArgs) -> Result<()> {
     )?;
     let unknown = unsupported(&records);
     if !unknown.is_empty() && !args.allow_unsupported {
-        let list: Vec<String> = unknown.iter().map(|(id, n)| format!("  {id} ({n})")).collect();
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|(id, n)| format!("  {id} ({n})"))
+            .collect();
         bail!(
             "{} instruction id(s) used by the input are not supported by this build \
              ({} ids are):\n{}\nre-run with --allow-unsupported to write null verdicts and an \
@@ -419,10 +435,17 @@ pub fn run(args: VerifyArgs) -> Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     std::fs::write(&args.output, text)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    let s = summary(args.bench, &records, &verdicts, &missing, args.missing, seconds);
+    let s = summary(
+        args.bench,
+        &records,
+        &verdicts,
+        &missing,
+        args.missing,
+        seconds,
+    );
     if let Some(path) = &args.summary {
-        let mut f = std::fs::File::create(path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let mut f =
+            std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
         serde_json::to_writer_pretty(&mut f, &s)?;
         writeln!(f)?;
     }
@@ -500,7 +523,9 @@ fn measure(records: &[Record], threads: usize, min_seconds: f64) -> f64 {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("bench thread")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
     });
     counts.iter().sum::<usize>() as f64 / start.elapsed().as_secs_f64()
 }
@@ -539,7 +564,10 @@ fn reference_rate(
         .context("running the reference oracle")?;
     let _ = std::fs::remove_file(&out);
     if !o.status.success() {
-        bail!("reference oracle failed: {}", String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "reference oracle failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&o.stdout);
     let line = stdout.lines().last().unwrap_or("");
@@ -580,12 +608,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "bench", "records", "threads", "ours rec/s", "reference", "speedup"
     );
     for (bench, prompts, responses) in sets {
-        let (mut records, _) = load_records(None, Some(&prompts), Some(&responses), Missing::Empty)?;
+        let (mut records, _) =
+            load_records(None, Some(&prompts), Some(&responses), Missing::Empty)?;
         let unknown = unsupported(&records);
         let mut note = String::new();
         if !unknown.is_empty() {
             let n: usize = unknown.values().sum();
-            note = format!("{n} instructions of {} unsupported ids left out", unknown.len());
+            note = format!(
+                "{n} instructions of {} unsupported ids left out",
+                unknown.len()
+            );
             for r in &mut records {
                 let keep: Vec<usize> = (0..r.ids.len())
                     .filter(|&i| supported_ids().contains(&r.ids[i].as_str()))

@@ -380,7 +380,9 @@ mod tests {
         assert_eq!(templates.len(), 6);
         // the generator samples its own weighted id table (a subset of the registry)
         assert_eq!(ids_seen.len(), WEIGHTED_IDS.len());
-        assert!(ids_seen.iter().all(|id| crate::supported_ids().contains(id)));
+        assert!(ids_seen
+            .iter()
+            .all(|id| crate::supported_ids().contains(id)));
         assert!(TOPICS.len() * FORMS.len() >= 300);
     }
 

@@ -180,12 +180,29 @@ pub(crate) fn py_pattern_to_rust(p: &str) -> String {
     }
 }
 
-/// Compile a pattern built by [`py_pattern_to_rust`], with a readable error.
+/// Compiled patterns, like Python's `re` module cache: constraints are rebuilt for every
+/// response (the same prompt's kwargs recur), and compiling a case-insensitive Unicode
+/// pattern costs far more than matching it. Bounded; cleared when full.
+static COMPILED: LazyLock<std::sync::Mutex<std::collections::HashMap<String, Regex>>> =
+    LazyLock::new(Default::default);
+const COMPILED_MAX: usize = 4096;
+
+/// Compile a pattern built by [`py_pattern_to_rust`], with a readable error (cached).
 pub(crate) fn compile(pattern: &str) -> Result<Regex, String> {
-    regex::RegexBuilder::new(pattern)
+    if let Some(re) = COMPILED.lock().ok().and_then(|c| c.get(pattern).cloned()) {
+        return Ok(re);
+    }
+    let re = regex::RegexBuilder::new(pattern)
         .size_limit(1 << 22)
         .build()
-        .map_err(|e| format!("not a usable regular expression: {e}"))
+        .map_err(|e| format!("not a usable regular expression: {e}"))?;
+    if let Ok(mut c) = COMPILED.lock() {
+        if c.len() >= COMPILED_MAX {
+            c.clear();
+        }
+        c.insert(pattern.to_string(), re.clone());
+    }
+    Ok(re)
 }
 
 #[cfg(test)]

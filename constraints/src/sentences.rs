@@ -19,8 +19,10 @@ use regex::Regex;
 
 use crate::pytext;
 
-const ABBREV_TYPES: &str = include_str!(concat!(env!("OUT_DIR"), "/punkt_english/abbrev_types.txt"));
-const COLLOCATIONS: &str = include_str!(concat!(env!("OUT_DIR"), "/punkt_english/collocations.tab"));
+const ABBREV_TYPES: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/punkt_english/abbrev_types.txt"));
+const COLLOCATIONS: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/punkt_english/collocations.tab"));
 const SENT_STARTERS: &str =
     include_str!(concat!(env!("OUT_DIR"), "/punkt_english/sent_starters.txt"));
 const ORTHO_CONTEXT: &str =
@@ -105,7 +107,20 @@ fn is_non_word(c: char) -> bool {
 fn is_not_word_start(c: char) -> bool {
     matches!(
         c,
-        '(' | '"' | '`' | '{' | '[' | ':' | ';' | '&' | '#' | '*' | '@' | ')' | '}' | ']' | '-'
+        '(' | '"'
+            | '`'
+            | '{'
+            | '['
+            | ':'
+            | ';'
+            | '&'
+            | '#'
+            | '*'
+            | '@'
+            | ')'
+            | '}'
+            | ']'
+            | '-'
             | ','
     )
 }
@@ -243,7 +258,11 @@ impl Token {
     }
 
     fn first_char(&self) -> String {
-        self.tok.chars().next().map(String::from).unwrap_or_default()
+        self.tok
+            .chars()
+            .next()
+            .map(String::from)
+            .unwrap_or_default()
     }
 
     fn first_upper(&self) -> bool {

@@ -278,10 +278,7 @@ mod tests {
         );
         assert_eq!(
             word_tokenize("Hello, WORLD. It's NASA's (big) day..."),
-            [
-                "Hello", ",", "WORLD", ".", "It", "'s", "NASA", "'s", "(", "big", ")", "day",
-                "..."
-            ]
+            ["Hello", ",", "WORLD", ".", "It", "'s", "NASA", "'s", "(", "big", ")", "day", "..."]
         );
     }
 }

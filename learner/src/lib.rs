@@ -188,7 +188,7 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
         ppo: PpoConfig { clip: args.clip, dual_clip: args.dual_clip },
         micro_batch: args.micro_batch,
     };
-    let config_json = serde_json::to_string_pretty(&loaded.config)?;
+    let config_json = loaded.config.to_hf_json()?;
     let mut trainer = Trainer::new(&loaded, args.reference_model, config, &hindsight_policy::Device::Cpu)?;
     drop(loaded);
 

@@ -1,16 +1,19 @@
 //! `hindsight-policy`: the one place that knows the model. Loading (GGUF →
-//! f32 HF-layout weights, safetensors), the byte-level BPE tokenizer and ChatML
-//! template, the batched KV-cache [`Sampler`] returning per-token log-probs and
+//! f32 HF-layout weights; Hugging Face Llama/Qwen2 checkpoint directories) and
+//! writing HF checkpoints ([`save_hf_checkpoint`]), the tokenizer and the model's
+//! real Jinja chat template (minijinja), the batched KV-cache [`Sampler`] returning per-token log-probs and
 //! entropies (decode projections use the small-batch CPU kernel in [`kernels`]),
 //! the differentiable [`TrainableModel`] (every op has a backward), a
 //! fused in-place [`AdamW`], and gradient-norm utilities.
 
 pub mod adamw;
 pub mod config;
+pub mod hf;
 pub mod kernels;
 pub mod load;
 pub mod ops;
 pub mod sampler;
+pub mod template;
 pub mod tokenizer;
 pub mod trainable;
 pub mod weights;
@@ -20,12 +23,18 @@ mod tests;
 
 pub use adamw::{grad_norm, AdamW};
 pub use candle_core::{DType, Device, Tensor, Var};
-pub use config::ModelConfig;
+pub use config::{Architecture, ModelConfig, RopeScaling, SpecialTokenIds};
+pub use hf::{
+    config_from_hf_dir, is_hf_dir, save_hf_checkpoint, save_hf_checkpoint_with, save_tensors,
+    tokenizer_from_hf_dir, weights_from_hf_dir, SaveDtype, SaveOptions,
+};
 pub use load::{
-    config_from_gguf, default_cache_dir, fetch_smollm2, load, load_tokenizer, tiny, tiny_config,
-    tokenizer_from_gguf, weights_from_gguf, LoadedModel,
+    config_from_gguf, default_cache_dir, fetch_smollm2, load, load_tokenizer, random_weights, tiny,
+    tiny_config, tiny_config_for, tiny_kind, tiny_tokenizer, tokenizer_from_gguf,
+    weights_from_gguf, LoadedModel, TinyKind,
 };
 pub use sampler::{Generation, Sampler, SamplingParams};
+pub use template::{ChatTemplate, SpecialTokens};
 pub use tokenizer::ChatTokenizer;
 pub use trainable::TrainableModel;
 pub use weights::Weights;

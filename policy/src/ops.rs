@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 /// cos/sin tables for the given absolute positions: two tensors `[N, head_dim/2]`,
 /// computed in f64 then cast to `dtype` (identical for sampler and trainer).
+/// Unscaled rope; see [`rope_cos_sin_inv`] for arbitrary inverse frequencies.
 pub fn rope_cos_sin(
     positions: &[usize],
     head_dim: usize,
@@ -13,14 +14,27 @@ pub fn rope_cos_sin(
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
+    // inv_freq computed in f32 like HF's `1 / base**(arange(0, dim, 2).float() / dim)`.
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    rope_cos_sin_inv(positions, &inv, dtype, device)
+}
+
+/// cos/sin tables `[N, inv_freqs.len()]` for the given positions and inverse
+/// frequencies (from [`crate::ModelConfig::rope_inv_freqs`]), angles in f64.
+pub fn rope_cos_sin_inv(
+    positions: &[usize],
+    inv_freqs: &[f32],
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = inv_freqs.len();
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
-        for i in 0..half {
-            // inv_freq computed in f32 like HF's `1 / base**(arange(0, dim, 2).float() / dim)`.
-            let inv = (1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)) as f64;
-            let a = p as f64 * inv;
+        for &inv in inv_freqs {
+            let a = p as f64 * inv as f64;
             cos.push(a.cos());
             sin.push(a.sin());
         }

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
-use crate::ops::{padded_causal_mask, rope_cos_sin};
+use crate::ops::{padded_causal_mask, rope_cos_sin_inv};
 use crate::weights::Weights;
 
 /// Sampling parameters. `temperature == 0` => greedy; `top_p >= 1` => no truncation.
@@ -53,6 +53,8 @@ struct Layer {
     ln1: Tensor,
     /// q, k, v projections concatenated: `[(H + 2*KV) * hd, D]`.
     wqkv: Tensor,
+    /// q, k, v biases concatenated `[(H + 2*KV) * hd]` (Qwen2).
+    bqkv: Option<Tensor>,
     wo: Tensor,
     ln2: Tensor,
     /// gate and up projections concatenated: `[2 * I, D]`.
@@ -75,6 +77,8 @@ pub struct Sampler {
     lm_head: Tensor,
     stops: Vec<u32>,
     interleaved_rope: bool,
+    /// Rotary inverse frequencies (with the config's scaling applied).
+    inv_freqs: Vec<f32>,
 }
 
 impl Sampler {
@@ -95,6 +99,7 @@ impl Sampler {
             lm_head: Tensor::zeros(1, DType::F32, device)?,
             stops: tokenizer_stops.to_vec(),
             interleaved_rope: false,
+            inv_freqs: config.rope_inv_freqs(),
         };
         s.load_weights(weights)?;
         Ok(s)
@@ -138,6 +143,12 @@ impl Sampler {
             layers.push(Layer {
                 ln1: get(&format!("{p}.input_layernorm.weight"))?,
                 wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
+                bqkv: if self.config.qkv_bias {
+                    let b = |n: &str| get(&format!("{p}.self_attn.{n}_proj.bias"));
+                    Some(Tensor::cat(&[&b("q")?, &b("k")?, &b("v")?], 0)?)
+                } else {
+                    None
+                },
                 wo: get(&format!("{p}.self_attn.o_proj.weight"))?,
                 ln2: get(&format!("{p}.post_attention_layernorm.weight"))?,
                 wgu: Tensor::cat(&[&gate, &up], 0)?,
@@ -185,7 +196,10 @@ impl Sampler {
             .reshape((b, t, d))?;
         for (li, l) in self.layers.iter().enumerate() {
             let xn = candle_nn::ops::rms_norm(&x, &l.ln1, eps)?;
-            let qkv = linear(&xn.reshape((b * t, d))?, &l.wqkv)?;
+            let mut qkv = linear(&xn.reshape((b * t, d))?, &l.wqkv)?;
+            if let Some(bias) = &l.bqkv {
+                qkv = qkv.broadcast_add(bias)?;
+            }
             let q = qkv
                 .narrow(1, 0, h * hd)?
                 .reshape((b, t, h, hd))?
@@ -264,13 +278,7 @@ impl Sampler {
         b: usize,
         t: usize,
     ) -> anyhow::Result<(Tensor, Tensor)> {
-        let (cos, sin) = rope_cos_sin(
-            positions,
-            self.config.head_dim(),
-            self.config.rope_theta,
-            DType::F32,
-            &self.device,
-        )?;
+        let (cos, sin) = rope_cos_sin_inv(positions, &self.inv_freqs, DType::F32, &self.device)?;
         let half = self.config.head_dim() / 2;
         Ok((cos.reshape((b, t, half))?, sin.reshape((b, t, half))?))
     }

@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::ModelConfig;
-use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin, rope_half_diff, softmax_diff};
+use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin_inv, rope_half_diff, softmax_diff};
 use crate::weights::Weights;
 
 /// Rows of `[rows, vocab]` logits processed per chunk in `response_logprobs`.
@@ -131,7 +131,8 @@ impl TrainableModel {
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (hd as f64).sqrt();
         let positions: Vec<usize> = (0..t).collect();
-        let (cos, sin) = rope_cos_sin(&positions, hd, c.rope_theta, self.dtype, &self.device)?;
+        let (cos, sin) =
+            rope_cos_sin_inv(&positions, &c.rope_inv_freqs(), self.dtype, &self.device)?;
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
@@ -144,9 +145,14 @@ impl TrainableModel {
             let pf = format!("model.layers.{l}");
             let w = |n: &str| self.p(&format!("{pf}.{n}"));
             let xn = rms_norm_diff(&x, w("input_layernorm.weight")?, eps)?.reshape((b * t, d))?;
-            let q = xn.matmul(&w("self_attn.q_proj.weight")?.t()?)?;
-            let k = xn.matmul(&w("self_attn.k_proj.weight")?.t()?)?;
-            let v = xn.matmul(&w("self_attn.v_proj.weight")?.t()?)?;
+            let mut q = xn.matmul(&w("self_attn.q_proj.weight")?.t()?)?;
+            let mut k = xn.matmul(&w("self_attn.k_proj.weight")?.t()?)?;
+            let mut v = xn.matmul(&w("self_attn.v_proj.weight")?.t()?)?;
+            if c.qkv_bias {
+                q = q.broadcast_add(w("self_attn.q_proj.bias")?)?;
+                k = k.broadcast_add(w("self_attn.k_proj.bias")?)?;
+                v = v.broadcast_add(w("self_attn.v_proj.bias")?)?;
+            }
             let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;

@@ -51,29 +51,37 @@ pub(crate) fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
         .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let data = view.data();
-        let v: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            safetensors::Dtype::F64 => data
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => bail!("tensor {name}: unsupported safetensors dtype {other:?}"),
-        };
+        let v = view_to_f32(&name, &view)?;
         out.insert(name.to_string(), (view.shape().to_vec(), v));
     }
     Ok(out)
+}
+
+/// Converts one safetensors tensor (f32/f64/f16/bf16) to f32 values.
+pub(crate) fn view_to_f32(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> anyhow::Result<Vec<f32>> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        safetensors::Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => bail!("tensor {name}: unsupported safetensors dtype {other:?}"),
+    })
 }
 
 impl Weights {

@@ -12,7 +12,11 @@ pub(crate) const ENTRY: Entry = Entry {
     build,
 };
 
-const OPTIONS: [&str; 3] = ["My answer is yes.", "My answer is no.", "My answer is maybe."];
+const OPTIONS: [&str; 3] = [
+    "My answer is yes.",
+    "My answer is no.",
+    "My answer is maybe.",
+];
 
 struct ConstrainedResponse;
 

@@ -1,5 +1,6 @@
 //! Unit tests: tiny-model gradients/consistency, sampling, serialisation,
-//! AdamW, and the real SmolLM2 checks.
+//! AdamW, Hugging Face checkpoints and chat templates, and the real SmolLM2 checks.
 
+mod hf;
 mod smollm2;
 mod tiny;

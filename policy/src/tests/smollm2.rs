@@ -243,3 +243,42 @@ fn smollm2_trainable_matches_sampler_and_greedy_chat() {
     );
     assert!(gn.is_finite() && gn > 0.0);
 }
+
+#[test]
+fn smollm2_hf_checkpoint_round_trip_gives_identical_logits() {
+    let m = model();
+    let dev = Device::Cpu;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    save_hf_checkpoint(tmp.path(), &m.config, &m.weights, &m.tokenizer).unwrap();
+    let saved = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let back = load(tmp.path().to_str().unwrap(), tmp.path(), &dev).unwrap();
+    eprintln!(
+        "SmolLM2 HF checkpoint: saved in {saved:.2}s, loaded in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(back.config, m.config);
+    assert_eq!(back.weights.num_parameters(), m.weights.num_parameters());
+    // The rendered Jinja template is still exactly the ChatML prompt.
+    let want = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(back.tokenizer.chat_prompt("Name three colors."), want);
+    assert_eq!(m.tokenizer.chat_prompt("Name three colors."), want);
+    let toks = back.tokenizer.encode_chat("Name three colors.").unwrap();
+    assert_eq!(toks, m.tokenizer.encode_chat("Name three colors.").unwrap());
+    assert_eq!(
+        back.tokenizer.stop_token_ids(),
+        m.tokenizer.stop_token_ids()
+    );
+    assert_eq!(back.tokenizer.eos_token_id(), 2);
+    assert_eq!(back.tokenizer.bos_token_id(), Some(1));
+    let a = Sampler::new(&m.config, &m.weights, &[], &dev)
+        .unwrap()
+        .logits(&toks)
+        .unwrap();
+    let b = Sampler::new(&back.config, &back.weights, &[], &dev)
+        .unwrap()
+        .logits(&toks)
+        .unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}

@@ -29,7 +29,25 @@ fn loss_of(m: &TrainableModel, pairs: &[(Vec<u32>, Vec<u32>)]) -> Tensor {
 
 #[test]
 fn every_parameter_gets_nonzero_gradient_f32() {
-    let tm = tiny(3).unwrap();
+    for kind in [TinyKind::Llama, TinyKind::Qwen2, TinyKind::Llama3] {
+        every_parameter_gets_nonzero_gradient(kind);
+    }
+}
+
+fn every_parameter_gets_nonzero_gradient(kind: TinyKind) {
+    let tm = tiny_kind(kind, 3).unwrap();
+    if kind == TinyKind::Qwen2 {
+        assert!(tm
+            .config
+            .parameter_shapes()
+            .iter()
+            .any(|(n, _)| n == "lm_head.weight"));
+        assert!(tm
+            .config
+            .parameter_shapes()
+            .iter()
+            .any(|(n, _)| n.ends_with("k_proj.bias")));
+    }
     let m = TrainableModel::new(&tm.config, &tm.weights, &Device::Cpu).unwrap();
     assert_eq!(m.vars().len(), tm.config.parameter_shapes().len());
     let loss = loss_of(&m, &pairs());
@@ -56,7 +74,14 @@ fn every_parameter_gets_nonzero_gradient_f32() {
 
 #[test]
 fn gradients_match_finite_differences_f64() {
-    let tm = tiny(5).unwrap();
+    // Llama, and Qwen2 (q/k/v biases, untied lm_head).
+    for kind in [TinyKind::Llama, TinyKind::Qwen2] {
+        gradients_match_finite_differences(kind);
+    }
+}
+
+fn gradients_match_finite_differences(kind: TinyKind) {
+    let tm = tiny_kind(kind, 5).unwrap();
     let m =
         TrainableModel::new_with_dtype(&tm.config, &tm.weights, &Device::Cpu, DType::F64).unwrap();
     let ps = pairs();
@@ -107,12 +132,18 @@ fn gradients_match_finite_differences_f64() {
             );
         }
     }
-    eprintln!("finite differences: {checked} entries, worst relative error {worst:e}");
+    eprintln!("finite differences ({kind:?}): {checked} entries, worst relative error {worst:e}");
 }
 
 #[test]
 fn trainable_logits_match_sampler_tiny() {
-    let tm = tiny(0).unwrap();
+    for kind in [TinyKind::Llama, TinyKind::Qwen2, TinyKind::Llama3] {
+        trainable_logits_match_sampler(kind);
+    }
+}
+
+fn trainable_logits_match_sampler(kind: TinyKind) {
+    let tm = tiny_kind(kind, 0).unwrap();
     let dev = Device::Cpu;
     let s = Sampler::new(&tm.config, &tm.weights, tm.tokenizer.stop_token_ids(), &dev).unwrap();
     let m = TrainableModel::new(&tm.config, &tm.weights, &dev).unwrap();
@@ -131,7 +162,7 @@ fn trainable_logits_match_sampler_tiny() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    eprintln!("tiny trainable vs sampler max |dlogit| = {d:e}");
+    eprintln!("tiny ({kind:?}) trainable vs sampler max |dlogit| = {d:e}");
     assert!(d < 1e-5, "max diff {d}");
 }
 

@@ -1,0 +1,70 @@
+//! Per-instruction-id verification cost on the IFEval GPT-4 set (build + strict + loose),
+//! to find hot spots: `cargo bench -p hindsight-constraints --bench per_id`.
+//! Needs the oracle directory (`$HINDSIGHT_ORACLE_DIR`, default `../shared/oracle`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hindsight_constraints::{build, ConstraintSpec, Value};
+
+fn read_jsonl(p: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+fn main() {
+    let dir = std::env::var_os("HINDSIGHT_ORACLE_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/oracle"),
+        PathBuf::from,
+    );
+    let inputs = read_jsonl(&dir.join("data/ifeval/input_data.jsonl"));
+    let responses: HashMap<String, String> =
+        read_jsonl(&dir.join("data/ifeval/input_response_data_gpt4_20231107_145030.jsonl"))
+            .into_iter()
+            .map(|r| {
+                (
+                    r["prompt"].as_str().unwrap_or("").to_string(),
+                    r["response"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+    let mut per_id: BTreeMap<String, (Duration, usize)> = BTreeMap::new();
+    let reps = 20;
+    for r in &inputs {
+        let resp = responses
+            .get(r["prompt"].as_str().unwrap_or(""))
+            .cloned()
+            .unwrap_or_default();
+        let ids = r["instruction_id_list"].as_array().expect("ids");
+        for (i, id) in ids.iter().enumerate() {
+            let id = id.as_str().expect("id");
+            let kw = r["kwargs"][i].as_object().cloned().unwrap_or_default();
+            let spec = ConstraintSpec::new(id, kw);
+            let t = Instant::now();
+            for _ in 0..reps {
+                if let Ok(c) = build(&spec) {
+                    std::hint::black_box(c.check_strict(&resp));
+                    std::hint::black_box(c.check_loose(&resp));
+                }
+            }
+            let e = per_id.entry(id.to_string()).or_default();
+            e.0 += t.elapsed() / reps;
+            e.1 += 1;
+        }
+    }
+    let total: Duration = per_id.values().map(|v| v.0).sum();
+    let mut rows: Vec<_> = per_id.into_iter().collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
+    println!(
+        "total per pass over the set: {total:?} ({:.0} records/s)",
+        inputs.len() as f64 / total.as_secs_f64()
+    );
+    for (id, (d, n)) in rows {
+        println!("{id:<50} n={n:<4} total={d:>12?} per={:>10?}", d / n as u32);
+    }
+}
