@@ -205,9 +205,10 @@ fn verify_record(r: &Record) -> Verdicts {
         match build(&spec) {
             Ok(c) => {
                 let strict = c.check_strict(&r.response);
-                // the response itself is the first loose variant
                 v.strict.push(Some(strict));
-                v.loose.push(Some(strict || c.check_loose(&r.response)));
+                // the response itself is the first loose variant: not checked twice
+                v.loose
+                    .push(Some(c.check_loose_given_strict(&r.response, strict)));
             }
             Err(e) => {
                 v.strict.push(None);
@@ -219,23 +220,39 @@ fn verify_record(r: &Record) -> Verdicts {
     v
 }
 
-/// Verify all records on `jobs` threads, keeping their order.
+/// Records handed to a worker at a time (small, so that threads finish together).
+const BATCH: usize = 8;
+
+/// Verify all records on exactly `jobs` threads (the calling thread is one of them),
+/// keeping their order. Workers take batches of [`BATCH`] records from a shared counter,
+/// so uneven record costs do not leave a thread idle.
 fn verify_all(records: &[Record], jobs: usize) -> Vec<Verdicts> {
-    let jobs = jobs.clamp(1, records.len().max(1));
+    let jobs = jobs.clamp(1, records.len().div_ceil(BATCH).max(1));
     if jobs == 1 {
         return records.iter().map(verify_record).collect();
     }
-    let chunk = records.len().div_ceil(jobs);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = records
-            .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(verify_record).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("verifier thread panicked"))
-            .collect()
-    })
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done: Vec<(usize, Vec<Verdicts>)> = Vec::new();
+        loop {
+            let start = next.fetch_add(BATCH, std::sync::atomic::Ordering::Relaxed);
+            if start >= records.len() {
+                return done;
+            }
+            let end = (start + BATCH).min(records.len());
+            done.push((start, records[start..end].iter().map(verify_record).collect()));
+        }
+    };
+    let mut parts: Vec<(usize, Vec<Verdicts>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..jobs).map(|_| s.spawn(work)).collect();
+        let mut parts = work();
+        for h in handles {
+            parts.extend(h.join().expect("verifier thread panicked"));
+        }
+        parts
+    });
+    parts.sort_unstable_by_key(|p| p.0);
+    parts.into_iter().flat_map(|p| p.1).collect()
 }
 
 /// Python `json.dumps(v, ensure_ascii=False)` (default separators).
@@ -476,7 +493,8 @@ pub struct BenchArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchWhat {
     /// Verification throughput (records/s) on the IFEval GPT-4 set and the IFBench sample
-    /// set, ours on 1 and 2 threads next to the reference oracle run in the same command.
+    /// set, ours on 1 and 2 threads (the records split between the threads; scaling vs 1
+    /// thread reported) next to the reference oracle run in the same command.
     Verify(BenchVerifyArgs),
 }
 
@@ -500,34 +518,50 @@ pub struct BenchVerifyArgs {
     pub min_seconds: f64,
 }
 
-/// Records/s of ours on `threads` threads: each thread verifies the whole set (build,
-/// strict, loose, output line) repeatedly until `min_seconds` have passed.
+/// Records/s of ours on exactly `threads` threads (the calling thread and `threads - 1`
+/// spawned ones), the work split by records: passes over the set are repeated until
+/// `min_seconds` have passed, each pass's records taken in batches of [`BATCH`] from a
+/// shared counter by whichever thread is free (build, strict, loose, output line), so
+/// the figure is the throughput of the threads together on one workload.
 fn measure(records: &[Record], threads: usize, min_seconds: f64) -> f64 {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let n = records.len().max(1);
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
     let start = Instant::now();
-    let counts: Vec<usize> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = 0usize;
-                    let mut buf = String::new();
-                    while start.elapsed().as_secs_f64() < min_seconds {
-                        for r in records {
-                            let v = verify_record(r);
-                            buf.clear();
-                            output_line(r, &v, &mut buf);
-                            done += 1;
-                        }
-                    }
-                    std::hint::black_box(&buf);
-                    done
-                })
-            })
-            .collect();
-        hs.into_iter()
+    let work = || {
+        let mut done = 0usize;
+        let mut buf = String::new();
+        loop {
+            let i = next.fetch_add(BATCH, Ordering::Relaxed);
+            // a pass ends when the counter crosses a multiple of the set size; stop at
+            // the first pass boundary after `min_seconds` (all threads finish their batch)
+            if i % n < BATCH && i > 0 && start.elapsed().as_secs_f64() >= min_seconds {
+                stop.store(true, Ordering::Relaxed);
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            for k in i..i + BATCH {
+                let r = &records[k % n];
+                let v = verify_record(r);
+                buf.clear();
+                output_line(r, &v, &mut buf);
+                done += 1;
+            }
+        }
+        std::hint::black_box(&buf);
+        done
+    };
+    let total: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mine = work();
+        mine + hs
+            .into_iter()
             .map(|h| h.join().expect("bench thread"))
-            .collect()
+            .sum::<usize>()
     });
-    counts.iter().sum::<usize>() as f64 / start.elapsed().as_secs_f64()
+    total as f64 / start.elapsed().as_secs_f64()
 }
 
 /// The reference oracle's records/s (its own `seconds_eval`, import time excluded).
@@ -575,6 +609,15 @@ fn reference_rate(
     let secs = v["seconds_eval"].as_f64().context("seconds_eval")?;
     let n = v["records"].as_u64().context("records")? as usize;
     Ok((n as f64 / secs.max(1e-9), n))
+}
+
+/// The 1-minute load average (`/proc/loadavg`), `?` where unavailable: timings taken
+/// while other processes compete for the cores are not comparable.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// `hindsight bench verify`.
@@ -639,14 +682,32 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         };
         // warm up lazily initialised tables
         let _ = verify_all(&records, 1);
+        let mut one_thread: Option<f64> = None;
         for &t in &args.threads {
-            let rate = measure(&records, t.max(1), args.min_seconds);
+            let t = t.max(1);
+            let rate = measure(&records, t, args.min_seconds);
             let (r, x) = match reference {
                 Some(r) => (format!("{r:.0}"), format!("{:.0}x", rate / r)),
                 None => ("-".into(), "-".into()),
             };
+            if t == 1 {
+                one_thread = Some(rate);
+            }
+            let mut notes = format!("load {}", load_average());
+            if let (Some(r1), true) = (one_thread, t > 1) {
+                // scaling efficiency: 100% = linear in the thread count
+                let _ = write!(
+                    notes,
+                    ", {:.2}x of 1 thread ({:.0}% of linear)",
+                    rate / r1,
+                    100.0 * rate / (r1 * t as f64)
+                );
+            }
+            if !note.is_empty() {
+                let _ = write!(notes, "; {note}");
+            }
             println!(
-                "{:<8} {:>7} {:>10} {:>14.0} {:>14} {:>9}  {note}",
+                "{:<8} {:>7} {:>10} {:>14.0} {:>14} {:>9}  {notes}",
                 bench.name(),
                 records.len(),
                 t,

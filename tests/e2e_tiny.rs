@@ -136,6 +136,20 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         + &std::fs::read_to_string(run_dir.join("logs/actor-1.log")).unwrap();
     assert!(log.contains("weights updated"), "no weight update in the actor logs");
 
+    // Checkpoints are ordinary HF checkpoints: they load as a model directory.
+    let ckpt = run_dir.join("checkpoints/step-00000003");
+    for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(ckpt.join(f).exists(), "checkpoint lacks {f}");
+    }
+    let reloaded = hindsight_policy::load(ckpt.to_str().unwrap(), dir.path(), &hindsight_policy::Device::Cpu)
+        .expect("the learner's checkpoint loads as an HF checkpoint");
+    let base = hindsight_policy::tiny(0).unwrap();
+    assert_eq!(reloaded.config.hidden_size, base.config.hidden_size);
+    assert_eq!(
+        reloaded.tokenizer.encode_chat("hi").unwrap(),
+        base.tokenizer.encode_chat("hi").unwrap()
+    );
+
     // Resume: the learner continues from its step-3 checkpoint, the replay server from its log.
     let status = hindsight()
         .args(["up", "--resume", "--run-dir", run_dir.to_str().unwrap(), "--model", "tiny", "--actors", "1"])

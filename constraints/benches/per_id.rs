@@ -1,5 +1,6 @@
 //! Per-instruction-id verification cost on the IFEval GPT-4 set (build + strict + loose),
-//! to find hot spots: `cargo bench -p hindsight-constraints --bench per_id`.
+//! to find hot spots: `cargo bench -p hindsight-constraints --bench per_id`
+//! (`PER_ID_SET=ifbench` for the IFBench sample set).
 //! Needs the oracle directory (`$HINDSIGHT_ORACLE_DIR`, default `../shared/oracle`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,9 +23,18 @@ fn main() {
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/oracle"),
         PathBuf::from,
     );
-    let inputs = read_jsonl(&dir.join("data/ifeval/input_data.jsonl"));
+    // PER_ID_SET=ifbench measures the IFBench sample set instead
+    let (inp, out) = if std::env::var("PER_ID_SET").is_ok_and(|s| s == "ifbench") {
+        ("data/ifbench/IFBench_test.jsonl", "data/ifbench/sample_output.jsonl")
+    } else {
+        (
+            "data/ifeval/input_data.jsonl",
+            "data/ifeval/input_response_data_gpt4_20231107_145030.jsonl",
+        )
+    };
+    let inputs = read_jsonl(&dir.join(inp));
     let responses: HashMap<String, String> =
-        read_jsonl(&dir.join("data/ifeval/input_response_data_gpt4_20231107_145030.jsonl"))
+        read_jsonl(&dir.join(out))
             .into_iter()
             .map(|r| {
                 (

@@ -69,6 +69,13 @@ pub trait Constraint: Send + Sync {
         loose::any_variant(response, |v| self.check_strict(v))
     }
 
+    /// The loose verdict given the strict one (`strict` must be
+    /// `self.check_strict(response)`): the response itself, the first loose variant, is
+    /// not checked again.
+    fn check_loose_given_strict(&self, response: &str, strict: bool) -> bool {
+        strict || loose::any_other_variant(response, |v| self.check_strict(v))
+    }
+
     /// The instruction text (the reference `build_description` output).
     fn description(&self) -> String;
 }

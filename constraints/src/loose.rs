@@ -31,9 +31,12 @@ fn line_variants(response: &str) -> [&str; 3] {
 /// response, response without `*`, remove-first, remove-last, remove-both, and the
 /// three line-trimmed variants without `*`.
 pub(crate) fn any_variant(response: &str, mut check: impl FnMut(&str) -> bool) -> bool {
-    if check(response) {
-        return true;
-    }
+    check(response) || any_other_variant(response, check)
+}
+
+/// [`any_variant`] without the response itself (for callers that already know its
+/// verdict).
+pub(crate) fn any_other_variant(response: &str, mut check: impl FnMut(&str) -> bool) -> bool {
     let has_star = response.contains('*');
     if has_star && check(&response.replace('*', "")) {
         return true;

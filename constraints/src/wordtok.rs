@@ -256,6 +256,62 @@ pub(crate) fn word_tokenize(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The tokens of `nltk.word_tokenize(text)`, tokenizing one sentence at a time as the
+/// iterator is consumed (for checkers that stop early).
+pub(crate) fn word_tokens_lazy(text: &str) -> impl Iterator<Item = String> + '_ {
+    sentences::sentences(text)
+        .into_iter()
+        .flat_map(treebank_tokens)
+}
+
+/// At least the first `n` tokens of `nltk.word_tokenize(text)` (all of them when there
+/// are fewer): whole sentences are tokenized until `n` tokens are reached.
+pub(crate) fn first_word_tokens(text: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in sentences::sentences(text) {
+        if out.len() >= n {
+            break;
+        }
+        out.extend(treebank_tokens(s));
+    }
+    out
+}
+
+/// `(first, last, total)`: at least the first `n` and the last `n` tokens of
+/// `nltk.word_tokenize(text)` and the total token count, tokenizing only the sentences
+/// needed; when the two ends meet, `first == last ==` all tokens.
+pub(crate) fn end_word_tokens(text: &str, n: usize) -> (Vec<String>, Vec<String>) {
+    let sents = sentences::sentences(text);
+    let mut first = Vec::new();
+    let mut i = 0;
+    while i < sents.len() && first.len() < n {
+        first.extend(treebank_tokens(sents[i]));
+        i += 1;
+    }
+    if i == sents.len() {
+        return (first.clone(), first);
+    }
+    // sentences i.. are untouched: collect the last ones from the back
+    let mut tail: Vec<Vec<String>> = Vec::new();
+    let mut got = 0;
+    let mut j = sents.len();
+    while j > i && got < n {
+        j -= 1;
+        let t = treebank_tokens(sents[j]);
+        got += t.len();
+        tail.push(t);
+    }
+    let last: Vec<String> = if j == i && got < n {
+        // everything was tokenized
+        let mut all = first.clone();
+        all.extend(tail.into_iter().rev().flatten());
+        return (all.clone(), all);
+    } else {
+        tail.into_iter().rev().flatten().collect()
+    };
+    (first, last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

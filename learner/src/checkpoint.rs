@@ -1,9 +1,11 @@
 //! Checkpoints: weights, optimizer state, step counters and the data cursor, written
 //! atomically to `DIR/step-NNNNNNNN/` with `DIR/latest` naming the newest complete one.
 //!
-//! Layout of one checkpoint (an ordinary Hugging Face-style directory plus training state):
-//! `model.safetensors` (HF tensor names, f32), `config.json` (HF Llama config fields),
-//! `optimizer.safetensors` (AdamW moments) and `trainer_state.json` ([`TrainerState`]).
+//! Layout of one checkpoint: an ordinary Hugging Face checkpoint directory that any tool loads
+//! (`model.safetensors`, `config.json`, `tokenizer.json`, `tokenizer_config.json`,
+//! `generation_config.json`, written by `hindsight_policy::save_hf_checkpoint`) plus the
+//! training state: `optimizer.safetensors` (AdamW moments) and `trainer_state.json`
+//! ([`TrainerState`]).
 
 use std::fs;
 use std::io::Write;
@@ -27,7 +29,7 @@ pub struct TrainerState {
     pub base_model: String,
 }
 
-/// What a checkpoint holds, in memory.
+/// What a checkpoint holds, as read back by [`load_latest`].
 pub struct Checkpoint {
     pub state: TrainerState,
     pub model_safetensors: Vec<u8>,
@@ -42,21 +44,26 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `ckpt` under `dir` and points `dir/latest` at it; returns the checkpoint directory.
-/// A crash at any point leaves the previous `latest` intact.
-pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<PathBuf> {
+/// Writes a checkpoint under `dir` and points `dir/latest` at it; returns the checkpoint
+/// directory. `write_model` writes the model files (an HF checkpoint) into the directory it is
+/// given. A crash at any point leaves the previous `latest` intact.
+pub fn save(
+    dir: &Path,
+    state: &TrainerState,
+    optimizer_safetensors: &[u8],
+    write_model: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("creating checkpoint dir {}", dir.display()))?;
-    let name = format!("step-{:08}", ckpt.state.step);
+    let name = format!("step-{:08}", state.step);
     let tmp = dir.join(format!(".tmp-{name}"));
     let dest = dir.join(&name);
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
-    write_file(&tmp.join("model.safetensors"), &ckpt.model_safetensors)?;
-    write_file(&tmp.join("optimizer.safetensors"), &ckpt.optimizer_safetensors)?;
-    write_file(&tmp.join("config.json"), ckpt.config_json.as_bytes())?;
-    write_file(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&ckpt.state)?.as_bytes())?;
+    write_model(&tmp).context("writing the model files of the checkpoint")?;
+    write_file(&tmp.join("optimizer.safetensors"), optimizer_safetensors)?;
+    write_file(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
     if dest.exists() {
         fs::remove_dir_all(&dest)?;
     }
@@ -98,21 +105,24 @@ mod tests {
     fn save_then_load_round_trips_and_moves_latest() -> Result<()> {
         let dir = tempfile::tempdir()?;
         assert!(load_latest(dir.path())?.is_none());
-        let mut ckpt = Checkpoint {
-            state: TrainerState { step: 3, policy_version: 3, last_batch_id: 7, tokens_trained: 99, base_model: "tiny".into() },
-            model_safetensors: vec![1, 2, 3],
-            optimizer_safetensors: vec![4, 5],
-            config_json: "{}".into(),
+        let model = |bytes: Vec<u8>| {
+            move |d: &Path| -> Result<()> {
+                fs::write(d.join("model.safetensors"), bytes)?;
+                fs::write(d.join("config.json"), "{}")?;
+                Ok(())
+            }
         };
-        save(dir.path(), &ckpt)?;
-        ckpt.state.step = 6;
-        ckpt.model_safetensors = vec![9];
-        let path = save(dir.path(), &ckpt)?;
+        let mut state =
+            TrainerState { step: 3, policy_version: 3, last_batch_id: 7, tokens_trained: 99, base_model: "tiny".into() };
+        save(dir.path(), &state, &[4, 5], model(vec![1, 2, 3]))?;
+        state.step = 6;
+        let path = save(dir.path(), &state, &[4, 5], model(vec![9]))?;
         assert!(path.ends_with("step-00000006"));
         let back = load_latest(dir.path())?.expect("a checkpoint");
-        assert_eq!(back.state, ckpt.state);
+        assert_eq!(back.state, state);
         assert_eq!(back.model_safetensors, vec![9]);
         assert_eq!(back.optimizer_safetensors, vec![4, 5]);
+        assert_eq!(back.config_json, "{}");
         assert!(dir.path().join("step-00000003/model.safetensors").exists());
         Ok(())
     }

@@ -36,7 +36,7 @@ use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 pub use advantage::AdvantageKind;
-use checkpoint::{Checkpoint, TrainerState};
+use checkpoint::TrainerState;
 use loss::PpoConfig;
 use publish::WeightStore;
 use trainer::{StepStats, TrainConfig, Trainer};
@@ -188,9 +188,9 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
         ppo: PpoConfig { clip: args.clip, dual_clip: args.dual_clip },
         micro_batch: args.micro_batch,
     };
-    let config_json = loaded.config.to_hf_json()?;
     let mut trainer = Trainer::new(&loaded, args.reference_model, config, &hindsight_policy::Device::Cpu)?;
-    drop(loaded);
+    let tokenizer = loaded.tokenizer;
+    drop(loaded.weights);
 
     let store = WeightStore::new(args.keep_versions, hindsight_proto::WEIGHT_CHUNK_BYTES);
     let mut state = TrainerState { base_model: args.model.clone(), ..Default::default() };
@@ -248,7 +248,8 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
         None => None,
     };
 
-    let result = train_loop(&args, &mut trainer, &store, &mut state, &step_tx, &mut step_log, stop_rx.clone(), &config_json).await;
+    let result =
+        train_loop(&args, &mut trainer, &store, &mut state, &step_tx, &mut step_log, stop_rx.clone(), &tokenizer).await;
     if let Err(e) = &result {
         warn!(error = format!("{e:#}"), "learner loop ended with an error");
     } else if args.linger {
@@ -271,7 +272,7 @@ async fn train_loop(
     step_tx: &watch::Sender<u64>,
     step_log: &mut Option<std::fs::File>,
     mut stop: watch::Receiver<bool>,
-    config_json: &str,
+    tokenizer: &hindsight_policy::ChatTokenizer,
 ) -> Result<()> {
     let mut client = connect_replay(&args.replay).await?;
     'outer: loop {
@@ -353,15 +354,14 @@ async fn train_loop(
             let last = args.max_steps > 0 && state.step >= args.max_steps;
             if let Some(dir) = &args.checkpoint_dir {
                 if last || (args.checkpoint_every > 0 && state.step % args.checkpoint_every == 0) {
-                    let ckpt = tokio::task::block_in_place(|| -> Result<Checkpoint> {
-                        Ok(Checkpoint {
-                            state: state.clone(),
-                            model_safetensors: trainer.export_weights()?,
-                            optimizer_safetensors: trainer.optimizer.state_to_safetensors()?,
-                            config_json: config_json.to_string(),
+                    let path = tokio::task::block_in_place(|| -> Result<PathBuf> {
+                        let weights = trainer.model.weights()?;
+                        let optimizer = trainer.optimizer.state_to_safetensors()?;
+                        let config = trainer.model_config().clone();
+                        checkpoint::save(dir, state, &optimizer, |d| {
+                            hindsight_policy::save_hf_checkpoint(d, &config, &weights, tokenizer)
                         })
                     })?;
-                    let path = checkpoint::save(dir, &ckpt)?;
                     info!(path = %path.display(), "checkpoint written");
                 }
             }

@@ -84,13 +84,22 @@ pub(crate) const OVERLAP: Entry = Entry {
 };
 
 struct Overlap {
-    reference: HashSet<[char; 3]>,
+    reference: hashbrown::HashSet<u64>,
     percentage: PyNum,
 }
 
-fn trigrams(s: &str) -> HashSet<[char; 3]> {
-    let chars: Vec<char> = s.chars().collect();
-    chars.windows(3).map(|w| [w[0], w[1], w[2]]).collect()
+/// The set of character trigrams of `s`, each packed into one integer.
+fn trigrams(s: &str) -> hashbrown::HashSet<u64> {
+    let mut out = hashbrown::HashSet::with_capacity(s.len());
+    let mut it = s.chars().map(|c| c as u64);
+    let (Some(mut a), Some(mut b)) = (it.next(), it.next()) else {
+        return out;
+    };
+    for c in it {
+        out.insert((a << 42) | (b << 21) | c);
+        (a, b) = (b, c);
+    }
+    out
 }
 
 fn build_overlap(kw: &Kwargs<'_>) -> Result<Box<dyn Constraint>, ConstraintError> {

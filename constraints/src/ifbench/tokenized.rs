@@ -7,7 +7,7 @@ use super::{data, fixed_entry};
 use crate::kwargs::Kwargs;
 use crate::pytext::{py_islower, py_isupper, py_strip};
 use crate::registry::Entry;
-use crate::wordtok::word_tokenize;
+use crate::wordtok::{end_word_tokens, first_word_tokens, word_tokenize, word_tokens_lazy};
 use crate::{Constraint, ConstraintError};
 
 // ---- words:start_verb ----
@@ -20,7 +20,8 @@ fixed_entry!(
 );
 
 fn start_verb(value: &str) -> bool {
-    data::first_pos_tag(&word_tokenize(value)).is_some_and(|t| t.contains("VB"))
+    // the tag of the first token depends on the first three tokens only
+    data::first_pos_tag(&first_word_tokens(value, 3)).is_some_and(|t| t.contains("VB"))
 }
 
 // ---- words:keywords_specific_position ----
@@ -114,10 +115,12 @@ impl Constraint for WordsPosition {
         WORDS_POSITION.id
     }
     fn follows(&self, response: &str) -> bool {
-        let words = word_tokenize(response);
-        words.len() >= 2
-            && words[1] == words[words.len() - 2]
-            && words[words.len() - 2] == self.keyword
+        // words[1] and words[-2] only: tokenize the sentences at both ends
+        let (first, last) = end_word_tokens(response, 2);
+        first.len() >= 2
+            && last.len() >= 2
+            && first[1] == last[last.len() - 2]
+            && last[last.len() - 2] == self.keyword
     }
     fn description(&self) -> String {
         format!(
@@ -138,7 +141,7 @@ fixed_entry!(
 );
 
 fn title_case(value: &str) -> bool {
-    word_tokenize(value).iter().all(|word| {
+    word_tokens_lazy(value).all(|word| {
         let mut chars = word.chars();
         let Some(first) = chars.next() else {
             return false; // word[0] raises IndexError

@@ -31,8 +31,7 @@ impl Constraint for CapitalWordFrequency {
     }
     fn follows(&self, response: &str) -> bool {
         let n = if response.chars().any(char::is_uppercase) {
-            wordtok::word_tokenize(response)
-                .iter()
+            wordtok::word_tokens_lazy(response)
                 .filter(|w| pytext::py_isupper(w))
                 .count()
         } else {
