@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_constraints::{build, supported_ids, ConstraintSpec, Map, Value};
+use hindsight_constraints::{
+    build, supported_ids, with_response_cache, ConstraintSpec, Map, Value,
+};
 use serde_json::json;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,8 +194,13 @@ fn load_records(
     Ok((out, missing_keys))
 }
 
-/// Verify one record (build every constraint, strict and loose).
+/// Verify one record (build every constraint, strict and loose), sharing analyses of the
+/// response and its loose variants between the checks ([`with_response_cache`]).
 fn verify_record(r: &Record) -> Verdicts {
+    with_response_cache(|| verify_record_uncached(r))
+}
+
+fn verify_record_uncached(r: &Record) -> Verdicts {
     let n = r.ids.len();
     let mut v = Verdicts {
         strict: Vec::with_capacity(n),
@@ -240,7 +247,10 @@ fn verify_all(records: &[Record], jobs: usize) -> Vec<Verdicts> {
                 return done;
             }
             let end = (start + BATCH).min(records.len());
-            done.push((start, records[start..end].iter().map(verify_record).collect()));
+            done.push((
+                start,
+                records[start..end].iter().map(verify_record).collect(),
+            ));
         }
     };
     let mut parts: Vec<(usize, Vec<Verdicts>)> = std::thread::scope(|s| {
@@ -494,7 +504,8 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Verification throughput (records/s) on the IFEval GPT-4 set and the IFBench sample
     /// set, ours on 1 and 2 threads (the records split between the threads; scaling vs 1
-    /// thread reported) next to the reference oracle run in the same command.
+    /// thread reported; best of three windows) next to the reference oracle run in the
+    /// same command.
     Verify(BenchVerifyArgs),
 }
 
@@ -513,7 +524,8 @@ pub struct BenchVerifyArgs {
     /// Thread counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub threads: Vec<usize>,
-    /// Minimum measuring time per configuration, in seconds.
+    /// Minimum measuring time per configuration, in seconds (split into three windows,
+    /// the best one reported).
     #[arg(long, default_value_t = 2.0)]
     pub min_seconds: f64,
 }
@@ -685,7 +697,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let mut one_thread: Option<f64> = None;
         for &t in &args.threads {
             let t = t.max(1);
-            let rate = measure(&records, t, args.min_seconds);
+            // best of three windows: other processes on a shared machine only ever slow
+            // a window down
+            let rate = (0..3)
+                .map(|_| measure(&records, t, args.min_seconds / 3.0))
+                .fold(0.0, f64::max);
             let (r, x) = match reference {
                 Some(r) => (format!("{r:.0}"), format!("{:.0}x", rate / r)),
                 None => ("-".into(), "-".into()),

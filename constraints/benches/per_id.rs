@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hindsight_constraints::{build, ConstraintSpec, Value};
+use hindsight_constraints::{build, with_response_cache, ConstraintSpec, Value};
 
 fn read_jsonl(p: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(p)
@@ -25,7 +25,10 @@ fn main() {
     );
     // PER_ID_SET=ifbench measures the IFBench sample set instead
     let (inp, out) = if std::env::var("PER_ID_SET").is_ok_and(|s| s == "ifbench") {
-        ("data/ifbench/IFBench_test.jsonl", "data/ifbench/sample_output.jsonl")
+        (
+            "data/ifbench/IFBench_test.jsonl",
+            "data/ifbench/sample_output.jsonl",
+        )
     } else {
         (
             "data/ifeval/input_data.jsonl",
@@ -33,16 +36,18 @@ fn main() {
         )
     };
     let inputs = read_jsonl(&dir.join(inp));
-    let responses: HashMap<String, String> =
-        read_jsonl(&dir.join(out))
-            .into_iter()
-            .map(|r| {
-                (
-                    r["prompt"].as_str().unwrap_or("").to_string(),
-                    r["response"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect();
+    let responses: HashMap<String, String> = read_jsonl(&dir.join(out))
+        .into_iter()
+        .map(|r| {
+            (
+                r["prompt"].as_str().unwrap_or("").to_string(),
+                r["response"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    // PER_ID_CACHE=0: no per-response cache (each rep is one cache scope otherwise, as
+    // `hindsight verify` uses one per record)
+    let cached = std::env::var("PER_ID_CACHE").map_or(true, |v| v != "0");
     let mut per_id: BTreeMap<String, (Duration, usize)> = BTreeMap::new();
     let reps = 20;
     for r in &inputs {
@@ -57,9 +62,16 @@ fn main() {
             let spec = ConstraintSpec::new(id, kw);
             let t = Instant::now();
             for _ in 0..reps {
-                if let Ok(c) = build(&spec) {
-                    std::hint::black_box(c.check_strict(&resp));
-                    std::hint::black_box(c.check_loose(&resp));
+                let check = || {
+                    if let Ok(c) = build(&spec) {
+                        std::hint::black_box(c.check_strict(&resp));
+                        std::hint::black_box(c.check_loose(&resp));
+                    }
+                };
+                if cached {
+                    with_response_cache(check);
+                } else {
+                    check();
                 }
             }
             let e = per_id.entry(id.to_string()).or_default();

@@ -4,7 +4,7 @@
 //! The reference calls `langdetect.detect(text) == "en"` (a seeded, probabilistic
 //! character n-gram classifier) and counts the check as passed when langdetect raises
 //! (no usable features). We use the `whatlang` crate instead (trigram classifier,
-//! deterministic, pure Rust). Exact agreement with langdetect is not guaranteed on short
+//! deterministic, pure Rust, from crates.io). Exact agreement with langdetect is not guaranteed on short
 //! or mixed-language texts; the conformance tests list every disagreement on the golden
 //! data. `whatlang` returning no answer (no letters of a known script) maps to "not
 //! English"; the verdict only matters when the text has cased letters, where langdetect

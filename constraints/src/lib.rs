@@ -48,3 +48,4 @@ pub use generator::generate_prompts;
 pub use record::{load_jsonl, CompiledRecord, LoadError, PromptRecord, Rewrite, Template};
 pub use registry::{build, describe, supported_ids};
 pub use serde_json::{Map, Value};
+pub use wordtok::with_response_cache;

@@ -6,7 +6,7 @@
 //! Unicode tables are those of Rust's `std` and the `regex` crate; they may differ from
 //! Python 3.11's Unicode database for characters assigned in recent Unicode versions.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use regex::Regex;
 
@@ -44,6 +44,7 @@ static WORD_CHAR: LazyLock<Regex> =
 /// reference `count_words` uses nltk's `RegexpTokenizer`, which (nltk >= 3.9.3, via
 /// `nltk.redos`) compiles with the third-party Python `regex` engine, whose `\w` has
 /// exactly these UTS #18 semantics (e.g. `x²` is one word `x`, `½` none, `e\u{301}` one).
+#[cfg(test)]
 static WORDS: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\w+").expect("static regex"));
 
 /// Whether `c` matches Python's `re` Unicode `\w`.
@@ -55,10 +56,36 @@ pub(crate) fn is_py_word_char(c: char) -> bool {
     WORD_CHAR.is_match(c.encode_utf8(&mut buf))
 }
 
+/// Whether `c` is in the `regex` crate's Unicode `\w` (the class of [`WORDS`]).
+#[inline]
+fn is_regex_word_char(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_alphanumeric() || c == '_'
+    } else {
+        regex_syntax::is_word_character(c)
+    }
+}
+
+/// The matches of [`WORDS`] (`\w+`: maximal runs of word characters), by a hand-written
+/// scanner.
+pub(crate) fn word_runs(s: &str) -> impl Iterator<Item = &str> {
+    let mut rest = s;
+    std::iter::from_fn(move || {
+        let start = rest.find(is_regex_word_char)?;
+        let tail = &rest[start..];
+        let len = tail
+            .find(|c: char| !is_regex_word_char(c))
+            .unwrap_or(tail.len());
+        let (word, after) = tail.split_at(len);
+        rest = after;
+        Some(word)
+    })
+}
+
 /// Number of `\w+` tokens (the reference `count_words`, nltk `RegexpTokenizer(r"\w+")`;
 /// see [`WORDS`] for which `\w`).
 pub(crate) fn count_words(s: &str) -> usize {
-    WORDS.find_iter(s).count()
+    word_runs(s).count()
 }
 
 /// Python's `\b` at byte offset `pos` of `s` (which must be a char boundary).
@@ -183,12 +210,12 @@ pub(crate) fn py_pattern_to_rust(p: &str) -> String {
 /// Compiled patterns, like Python's `re` module cache: constraints are rebuilt for every
 /// response (the same prompt's kwargs recur), and compiling a case-insensitive Unicode
 /// pattern costs far more than matching it. Bounded; cleared when full.
-static COMPILED: LazyLock<std::sync::Mutex<std::collections::HashMap<String, Regex>>> =
+static COMPILED: LazyLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Regex>>>> =
     LazyLock::new(Default::default);
 const COMPILED_MAX: usize = 4096;
 
 /// Compile a pattern built by [`py_pattern_to_rust`], with a readable error (cached).
-pub(crate) fn compile(pattern: &str) -> Result<Regex, String> {
+pub(crate) fn compile(pattern: &str) -> Result<Arc<Regex>, String> {
     if let Some(re) = COMPILED.lock().ok().and_then(|c| c.get(pattern).cloned()) {
         return Ok(re);
     }
@@ -196,6 +223,9 @@ pub(crate) fn compile(pattern: &str) -> Result<Regex, String> {
         .size_limit(1 << 22)
         .build()
         .map_err(|e| format!("not a usable regular expression: {e}"))?;
+    // shared, not cloned: a `Regex` clone starts with an empty search-cache pool, which
+    // every constraint built from it would have to refill
+    let re = Arc::new(re);
     if let Ok(mut c) = COMPILED.lock() {
         if c.len() >= COMPILED_MAX {
             c.clear();
@@ -225,6 +255,23 @@ mod tests {
         assert_eq!(count_words("ne\u{301}e"), 1);
         assert_eq!(count_words("x² ½ a\u{200d}b"), 2);
         assert_eq!(count_words(""), 0);
+        // the scanner finds exactly the regex's matches
+        let alphabet: Vec<char> = "aZ_09 .,'\u{301}\u{200d}\u{200c}²½éß中\u{2003}‿-😀ǅ\n"
+            .chars()
+            .collect();
+        let mut x: u64 = 1;
+        for len in 0..400 {
+            let t: String = (0..len)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    alphabet[(x >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            let re: Vec<&str> = WORDS.find_iter(&t).map(|m| m.as_str()).collect();
+            assert_eq!(word_runs(&t).collect::<Vec<_>>(), re, "{t:?}");
+        }
         assert!(is_py_word_boundary("ab cd", 2));
         assert!(!is_py_word_boundary("abcd", 2));
         assert!(is_py_word_boundary("ab", 0));

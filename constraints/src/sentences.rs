@@ -12,8 +12,10 @@
 //! Shared by the IFEval (`length_constraints:number_sentences`,
 //! `change_case:capital_word_frequency` via [`crate::wordtok`]) and IFBench checkers.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
+
+// hashbrown's default (foldhash) hasher: these tables are probed for every token
+use hashbrown::{HashMap, HashSet};
 
 use regex::Regex;
 
@@ -257,20 +259,17 @@ impl Token {
         }
     }
 
-    fn first_char(&self) -> String {
-        self.tok
-            .chars()
-            .next()
-            .map(String::from)
-            .unwrap_or_default()
+    fn first_char(&self) -> &str {
+        let n = self.tok.chars().next().map_or(0, char::len_utf8);
+        &self.tok[..n]
     }
 
     fn first_upper(&self) -> bool {
-        pytext::py_isupper(&self.first_char())
+        pytext::py_isupper(self.first_char())
     }
 
     fn first_lower(&self) -> bool {
-        pytext::py_islower(&self.first_char())
+        pytext::py_islower(self.first_char())
     }
 
     fn is_ellipsis(&self) -> bool {

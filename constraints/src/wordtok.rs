@@ -7,6 +7,9 @@
 //! the standard `re` module, whose `\b` is Python's (see [`pytext::is_py_word_boundary`]).
 //! Patterns with look-around or a possessive quantifier are implemented by hand.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::LazyLock;
 
 use regex::{Captures, Regex};
@@ -248,20 +251,80 @@ pub(crate) fn treebank_tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Sentence -> its Treebank tokens.
+type Memo = HashMap<Box<str>, Rc<[String]>>;
+
+thread_local! {
+    /// The sentence memo while a [`with_response_cache`] scope is open on this thread
+    /// (`None` otherwise).
+    static MEMO: RefCell<Option<Memo>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with a per-thread memo of sentence tokenizations: the checks made inside
+/// (typically every constraint of one record, strict and loose, whose loose variants
+/// share most sentences with the response) tokenize each distinct sentence once. The
+/// memo is dropped when the outermost scope ends (also on panic); verdicts are the same
+/// as without it.
+pub fn with_response_cache<R>(f: impl FnOnce() -> R) -> R {
+    struct Guard(bool);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if self.0 {
+                MEMO.with(|m| *m.borrow_mut() = None);
+            }
+        }
+    }
+    let outermost = MEMO.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.is_some() {
+            false
+        } else {
+            *m = Some(HashMap::new());
+            true
+        }
+    });
+    let _guard = Guard(outermost);
+    f()
+}
+
+/// `treebank_tokens(sentence)`, from the memo when a scope is open.
+fn sentence_tokens(sentence: &str) -> Rc<[String]> {
+    let hit = MEMO.with(|m| m.borrow().as_ref().map(|m| m.get(sentence).cloned()));
+    match hit {
+        None => treebank_tokens(sentence).into(),
+        Some(Some(t)) => t,
+        Some(None) => {
+            let t: Rc<[String]> = treebank_tokens(sentence).into();
+            MEMO.with(|m| {
+                if let Some(m) = m.borrow_mut().as_mut() {
+                    m.insert(sentence.into(), t.clone());
+                }
+            });
+            t
+        }
+    }
+}
+
 /// `nltk.word_tokenize(text)`: Treebank tokens of each Punkt sentence.
 pub(crate) fn word_tokenize(text: &str) -> Vec<String> {
-    sentences::sentences(text)
-        .into_iter()
-        .flat_map(treebank_tokens)
-        .collect()
+    word_tokens_lazy(text).collect()
 }
 
 /// The tokens of `nltk.word_tokenize(text)`, tokenizing one sentence at a time as the
 /// iterator is consumed (for checkers that stop early).
 pub(crate) fn word_tokens_lazy(text: &str) -> impl Iterator<Item = String> + '_ {
+    sentences::sentences(text).into_iter().flat_map(|s| {
+        let t = sentence_tokens(s);
+        (0..t.len()).map(move |i| t[i].clone())
+    })
+}
+
+/// How many tokens of `nltk.word_tokenize(text)` satisfy `pred`.
+pub(crate) fn count_word_tokens(text: &str, pred: impl Fn(&str) -> bool) -> usize {
     sentences::sentences(text)
         .into_iter()
-        .flat_map(treebank_tokens)
+        .map(|s| sentence_tokens(s).iter().filter(|w| pred(w)).count())
+        .sum()
 }
 
 /// At least the first `n` tokens of `nltk.word_tokenize(text)` (all of them when there
@@ -272,43 +335,42 @@ pub(crate) fn first_word_tokens(text: &str, n: usize) -> Vec<String> {
         if out.len() >= n {
             break;
         }
-        out.extend(treebank_tokens(s));
+        out.extend(sentence_tokens(s).iter().cloned());
     }
     out
 }
 
-/// `(first, last, total)`: at least the first `n` and the last `n` tokens of
-/// `nltk.word_tokenize(text)` and the total token count, tokenizing only the sentences
-/// needed; when the two ends meet, `first == last ==` all tokens.
+/// `(first, last)`: at least the first `n` and the last `n` tokens of
+/// `nltk.word_tokenize(text)`, tokenizing only the sentences needed; when the two ends
+/// meet (or there are fewer tokens), `first == last ==` all tokens.
 pub(crate) fn end_word_tokens(text: &str, n: usize) -> (Vec<String>, Vec<String>) {
     let sents = sentences::sentences(text);
     let mut first = Vec::new();
     let mut i = 0;
     while i < sents.len() && first.len() < n {
-        first.extend(treebank_tokens(sents[i]));
+        first.extend(sentence_tokens(sents[i]).iter().cloned());
         i += 1;
     }
     if i == sents.len() {
         return (first.clone(), first);
     }
     // sentences i.. are untouched: collect the last ones from the back
-    let mut tail: Vec<Vec<String>> = Vec::new();
+    let mut tail: Vec<Rc<[String]>> = Vec::new();
     let mut got = 0;
     let mut j = sents.len();
     while j > i && got < n {
         j -= 1;
-        let t = treebank_tokens(sents[j]);
+        let t = sentence_tokens(sents[j]);
         got += t.len();
         tail.push(t);
     }
-    let last: Vec<String> = if j == i && got < n {
-        // everything was tokenized
-        let mut all = first.clone();
-        all.extend(tail.into_iter().rev().flatten());
+    let last: Vec<String> = tail.iter().rev().flat_map(|t| t.iter().cloned()).collect();
+    if j == i && got < n {
+        // everything was tokenized and the ends meet
+        let mut all = first;
+        all.extend(last);
         return (all.clone(), all);
-    } else {
-        tail.into_iter().rev().flatten().collect()
-    };
+    }
     (first, last)
 }
 
@@ -336,5 +398,37 @@ mod tests {
             word_tokenize("Hello, WORLD. It's NASA's (big) day..."),
             ["Hello", ",", "WORLD", ".", "It", "'s", "NASA", "'s", "(", "big", ")", "day", "..."]
         );
+    }
+
+    #[test]
+    fn partial_tokenizations_agree_with_the_full_one() {
+        let texts = [
+            "",
+            "   ",
+            "One.",
+            "One two.",
+            "Hi. A. B. C.",
+            "A. Hello there, you. It's NASA's (big) day... Go! Really? Yes. x.",
+            "First sentence is long enough here. Mid. End here now.",
+            "I. Am. Short. Words. Ok.",
+            "\"Quoted start.\" Then more: stuff, things. Last one",
+        ];
+        for t in texts {
+            let all = word_tokenize(t);
+            assert_eq!(word_tokens_lazy(t).collect::<Vec<_>>(), all, "{t:?}");
+            for n in 0..6 {
+                let first = first_word_tokens(t, n);
+                assert!(
+                    all.starts_with(&first) && (first.len() >= n || first == all),
+                    "{t:?}"
+                );
+                let (f, l) = end_word_tokens(t, n);
+                assert!(
+                    all.starts_with(&f) && (f.len() >= n || f == all),
+                    "{t:?} {n}"
+                );
+                assert!(all.ends_with(&l) && (l.len() >= n || l == all), "{t:?} {n}");
+            }
+        }
     }
 }

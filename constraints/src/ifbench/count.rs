@@ -2,7 +2,7 @@
 //! person names, numbers, punctuation cover, every N-th word Japanese, pronouns and
 //! multiple keyword counts (reference `WordCountRangeChecker` ... `KeywordsMultipleChecker`).
 
-use std::collections::HashSet;
+use hashbrown::HashSet;
 
 use super::util::{self, py_lower, py_split, remove_punct, strip_punct_space, PyNum};
 use super::{fixed_entry, num_entry};

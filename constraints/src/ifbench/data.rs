@@ -4,7 +4,7 @@
 //! (weights of the features of a sentence's first token) with its first-token
 //! prediction.
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use super::util::{py_isdigit, py_len, py_lower};

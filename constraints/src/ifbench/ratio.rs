@@ -3,11 +3,6 @@
 //! of equal length (reference `StopWordPercentageChecker`, `SentTypeRatioChecker`,
 //! `SentBalanceChecker`, `NGramOverlapChecker`, `CharacterCountUniqueWordsChecker`).
 
-use std::collections::HashSet;
-use std::sync::LazyLock;
-
-use regex::Regex;
-
 use super::split::split_into_sentences;
 use super::util::{self, py_len, py_lower, PyNum};
 use super::{data, fixed_entry, num_entry};
@@ -29,17 +24,19 @@ num_entry!(
     stop_words
 );
 
-/// nltk's `RegexpTokenizer(r"\w+")` (see `pytext::count_words`).
-static WORDS: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\w+").expect("static regex"));
-
 fn stop_words(value: &str, percentage: PyNum) -> bool {
     let num_words = pytext::count_words(value);
     if num_words == 0 {
         return false; // the reference divides by zero
     }
-    let num_stop = WORDS
-        .find_iter(value)
-        .filter(|t| data::is_stopword(&py_lower(t.as_str())))
+    let num_stop = pytext::word_runs(value)
+        .filter(|t| {
+            if t.bytes().all(|b| b.is_ascii_lowercase()) {
+                data::is_stopword(t) // already lower case: skip the copy
+            } else {
+                data::is_stopword(&py_lower(t))
+            }
+        })
         .count();
     (num_stop as f64 / num_words as f64) * 100.0 <= percentage.as_f64()
 }

@@ -49,41 +49,34 @@ static RULES: LazyLock<Rules> = LazyLock::new(|| {
     }
 });
 
+/// `re.sub(pattern, rep, t)`, without copying `t` when nothing matches.
+fn sub<R: regex::Replacer>(re: &Regex, t: String, rep: R) -> String {
+    match re.replace_all(&t, rep) {
+        std::borrow::Cow::Borrowed(_) => t,
+        std::borrow::Cow::Owned(s) => s,
+    }
+}
+
 /// `split_into_sentences(text)`: stripped sentences, the last one dropped if empty.
 pub(crate) fn split_into_sentences(text: &str) -> Vec<String> {
     let r = &*RULES;
     let mut t = format!(" {text}  ").replace('\n', " ");
-    t = r.prefixes.replace_all(&t, "${1}<prd>").into_owned();
-    t = r.websites.replace_all(&t, "<prd>${1}").into_owned();
-    t = r.digits.replace_all(&t, "${1}<prd>${2}").into_owned();
-    t = r
-        .multiple_dots
-        .replace_all(&t, |c: &Captures<'_>| {
-            format!("{}<stop>", "<prd>".repeat(c[0].len()))
-        })
-        .into_owned();
+    t = sub(&r.prefixes, t, "${1}<prd>");
+    t = sub(&r.websites, t, "<prd>${1}");
+    t = sub(&r.digits, t, "${1}<prd>${2}");
+    t = sub(&r.multiple_dots, t, |c: &Captures<'_>| {
+        format!("{}<stop>", "<prd>".repeat(c[0].len()))
+    });
     if t.contains("Ph.D") {
         t = t.replace("Ph.D.", "Ph<prd>D<prd>");
     }
-    t = r.single_letter.replace_all(&t, " ${1}<prd> ").into_owned();
-    t = r
-        .acronym_starter
-        .replace_all(&t, "${1}<stop> ${2}")
-        .into_owned();
-    t = r
-        .three_letters
-        .replace_all(&t, "${1}<prd>${2}<prd>${3}<prd>")
-        .into_owned();
-    t = r
-        .two_letters
-        .replace_all(&t, "${1}<prd>${2}<prd>")
-        .into_owned();
-    t = r
-        .suffix_starter
-        .replace_all(&t, " ${1}<stop> ${2}")
-        .into_owned();
-    t = r.suffix.replace_all(&t, " ${1}<prd>").into_owned();
-    t = r.letter.replace_all(&t, " ${1}<prd>").into_owned();
+    t = sub(&r.single_letter, t, " ${1}<prd> ");
+    t = sub(&r.acronym_starter, t, "${1}<stop> ${2}");
+    t = sub(&r.three_letters, t, "${1}<prd>${2}<prd>${3}<prd>");
+    t = sub(&r.two_letters, t, "${1}<prd>${2}<prd>");
+    t = sub(&r.suffix_starter, t, " ${1}<stop> ${2}");
+    t = sub(&r.suffix, t, " ${1}<prd>");
+    t = sub(&r.letter, t, " ${1}<prd>");
     if t.contains('”') {
         t = t.replace(".”", "”.");
     }

@@ -3,7 +3,7 @@
 //! parity (syllapy), last word = next first word, paragraph first = last word, and no
 //! consecutive first letters.
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 
 use super::split::split_into_sentences;
 use super::util::{self, py_len, py_lower, py_split, remove_punct, strip_punct_space, PyNum};
@@ -160,8 +160,16 @@ fixed_entry!(
 
 fn odd_even_syllables(value: &str) -> bool {
     let text = py_lower(&remove_punct(value));
-    let parities: Vec<usize> = py_split(&text).map(|w| syllable_count(w) % 2).collect();
-    parities.windows(2).all(|p| p[0] != p[1])
+    // `all` over adjacent pairs: stop at the first pair of equal parities
+    let mut prev: Option<usize> = None;
+    for w in py_split(&text) {
+        let p = syllable_count(w) % 2;
+        if prev == Some(p) {
+            return false;
+        }
+        prev = Some(p);
+    }
+    true
 }
 
 /// `syllapy.count(word)` (syllapy 0.8.0): dictionary look-up, hyphenated compounds,

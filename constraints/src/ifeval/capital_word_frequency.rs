@@ -31,9 +31,7 @@ impl Constraint for CapitalWordFrequency {
     }
     fn follows(&self, response: &str) -> bool {
         let n = if response.chars().any(char::is_uppercase) {
-            wordtok::word_tokens_lazy(response)
-                .filter(|w| pytext::py_isupper(w))
-                .count()
+            wordtok::count_word_tokens(response, pytext::py_isupper)
         } else {
             0
         };

@@ -3,6 +3,8 @@
 //! (Unicode `\w` = letters, numbers, `_`); a word containing regex metacharacters is used
 //! as a pattern, as in the reference, with the `regex` crate's `\b`.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::kwargs::Kwargs;
@@ -17,9 +19,9 @@ pub(crate) const ENTRY: Entry = Entry {
 
 enum Matcher {
     /// Case-insensitive literal; word boundaries checked with Python's `\w`.
-    Literal(Regex),
+    Literal(Arc<Regex>),
     /// Pattern with `\b` on both sides, as compiled by the `regex` crate.
-    Pattern(Regex),
+    Pattern(Arc<Regex>),
 }
 
 impl Matcher {

@@ -3,6 +3,8 @@
 //! pattern as in the reference, plain words match literally) is `less than` / `at least`
 //! `frequency`.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::kwargs::{Kwargs, Relation};
@@ -17,7 +19,7 @@ pub(crate) const ENTRY: Entry = Entry {
 
 struct KeywordFrequency {
     keyword: String,
-    pattern: Regex,
+    pattern: Arc<Regex>,
     frequency: i64,
     relation: Relation,
 }

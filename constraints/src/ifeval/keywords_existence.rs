@@ -2,6 +2,8 @@
 //! insensitively. As in the reference, each keyword is a regular-expression pattern
 //! (see [`crate::pytext::py_pattern_to_rust`]); plain words match literally.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::kwargs::Kwargs;
@@ -17,7 +19,7 @@ pub(crate) const ENTRY: Entry = Entry {
 struct KeywordsExistence {
     /// Sorted, as the reference sorts them (duplicates kept).
     keywords: Vec<String>,
-    patterns: Vec<Regex>,
+    patterns: Vec<Arc<Regex>>,
 }
 
 fn build(kw: &Kwargs<'_>) -> Result<Box<dyn Constraint>, ConstraintError> {

@@ -6,6 +6,8 @@
 //!
 //! Deliberate difference: a blank `section_spliter` is rejected at build time.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::kwargs::Kwargs;
@@ -20,7 +22,7 @@ pub(crate) const ENTRY: Entry = Entry {
 
 struct MultipleSections {
     spliter: String,
-    pattern: Regex,
+    pattern: Arc<Regex>,
     /// Pieces each match adds to `re.split`'s result: 1 + capture groups.
     per_match: usize,
     num_sections: i64,

@@ -3,6 +3,8 @@
 //! dedicated patterns (optional whitespace between the letters); any other marker is
 //! lowercased and used as a regular-expression pattern, as the reference does.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 use crate::kwargs::Kwargs;
@@ -18,7 +20,7 @@ pub(crate) const ENTRY: Entry = Entry {
 
 struct Postscript {
     marker: String,
-    pattern: Regex,
+    pattern: Arc<Regex>,
 }
 
 fn build(kw: &Kwargs<'_>) -> Result<Box<dyn Constraint>, ConstraintError> {

@@ -2,14 +2,15 @@
 benchmark rows, responses from sample outputs or random IFBench-flavoured fragments). Run:
 
     python3 gen_ifbench_fuzz.py OUT_DIR
-    $ORACLE_HOME/venv/bin/python /work/shared/oracle/verify.py --bench ifbench \
+    $ORACLE_HOME/venv/bin/python ../shared/oracle/verify.py --bench ifbench \
         --input OUT_DIR/fuzz_in.jsonl --output OUT_DIR/fuzz.expected.jsonl
     # drop records whose expected entry has `errors` or `random_used`, then
-    HINDSIGHT_FUZZ_DIR=OUT_DIR cargo test -p hindsight-constraints --test fuzz_diff -- --ignored
+    hindsight verify --bench ifbench --input OUT_DIR/fuzz_in.jsonl --output OUT_DIR/ours.jsonl
+    $ORACLE_HOME/venv/bin/python ../shared/oracle/compare.py OUT_DIR/ours.jsonl --other OUT_DIR/fuzz.expected.jsonl
 """
 import json, random, sys
 random.seed(7)
-O='/work/shared/oracle/'
+O='../shared/oracle/'
 desc=[json.loads(l) for l in open(O+'golden/ifbench_descriptions.jsonl')]
 kw_by_id={}
 for d in desc: kw_by_id.setdefault(d['instruction_id'],[]).append(d['kwargs'])

@@ -3,10 +3,11 @@
 Writes random records in the oracle's input format (key, prompt, instruction_id_list,
 kwargs, response) built from fragments that exercise the checkers' edge cases. Run:
 
-    python3 gen_fuzz.py OUT_DIR [N] [SEED]
-    $ORACLE_HOME/venv/bin/python /work/shared/oracle/verify.py --bench ifeval \
+    python3 scripts/fuzz/gen_ifeval_fuzz.py OUT_DIR [N] [SEED]
+    $ORACLE_HOME/venv/bin/python ../shared/oracle/verify.py --bench ifeval \
         --input OUT_DIR/fuzz_in.jsonl --output OUT_DIR/fuzz.expected.jsonl --summary OUT_DIR/s.json
-    HINDSIGHT_FUZZ_DIR=OUT_DIR cargo test -p hindsight-constraints --test fuzz_diff -- --ignored
+    hindsight verify --bench ifeval --input OUT_DIR/fuzz_in.jsonl --output OUT_DIR/ours.jsonl
+    $ORACLE_HOME/venv/bin/python ../shared/oracle/compare.py OUT_DIR/ours.jsonl --other OUT_DIR/fuzz.expected.jsonl
 """
 import json, random, sys
 
