@@ -162,7 +162,11 @@ impl Trainer {
             .collect();
         let (mut mismatch_sum, mut mismatch_max, mut mismatch_n) = (0f64, 0f64, 0usize);
         let total_tokens: usize = lengths.iter().sum();
-        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        // Running sums of the parameters' gradients, detached. candle's backward leaves graph
+        // references in the gradients it returns (of parameters and of constant leaves such as
+        // masks), which would keep every micro-batch's activations alive until the step ends;
+        // keeping only detached parameter gradients frees each micro-batch's graph at once.
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.model.vars().len()];
         let mut loss_sum = 0f64;
         let mut sums = PpoSums::default();
         for (c, chunk) in pairs.chunks(micro).enumerate() {
@@ -196,12 +200,25 @@ impl Trainer {
             sums.ratio_sum += s.ratio_sum;
             sums.kl_sum += s.kl_sum;
             let g = loss.backward()?;
-            match grads.as_mut() {
-                None => grads = Some(g),
-                Some(acc) => acc.extend(g)?,
+            for (slot, (_, var)) in acc.iter_mut().zip(self.model.vars()) {
+                if let Some(grad) = g.get(var.as_tensor()) {
+                    let grad = grad.detach();
+                    *slot = Some(match slot.take() {
+                        Some(sum) => (sum + grad)?.detach(),
+                        None => grad,
+                    });
+                }
             }
         }
-        let grads = grads.context("no gradient computed")?;
+        ensure!(acc.iter().any(Option::is_some), "no gradient computed");
+        // A gradient store holding only the parameters' gradients (the backward of a constant
+        // is the cheap way to get an empty one).
+        let mut grads = Tensor::zeros((), candle_core::DType::F32, &self.device)?.backward()?;
+        for (slot, (_, var)) in acc.into_iter().zip(self.model.vars()) {
+            if let Some(grad) = slot {
+                grads.insert(var.as_tensor(), grad);
+            }
+        }
         let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
         ensure!(norm.is_finite(), "gradient norm is not finite at step {step}");
         let scale = if norm > self.config.max_grad_norm {
