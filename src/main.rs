@@ -17,13 +17,28 @@ use telemetry::LogFormat;
 use tracing::Instrument;
 
 #[derive(Parser, Debug)]
-#[command(name = "hindsight", version, about = "Hindsight instruction Replay (HiR): distributed RL for instruction following")]
+#[command(
+    name = "hindsight",
+    version,
+    about = "Hindsight instruction Replay (HiR): distributed RL for instruction following"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "HINDSIGHT_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "HINDSIGHT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     /// Log level (RUST_LOG overrides).
-    #[arg(long, global = true, env = "HINDSIGHT_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "HINDSIGHT_LOG_LEVEL",
+        default_value = "info"
+    )]
     log_level: String,
     /// Address of this process's Prometheus `/metrics` endpoint (none = no exporter).
     #[arg(long, global = true, env = "HINDSIGHT_METRICS_ADDR")]
@@ -66,13 +81,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -112,20 +128,26 @@ fn main() -> Result<()> {
         let span = tracing::info_span!("hindsight", role);
         let result = async move {
             match cli.command {
-                Command::ReplayServer(args) => hindsight_replay_server::run(args, shutdown_signal()).await,
+                Command::ReplayServer(args) => {
+                    hindsight_replay_server::run(args, shutdown_signal()).await
+                }
                 Command::Learner(args) => hindsight_learner::run(args, shutdown_signal()).await,
                 Command::Actor(args) => hindsight_actor::run(args, shutdown_signal()).await,
                 Command::Up(args) => up::run(args, cli.log_format).await,
                 Command::FetchModel { cache_dir } => {
                     let dir = cache_dir.unwrap_or_else(hindsight_policy::default_cache_dir);
-                    let path = tokio::task::spawn_blocking(move || hindsight_policy::fetch_smollm2(&dir)).await??;
+                    let path =
+                        tokio::task::spawn_blocking(move || hindsight_policy::fetch_smollm2(&dir))
+                            .await??;
                     println!("{}", path.display());
                     Ok(())
                 }
                 Command::Status(args) => status::run(args).await,
                 Command::Verify(args) => verify::run(args),
                 Command::Bench(args) => verify::bench(args),
-                Command::Convert(args) => tokio::task::spawn_blocking(move || convert::run(args)).await?,
+                Command::Convert(args) => {
+                    tokio::task::spawn_blocking(move || convert::run(args)).await?
+                }
             }
         }
         .instrument(span)
@@ -151,15 +173,29 @@ mod tests {
 
     #[test]
     fn flags_parse_and_bad_values_are_refused_with_a_message() {
-        let cli = Cli::try_parse_from(["hindsight", "--threads", "1", "up", "--model", "tiny", "--actors", "3"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "hindsight",
+            "--threads",
+            "1",
+            "up",
+            "--model",
+            "tiny",
+            "--actors",
+            "3",
+        ])
+        .unwrap();
         assert_eq!(cli.threads, 1);
         match cli.command {
             Command::Up(a) => assert_eq!(a.actors, 3),
             other => panic!("parsed {other:?}"),
         }
-        let err = Cli::try_parse_from(["hindsight", "up", "--hindsight", "maybe"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from(["hindsight", "up", "--hindsight", "maybe"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("maybe") && err.contains("on"), "{err}");
-        let err = Cli::try_parse_from(["hindsight", "learner", "--advantage", "ppo"]).unwrap_err().to_string();
+        let err = Cli::try_parse_from(["hindsight", "learner", "--advantage", "ppo"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("reinforce++") && err.contains("grpo"), "{err}");
     }
 }

@@ -9,10 +9,18 @@ use hindsight_proto::v1::{HealthCheckRequest, ReplayStatusRequest};
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Replay server URL.
-    #[arg(long, env = "HINDSIGHT_REPLAY_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub replay: String,
     /// Learner URL.
-    #[arg(long, env = "HINDSIGHT_LEARNER_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_LEARNER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub learner: String,
 }
 
@@ -47,7 +55,10 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         s.learner_step, s.policy_version
     );
     for a in s.actors {
-        println!("  actor {}: policy version {}, groups {}", a.actor_id, a.policy_version, a.groups_accepted);
+        println!(
+            "  actor {}: policy version {}, groups {}",
+            a.actor_id, a.policy_version, a.groups_accepted
+        );
     }
     Ok(())
 }

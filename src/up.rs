@@ -149,7 +149,9 @@ pub fn scrape(addr: SocketAddr) -> Result<String> {
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    let (_, text) = body.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let (_, text) = body
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
     Ok(text.to_string())
 }
 
@@ -160,7 +162,9 @@ pub fn series_sum(page: &str, name: &str) -> Option<f64> {
         if line.starts_with('#') {
             continue;
         }
-        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
         if !(rest.starts_with(' ') || rest.starts_with('{')) {
             continue;
         }
@@ -172,7 +176,9 @@ pub fn series_sum(page: &str, name: &str) -> Option<f64> {
 }
 
 fn read_steps(path: &Path) -> Vec<Value> {
-    let Ok(f) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     std::io::BufReader::new(f)
         .lines()
         .map_while(Result::ok)
@@ -192,7 +198,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         PathBuf::from(format!("runs/{t}"))
     });
     let logs = run_dir.join("logs");
@@ -206,11 +215,17 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     }
     let already = read_steps(&steps_path).len();
     let exe = std::env::current_exe().context("locating the hindsight binary")?;
-    let cache = args.cache_dir.clone().unwrap_or_else(hindsight_policy::default_cache_dir);
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(hindsight_policy::default_cache_dir);
 
     // Fetch the model once, before three processes race for it.
     if args.model == "smollm2" {
-        eprintln!("fetching SmolLM2-135M-Instruct into {} (once)...", cache.display());
+        eprintln!(
+            "fetching SmolLM2-135M-Instruct into {} (once)...",
+            cache.display()
+        );
         hindsight_policy::fetch_smollm2(&cache)?;
     }
 
@@ -242,7 +257,14 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Proc { name: name.to_string(), child, log, metrics, peak_rss_kib: 0, exit: None })
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+            metrics,
+            peak_rss_kib: 0,
+            exit: None,
+        })
     };
 
     let mut replay_args: Vec<String> = vec![
@@ -300,7 +322,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         learner_args.push(lr.to_string());
     }
 
-    let mut procs = vec![spawn("replay-server", replay_args)?, spawn("learner", learner_args)?];
+    let mut procs = vec![
+        spawn("replay-server", replay_args)?,
+        spawn("learner", learner_args)?,
+    ];
     for i in 0..args.actors {
         procs.push(spawn(
             &format!("actor-{i}"),
@@ -325,7 +350,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         "metrics": procs.iter().map(|p| (p.name.clone(), format!("http://{}/metrics", p.metrics))).collect::<BTreeMap<_, _>>(),
         "pids": procs.iter().map(|p| (p.name.clone(), p.child.id())).collect::<BTreeMap<_, _>>(),
     });
-    std::fs::write(run_dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)?)?;
+    std::fs::write(
+        run_dir.join("endpoints.json"),
+        serde_json::to_string_pretty(&endpoints)?,
+    )?;
     eprintln!(
         "hindsight up: {} actor(s), model {}, {} steps; logs in {}",
         args.actors,
@@ -343,8 +371,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let pb = indicatif::ProgressBar::new(args.steps);
     pb.set_position(already as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] step {pos}/{len} {bar:30} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] step {pos}/{len} {bar:30} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb.set_message("starting services...");
     pb.enable_steady_tick(Duration::from_millis(200));
@@ -379,7 +409,11 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         if shown as u64 >= args.steps && done_at.is_none() {
             done_at = Some(Instant::now());
             if args.linger {
-                pb.println(format!("all {} steps done; services keep running (Ctrl-C to stop). endpoints: {}", args.steps, run_dir.join("endpoints.json").display()));
+                pb.println(format!(
+                    "all {} steps done; services keep running (Ctrl-C to stop). endpoints: {}",
+                    args.steps,
+                    run_dir.join("endpoints.json").display()
+                ));
             }
         }
         if done_at.is_some() && !args.linger {
@@ -404,8 +438,12 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             ));
             break;
         }
-        if done_at.is_none() && last_step_at.elapsed() > Duration::from_secs(args.step_timeout_secs) {
-            failure = Some(format!("no learner step for {}s (--step-timeout-secs)", args.step_timeout_secs));
+        if done_at.is_none() && last_step_at.elapsed() > Duration::from_secs(args.step_timeout_secs)
+        {
+            failure = Some(format!(
+                "no learner step for {}s (--step-timeout-secs)",
+                args.step_timeout_secs
+            ));
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -417,8 +455,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let mut generation_seconds = 0.0;
     for p in procs.iter().filter(|p| p.name.starts_with("actor")) {
         if let Ok(page) = scrape(p.metrics) {
-            generated_tokens += series_sum(&page, "hindsight_actor_generated_tokens_total").unwrap_or(0.0);
-            generation_seconds += series_sum(&page, "hindsight_actor_generation_seconds_sum").unwrap_or(0.0);
+            generated_tokens +=
+                series_sum(&page, "hindsight_actor_generated_tokens_total").unwrap_or(0.0);
+            generation_seconds +=
+                series_sum(&page, "hindsight_actor_generation_seconds_sum").unwrap_or(0.0);
         }
     }
     // Stop actors first, then the learner, then the replay server (it flushes its log last).
@@ -429,7 +469,11 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let steps = read_steps(&steps_path);
     let mean = |key: &str| {
         let v: Vec<f64> = steps.iter().filter_map(|s| s[key].as_f64()).collect();
-        if v.is_empty() { Value::Null } else { json!(v.iter().sum::<f64>() / v.len() as f64) }
+        if v.is_empty() {
+            Value::Null
+        } else {
+            json!(v.iter().sum::<f64>() / v.len() as f64)
+        }
     };
     let summary = json!({
         "model": args.model,
@@ -463,7 +507,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
 }
 
 /// Sets `flag` when signal `sig` arrives (async-signal-safe: one atomic store).
-fn signal_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+fn signal_flag(
+    sig: libc::c_int,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     use std::sync::atomic::{AtomicPtr, Ordering};
     static FLAG: AtomicPtr<std::sync::atomic::AtomicBool> = AtomicPtr::new(std::ptr::null_mut());
     extern "C" fn handler(_: libc::c_int) {

@@ -36,7 +36,10 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line in {}: {e}: {l}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("bad JSON line in {}: {e}: {l}", path.display()))
+        })
         .collect()
 }
 
@@ -49,13 +52,22 @@ fn dump_logs(run_dir: &Path) -> String {
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        out += &format!("\n===== {} (last 40 lines)\n{}", f.display(), lines[lines.len().saturating_sub(40)..].join("\n"));
+        out += &format!(
+            "\n===== {} (last 40 lines)\n{}",
+            f.display(),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
     }
     out
 }
 
 /// Waits until the learner's step log has `steps` lines; panics with every log on failure.
-pub fn wait_for_steps(up: &mut Child, run_dir: &Path, steps: usize, timeout: Duration) -> Vec<Value> {
+pub fn wait_for_steps(
+    up: &mut Child,
+    run_dir: &Path,
+    steps: usize,
+    timeout: Duration,
+) -> Vec<Value> {
     let started = Instant::now();
     loop {
         let lines = read_jsonl(&run_dir.join("steps.jsonl"));
@@ -67,7 +79,11 @@ pub fn wait_for_steps(up: &mut Child, run_dir: &Path, steps: usize, timeout: Dur
         }
         if started.elapsed() > timeout {
             let _ = up.kill();
-            panic!("only {} of {steps} steps after {timeout:?}{}", lines.len(), dump_logs(run_dir));
+            panic!(
+                "only {} of {steps} steps after {timeout:?}{}",
+                lines.len(),
+                dump_logs(run_dir)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -85,25 +101,40 @@ pub fn stop_up(mut up: Child, run_dir: &Path) -> Value {
         }
         if started.elapsed() > Duration::from_secs(90) {
             let _ = up.kill();
-            panic!("hindsight up did not stop within 90 s{}", dump_logs(run_dir));
+            panic!(
+                "hindsight up did not stop within 90 s{}",
+                dump_logs(run_dir)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(status.success(), "hindsight up failed: {status}{}", dump_logs(run_dir));
+    assert!(
+        status.success(),
+        "hindsight up failed: {status}{}",
+        dump_logs(run_dir)
+    );
     let text = std::fs::read_to_string(run_dir.join("summary.json"))
         .unwrap_or_else(|e| panic!("no summary.json: {e}{}", dump_logs(run_dir)));
     serde_json::from_str(&text).unwrap()
 }
 
 pub fn scrape(url: &str) -> String {
-    let addr = url.trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
     let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.") && body.contains(" 200 "), "bad response from {url}: {body:.200}");
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    assert!(
+        body.starts_with("HTTP/1.") && body.contains(" 200 "),
+        "bad response from {url}: {body:.200}"
+    );
+    body.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 /// Values of every sample of series `name` in a Prometheus text page.

@@ -14,8 +14,18 @@ fn smollm2_cluster_takes_one_step() {
     let mut up = start_up(
         &run_dir,
         &[
-            "--model", "smollm2", "--actors", "1", "--steps", "1", "--prompts-per-batch", "1",
-            "--max-new-tokens", "32", "--threads-per-process", "2",
+            "--model",
+            "smollm2",
+            "--actors",
+            "1",
+            "--steps",
+            "1",
+            "--prompts-per-batch",
+            "1",
+            "--max-new-tokens",
+            "32",
+            "--threads-per-process",
+            "2",
         ],
     );
     let steps = wait_for_steps(&mut up, &run_dir, 1, Duration::from_secs(1200));
@@ -33,5 +43,7 @@ fn smollm2_cluster_takes_one_step() {
         summary["processes"]
     );
     let samples = read_jsonl(&run_dir.join("batches.jsonl"));
-    assert!(samples.iter().all(|x| !x["instruction"].as_str().unwrap().is_empty()));
+    assert!(samples
+        .iter()
+        .all(|x| !x["instruction"].as_str().unwrap().is_empty()));
 }

@@ -15,33 +15,65 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     // Our own prompt file: exercises the JSONL loader and lets the test re-derive rewrites.
     let records: Vec<PromptRecord> = generate_prompts(7, 64);
     let prompts = dir.path().join("prompts.jsonl");
-    std::fs::write(&prompts, records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect::<String>()).unwrap();
+    std::fs::write(
+        &prompts,
+        records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
 
     let mut up = start_up(
         &run_dir,
         &[
-            "--model", "tiny", "--actors", "2", "--steps", "3", "--prompts", prompts.to_str().unwrap(),
-            "--max-new-tokens", "48", "--prompts-per-batch", "2", "--threads-per-process", "1",
+            "--model",
+            "tiny",
+            "--actors",
+            "2",
+            "--steps",
+            "3",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "48",
+            "--prompts-per-batch",
+            "2",
+            "--threads-per-process",
+            "1",
         ],
     );
     let steps = wait_for_steps(&mut up, &run_dir, 3, Duration::from_secs(600));
 
     // Losses are finite and versions advance one per step.
     for (i, s) in steps.iter().enumerate() {
-        assert!(s["loss"].as_f64().expect("loss").is_finite(), "step {i}: {s}");
+        assert!(
+            s["loss"].as_f64().expect("loss").is_finite(),
+            "step {i}: {s}"
+        );
         assert!(s["grad_norm"].as_f64().expect("grad_norm").is_finite());
         assert_eq!(s["policy_version"].as_u64(), Some(i as u64 + 1));
-        assert_eq!(s["original_samples"].as_u64(), Some(12), "2 prompts x m=6 originals: {s}");
+        assert_eq!(
+            s["original_samples"].as_u64(),
+            Some(12),
+            "2 prompts x m=6 originals: {s}"
+        );
     }
 
     // The learner scores the actors' on-policy tokens as the actors did (same weights, same
     // model maths on both sides): the first batch is all version-0 rollouts.
-    let mismatch = steps[0]["logprob_mismatch_max"].as_f64().expect("step 1 has on-policy samples");
-    assert!(mismatch < 1e-3, "actor vs learner log-prob mismatch {mismatch}");
+    let mismatch = steps[0]["logprob_mismatch_max"]
+        .as_f64()
+        .expect("step 1 has on-policy samples");
+    assert!(
+        mismatch < 1e-3,
+        "actor vs learner log-prob mismatch {mismatch}"
+    );
 
     // Every service answers /metrics with its named series.
     let endpoints: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join("endpoints.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("endpoints.json")).unwrap())
+            .unwrap();
     let m = &endpoints["metrics"];
     let replay = scrape(m["replay-server"].as_str().unwrap());
     for name in [
@@ -52,14 +84,29 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         "hindsight_batches_total",
         "hindsight_learner_step",
     ] {
-        assert!(!series(&replay, name).is_empty(), "replay server lacks {name}:\n{replay}");
+        assert!(
+            !series(&replay, name).is_empty(),
+            "replay server lacks {name}:\n{replay}"
+        );
     }
-    assert!(series(&replay, "hindsight_verifications_total").iter().sum::<f64>() > 0.0);
+    assert!(
+        series(&replay, "hindsight_verifications_total")
+            .iter()
+            .sum::<f64>()
+            > 0.0
+    );
     let learner = scrape(m["learner"].as_str().unwrap());
-    assert_eq!(series(&learner, "hindsight_learner_step"), vec![3.0], "{learner}");
+    assert_eq!(
+        series(&learner, "hindsight_learner_step"),
+        vec![3.0],
+        "{learner}"
+    );
     assert_eq!(series(&learner, "hindsight_weight_version"), vec![3.0]);
     assert!(!series(&learner, "hindsight_loss").is_empty());
-    assert!(!series(&learner, "hindsight_step_seconds_count").is_empty(), "{learner}");
+    assert!(
+        !series(&learner, "hindsight_step_seconds_count").is_empty(),
+        "{learner}"
+    );
     // Actors pick up newer weights between generation batches.
     let started = Instant::now();
     loop {
@@ -67,26 +114,51 @@ fn tiny_cluster_trains_with_hindsight_replay() {
             .iter()
             .map(|a| {
                 let page = scrape(m[*a].as_str().unwrap());
-                assert!(!series(&page, "hindsight_actor_generated_tokens_total").is_empty(), "{page}");
-                series(&page, "hindsight_actor_policy_version").first().copied().unwrap_or(0.0)
+                assert!(
+                    !series(&page, "hindsight_actor_generated_tokens_total").is_empty(),
+                    "{page}"
+                );
+                series(&page, "hindsight_actor_policy_version")
+                    .first()
+                    .copied()
+                    .unwrap_or(0.0)
             })
             .collect();
         if versions.iter().all(|v| *v >= 1.0) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "actors still on versions {versions:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "actors still on versions {versions:?}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 
     // `hindsight status` reports every service and actor.
     let out = hindsight()
-        .args(["status", "--replay", endpoints["replay"].as_str().unwrap(), "--learner", endpoints["learner"].as_str().unwrap()])
+        .args([
+            "status",
+            "--replay",
+            endpoints["replay"].as_str().unwrap(),
+            "--learner",
+            endpoints["learner"].as_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("replay-server Serving") && text.contains("learner Serving"), "{text}");
-    assert!(text.contains("actor actor-0") && text.contains("actor actor-1"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("replay-server Serving") && text.contains("learner Serving"),
+        "{text}"
+    );
+    assert!(
+        text.contains("actor actor-0") && text.contains("actor actor-1"),
+        "{text}"
+    );
 
     let summary = stop_up(up, &run_dir);
     assert_eq!(summary["ok"], true, "{summary}");
@@ -99,19 +171,46 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     let samples = read_jsonl(&run_dir.join("batches.jsonl"));
     assert!(!samples.is_empty());
     let replays: Vec<_> = samples.iter().filter(|s| s["is_replay"] == true).collect();
-    assert!(!replays.is_empty(), "no replay in {} samples", samples.len());
+    assert!(
+        !replays.is_empty(),
+        "no replay in {} samples",
+        samples.len()
+    );
     for r in &replays {
         assert_eq!(r["reward"].as_f64(), Some(1.0), "{r}");
-        let record = records.iter().find(|p| p.id == r["prompt_id"].as_str().unwrap()).expect("known prompt");
+        let record = records
+            .iter()
+            .find(|p| p.id == r["prompt_id"].as_str().unwrap())
+            .expect("known prompt");
         let compiled = record.compile().unwrap();
-        let verdicts: Vec<bool> = r["verdicts"].as_array().unwrap().iter().map(|v| v.as_bool().unwrap()).collect();
+        let verdicts: Vec<bool> = r["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
         // The verdicts are those of the source response, and it did fail.
-        assert_eq!(compiled.verify(r["response"].as_str().unwrap()), verdicts, "{r}");
-        assert!(verdicts.iter().any(|v| *v) && !verdicts.iter().all(|v| *v), "{r}");
+        assert_eq!(
+            compiled.verify(r["response"].as_str().unwrap()),
+            verdicts,
+            "{r}"
+        );
+        assert!(
+            verdicts.iter().any(|v| *v) && !verdicts.iter().all(|v| *v),
+            "{r}"
+        );
         let rewrite = compiled.rewrite(&verdicts).expect("a rewrite");
-        assert_eq!(r["instruction"].as_str().unwrap(), rewrite.instruction, "{r}");
-        let kept: Vec<String> =
-            r["kept_instruction_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert_eq!(
+            r["instruction"].as_str().unwrap(),
+            rewrite.instruction,
+            "{r}"
+        );
+        let kept: Vec<String> = r["kept_instruction_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
         let satisfied: Vec<String> = record
             .constraints
             .iter()
@@ -124,25 +223,45 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     // Originals: rewards agree with the verdicts.
     for s in samples.iter().filter(|s| s["is_replay"] == false) {
         let all = s["verdicts"].as_array().unwrap().iter().all(|v| v == true);
-        assert_eq!(s["reward"].as_f64(), Some(if all { 1.0 } else { 0.0 }), "{s}");
+        assert_eq!(
+            s["reward"].as_f64(),
+            Some(if all { 1.0 } else { 0.0 }),
+            "{s}"
+        );
     }
     // Actors used newer weights: some trained sample was generated after step 1.
     assert!(
-        samples.iter().any(|s| s["policy_version"].as_u64().unwrap_or(0) >= 1),
+        samples
+            .iter()
+            .any(|s| s["policy_version"].as_u64().unwrap_or(0) >= 1),
         "every sample came from the base weights"
     );
     // The actors' logs show the swaps.
     let log = std::fs::read_to_string(run_dir.join("logs/actor-0.log")).unwrap()
         + &std::fs::read_to_string(run_dir.join("logs/actor-1.log")).unwrap();
-    assert!(log.contains("weights updated"), "no weight update in the actor logs");
+    assert!(
+        log.contains("weights updated"),
+        "no weight update in the actor logs"
+    );
 
     // Checkpoints are ordinary HF checkpoints: they load as a model directory.
     let ckpt = run_dir.join("checkpoints/step-00000003");
-    for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "trainer_state.json"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
         assert!(ckpt.join(f).exists(), "checkpoint lacks {f}");
     }
-    let reloaded = hindsight_policy::load(ckpt.to_str().unwrap(), dir.path(), &hindsight_policy::Device::Cpu)
-        .expect("the learner's checkpoint loads as an HF checkpoint");
+    let reloaded = hindsight_policy::load(
+        ckpt.to_str().unwrap(),
+        dir.path(),
+        &hindsight_policy::Device::Cpu,
+    )
+    .expect("the learner's checkpoint loads as an HF checkpoint");
     let base = hindsight_policy::tiny(0).unwrap();
     assert_eq!(reloaded.config.hidden_size, base.config.hidden_size);
     assert_eq!(
@@ -152,8 +271,24 @@ fn tiny_cluster_trains_with_hindsight_replay() {
 
     // Resume: the learner continues from its step-3 checkpoint, the replay server from its log.
     let status = hindsight()
-        .args(["up", "--resume", "--run-dir", run_dir.to_str().unwrap(), "--model", "tiny", "--actors", "1"])
-        .args(["--steps", "4", "--prompts", prompts.to_str().unwrap(), "--max-new-tokens", "48"])
+        .args([
+            "up",
+            "--resume",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--model",
+            "tiny",
+            "--actors",
+            "1",
+        ])
+        .args([
+            "--steps",
+            "4",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "48",
+        ])
         .args(["--prompts-per-batch", "2", "--threads-per-process", "1"])
         .status()
         .unwrap();
@@ -163,5 +298,8 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     assert_eq!(steps[3]["step"], 4);
     assert_eq!(steps[3]["policy_version"], 4);
     let learner_log = std::fs::read_to_string(run_dir.join("logs/learner.log")).unwrap();
-    assert!(learner_log.contains("resumed from checkpoint"), "{learner_log}");
+    assert!(
+        learner_log.contains("resumed from checkpoint"),
+        "{learner_log}"
+    );
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hindsight_policy::{Device, SamplingParams, Sampler, Weights};
+use hindsight_policy::{Device, Sampler, SamplingParams, Weights};
 use hindsight_proto::v1::health_server::{Health, HealthServer};
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::weights_client::WeightsClient;
@@ -34,10 +34,18 @@ use tracing::{info, warn};
 #[derive(clap::Args, Clone, Debug)]
 pub struct ActorArgs {
     /// Replay server to lease prompts from and stream rollouts to.
-    #[arg(long, env = "HINDSIGHT_REPLAY_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub replay: String,
     /// Learner whose Weights service publishes new versions.
-    #[arg(long, env = "HINDSIGHT_LEARNER_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_LEARNER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub learner: String,
     /// Model to generate with (must be the learner's base model): "tiny", "smollm2" or a .gguf path.
     #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
@@ -63,8 +71,14 @@ pub struct ActorArgs {
 }
 
 fn default_actor_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    let host = if host.is_empty() { "local".to_string() } else { host };
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host = if host.is_empty() {
+        "local".to_string()
+    } else {
+        host
+    };
     format!("actor-{host}-{}", std::process::id())
 }
 
@@ -137,7 +151,10 @@ async fn open_stream(client: &mut ReplayClient<Channel>) -> Result<RolloutStream
 }
 
 /// Runs the actor until `shutdown` resolves (or `--max-groups` is reached).
-pub async fn run(args: ActorArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    args: ActorArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     use tracing::Instrument;
     metrics::describe();
     let actor_id = args.actor_id.clone().unwrap_or_else(default_actor_id);
@@ -151,11 +168,21 @@ async fn run_actor(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let device = Device::Cpu;
-    let cache = args.cache_dir.clone().unwrap_or_else(hindsight_policy::default_cache_dir);
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(hindsight_policy::default_cache_dir);
     let spec = args.model.clone();
-    let loaded = tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &Device::Cpu)).await??;
+    let loaded =
+        tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &Device::Cpu))
+            .await??;
     let tokenizer = loaded.tokenizer;
-    let mut sampler = Sampler::new(&loaded.config, &loaded.weights, tokenizer.stop_token_ids(), &device)?;
+    let mut sampler = Sampler::new(
+        &loaded.config,
+        &loaded.weights,
+        tokenizer.stop_token_ids(),
+        &device,
+    )?;
     drop(loaded.weights);
     info!(model = %loaded.name, "actor ready");
 
@@ -167,15 +194,24 @@ async fn run_actor(
         let _ = stop_tx.send(true);
     });
     if let Some(addr) = args.listen {
-        let health = ActorHealth { started: Instant::now(), id: actor_id.clone(), version: version.clone() };
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let health = ActorHealth {
+            started: Instant::now(),
+            id: actor_id.clone(),
+            version: version.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         let mut stop = stop_rx.clone();
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(HealthServer::new(health))
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                ),
         );
     }
 
@@ -203,15 +239,28 @@ async fn run_actor(
                         match w {
                             Ok(()) => {
                                 version.store(manifest.version, Ordering::Relaxed);
-                                ::metrics::gauge!(metrics::POLICY_VERSION).set(manifest.version as f64);
+                                ::metrics::gauge!(metrics::POLICY_VERSION)
+                                    .set(manifest.version as f64);
                                 ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
-                                ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS).record(started.elapsed().as_secs_f64());
-                                info!(policy_version = manifest.version, from = current, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "weights updated");
+                                ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS)
+                                    .record(started.elapsed().as_secs_f64());
+                                info!(
+                                    policy_version = manifest.version,
+                                    from = current,
+                                    secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+                                    "weights updated"
+                                );
                             }
-                            Err(e) => warn!(error = format!("{e:#}"), "could not load weights; keeping the current version"),
+                            Err(e) => warn!(
+                                error = format!("{e:#}"),
+                                "could not load weights; keeping the current version"
+                            ),
                         }
                     }
-                    Err(e) => warn!(error = format!("{e:#}"), "weight fetch failed; keeping the current version"),
+                    Err(e) => warn!(
+                        error = format!("{e:#}"),
+                        "weight fetch failed; keeping the current version"
+                    ),
                 }
             }
             Ok(None) => {}
@@ -221,7 +270,11 @@ async fn run_actor(
 
         // 2. Lease work.
         let lease = match replay
-            .lease_prompts(LeaseRequest { actor_id: actor_id.clone(), max_prompts: args.prompts_per_lease, policy_version })
+            .lease_prompts(LeaseRequest {
+                actor_id: actor_id.clone(),
+                max_prompts: args.prompts_per_lease,
+                policy_version,
+            })
             .await
         {
             Ok(r) => r.into_inner(),
@@ -252,9 +305,16 @@ async fn run_actor(
         batch_no += 1;
         let params = SamplingParams {
             temperature: sampling.temperature,
-            top_p: if sampling.top_p > 0.0 { sampling.top_p } else { 1.0 },
+            top_p: if sampling.top_p > 0.0 {
+                sampling.top_p
+            } else {
+                1.0
+            },
             max_new_tokens: sampling.max_new_tokens.max(1) as usize,
-            seed: mix(mix(args.seed, batch_no), actor_id.bytes().fold(0u64, |h, b| mix(h, b as u64))),
+            seed: mix(
+                mix(args.seed, batch_no),
+                actor_id.bytes().fold(0u64, |h, b| mix(h, b as u64)),
+            ),
         };
 
         // 3. Generate (CPU-heavy; off the async workers).
@@ -263,9 +323,17 @@ async fn run_actor(
         let generations = match generations {
             Ok(g) => g,
             Err(e) => {
-                warn!(error = format!("{e:#}"), "generation failed; giving the leases back");
+                warn!(
+                    error = format!("{e:#}"),
+                    "generation failed; giving the leases back"
+                );
                 let ids = lease.prompts.iter().map(|p| p.lease_id.clone()).collect();
-                let _ = replay.release_leases(ReleaseLeasesRequest { actor_id: actor_id.clone(), lease_ids: ids }).await;
+                let _ = replay
+                    .release_leases(ReleaseLeasesRequest {
+                        actor_id: actor_id.clone(),
+                        lease_ids: ids,
+                    })
+                    .await;
                 continue;
             }
         };
@@ -275,7 +343,13 @@ async fn run_actor(
         ::metrics::counter!(metrics::GENERATED_TOKENS).increment(tokens as u64);
         ::metrics::counter!(metrics::RESPONSES).increment(generations.len() as u64);
         ::metrics::gauge!(metrics::TOKENS_PER_SECOND).set(tokens as f64 / secs.max(1e-9));
-        info!(policy_version, prompts = lease.prompts.len(), tokens, tok_per_s = format!("{:.1}", tokens as f64 / secs.max(1e-9)), "generated");
+        info!(
+            policy_version,
+            prompts = lease.prompts.len(),
+            tokens,
+            tok_per_s = format!("{:.1}", tokens as f64 / secs.max(1e-9)),
+            "generated"
+        );
 
         let mut groups = Vec::with_capacity(lease.prompts.len());
         for (p, gens) in lease.prompts.iter().zip(generations.chunks(per_prompt)) {

@@ -13,13 +13,27 @@ pub const REJECTED_GROUPS: &str = "hindsight_actor_groups_rejected_total";
 
 pub fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(ROLLOUT_GROUPS, "Rollout groups acknowledged by the replay server");
+    describe_counter!(
+        ROLLOUT_GROUPS,
+        "Rollout groups acknowledged by the replay server"
+    );
     describe_counter!(RESPONSES, "Responses generated");
     describe_counter!(GENERATED_TOKENS, "Tokens generated");
-    describe_histogram!(GENERATION_SECONDS, Unit::Seconds, "Wall time of one generation batch");
+    describe_histogram!(
+        GENERATION_SECONDS,
+        Unit::Seconds,
+        "Wall time of one generation batch"
+    );
     describe_gauge!(TOKENS_PER_SECOND, "Generation throughput of the last batch");
     describe_gauge!(POLICY_VERSION, "Weight version this actor generates with");
     describe_counter!(WEIGHT_UPDATES, "Weight versions swapped in");
-    describe_histogram!(WEIGHT_FETCH_SECONDS, Unit::Seconds, "Time to fetch, verify and load a weight version");
-    describe_counter!(REJECTED_GROUPS, "Groups the replay server did not accept (expired lease, stale)");
+    describe_histogram!(
+        WEIGHT_FETCH_SECONDS,
+        Unit::Seconds,
+        "Time to fetch, verify and load a weight version"
+    );
+    describe_counter!(
+        REJECTED_GROUPS,
+        "Groups the replay server did not accept (expired lease, stale)"
+    );
 }

@@ -14,9 +14,15 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// The newest manifest if it is newer than `current` (no waiting), else `None`.
-pub async fn newer_manifest(client: &mut WeightsClient<Channel>, current: u64) -> Result<Option<WeightsManifest>> {
+pub async fn newer_manifest(
+    client: &mut WeightsClient<Channel>,
+    current: u64,
+) -> Result<Option<WeightsManifest>> {
     let m = client
-        .latest(LatestWeightsRequest { newer_than: current, wait_ms: 0 })
+        .latest(LatestWeightsRequest {
+            newer_than: current,
+            wait_ms: 0,
+        })
         .await
         .context("Weights.Latest")?
         .into_inner();
@@ -24,7 +30,10 @@ pub async fn newer_manifest(client: &mut WeightsClient<Channel>, current: u64) -
 }
 
 /// Downloads and verifies the payload described by `manifest`.
-pub async fn fetch(client: &mut WeightsClient<Channel>, manifest: &WeightsManifest) -> Result<Vec<u8>> {
+pub async fn fetch(
+    client: &mut WeightsClient<Channel>,
+    manifest: &WeightsManifest,
+) -> Result<Vec<u8>> {
     let total = usize::try_from(manifest.total_bytes).context("weights too large")?;
     let chunks = manifest.chunk_sha256.len();
     let mut payload = Vec::with_capacity(total);
@@ -33,10 +42,16 @@ pub async fn fetch(client: &mut WeightsClient<Channel>, manifest: &WeightsManife
     while next < chunks {
         attempts += 1;
         if attempts > 5 {
-            bail!("weights version {}: giving up after {attempts} broken transfers", manifest.version);
+            bail!(
+                "weights version {}: giving up after {attempts} broken transfers",
+                manifest.version
+            );
         }
         let mut stream = client
-            .fetch(FetchWeightsRequest { version: manifest.version, first_chunk: next as u32 })
+            .fetch(FetchWeightsRequest {
+                version: manifest.version,
+                first_chunk: next as u32,
+            })
             .await
             .with_context(|| format!("fetching weights version {}", manifest.version))?
             .into_inner();
@@ -66,7 +81,16 @@ pub async fn fetch(client: &mut WeightsClient<Channel>, manifest: &WeightsManife
             next += 1;
         }
     }
-    ensure!(payload.len() == total, "weights version {}: got {} bytes, manifest says {total}", manifest.version, payload.len());
-    ensure!(sha256_hex(&payload) == manifest.sha256, "weights version {} fails its checksum", manifest.version);
+    ensure!(
+        payload.len() == total,
+        "weights version {}: got {} bytes, manifest says {total}",
+        manifest.version,
+        payload.len()
+    );
+    ensure!(
+        sha256_hex(&payload) == manifest.sha256,
+        "weights version {} fails its checksum",
+        manifest.version
+    );
     Ok(payload)
 }

@@ -5,7 +5,9 @@
 //! of the tensor library. The trainer pads the result into tensors.
 
 /// Which estimator the learner uses (`--advantage`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum AdvantageKind {
     /// REINFORCE++: token-level returns with a KL penalty, whitened over the whole batch.
@@ -66,7 +68,12 @@ pub fn reinforce_pp(
     }
     let mean = returns.iter().flatten().sum::<f64>() / count as f64;
     let var = if count > 1 {
-        returns.iter().flatten().map(|g| (g - mean) * (g - mean)).sum::<f64>() / (count - 1) as f64
+        returns
+            .iter()
+            .flatten()
+            .map(|g| (g - mean) * (g - mean))
+            .sum::<f64>()
+            / (count - 1) as f64
     } else {
         0.0
     };

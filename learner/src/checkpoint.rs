@@ -53,7 +53,8 @@ pub fn save(
     optimizer_safetensors: &[u8],
     write_model: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    fs::create_dir_all(dir).with_context(|| format!("creating checkpoint dir {}", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating checkpoint dir {}", dir.display()))?;
     let name = format!("step-{:08}", state.step);
     let tmp = dir.join(format!(".tmp-{name}"));
     let dest = dir.join(&name);
@@ -63,7 +64,10 @@ pub fn save(
     fs::create_dir_all(&tmp)?;
     write_model(&tmp).context("writing the model files of the checkpoint")?;
     write_file(&tmp.join("optimizer.safetensors"), optimizer_safetensors)?;
-    write_file(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    write_file(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
     if dest.exists() {
         fs::remove_dir_all(&dest)?;
     }
@@ -86,7 +90,8 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>> {
         bail!("{} names no checkpoint ({name:?})", latest.display());
     }
     let path = dir.join(&name);
-    let read = |f: &str| fs::read(path.join(f)).with_context(|| format!("reading {}/{f}", path.display()));
+    let read =
+        |f: &str| fs::read(path.join(f)).with_context(|| format!("reading {}/{f}", path.display()));
     let state: TrainerState = serde_json::from_slice(&read("trainer_state.json")?)
         .with_context(|| format!("parsing {}/trainer_state.json", path.display()))?;
     Ok(Some(Checkpoint {
@@ -112,8 +117,13 @@ mod tests {
                 Ok(())
             }
         };
-        let mut state =
-            TrainerState { step: 3, policy_version: 3, last_batch_id: 7, tokens_trained: 99, base_model: "tiny".into() };
+        let mut state = TrainerState {
+            step: 3,
+            policy_version: 3,
+            last_batch_id: 7,
+            tokens_trained: 99,
+            base_model: "tiny".into(),
+        };
         save(dir.path(), &state, &[4, 5], model(vec![1, 2, 3]))?;
         state.step = 6;
         let path = save(dir.path(), &state, &[4, 5], model(vec![9]))?;

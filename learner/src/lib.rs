@@ -45,10 +45,18 @@ use trainer::{StepStats, TrainConfig, Trainer};
 #[derive(clap::Args, Clone, Debug)]
 pub struct LearnerArgs {
     /// Replay server to pull batches from.
-    #[arg(long, env = "HINDSIGHT_REPLAY_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub replay: String,
     /// Address of the learner's gRPC server (Weights + Health).
-    #[arg(long, env = "HINDSIGHT_LEARNER_LISTEN", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_LEARNER_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
     pub listen: SocketAddr,
     /// Model to train: "tiny", "smollm2" or a path to a .gguf file.
     #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
@@ -66,7 +74,12 @@ pub struct LearnerArgs {
     #[arg(long, env = "HINDSIGHT_MAX_GRAD_NORM", default_value_t = 1.0)]
     pub max_grad_norm: f64,
     /// Advantage estimator.
-    #[arg(long, env = "HINDSIGHT_ADVANTAGE", value_enum, default_value = "reinforce++")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_ADVANTAGE",
+        value_enum,
+        default_value = "reinforce++"
+    )]
     pub advantage: AdvantageKind,
     /// Load a frozen reference model (the starting weights) for the REINFORCE++ KL term.
     #[arg(long, env = "HINDSIGHT_REFERENCE_MODEL", default_value_t = false)]
@@ -164,7 +177,10 @@ async fn connect_replay(url: &str) -> Result<ReplayClient<tonic::transport::Chan
 }
 
 /// Runs the learner until `--max-steps` is reached or `shutdown` resolves.
-pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    args: LearnerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     if args.world_size != 1 || args.rank != 0 {
         bail!(
             "--world-size {} / --rank {}: multi-rank training (gradient all-reduce) is not implemented yet; run one learner with --world-size 1",
@@ -174,33 +190,59 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
     }
     metrics::describe();
     let device = hindsight_policy::Device::Cpu;
-    let cache = args.cache_dir.clone().unwrap_or_else(hindsight_policy::default_cache_dir);
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(hindsight_policy::default_cache_dir);
     let spec = args.model.clone();
-    let loaded = tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &device))
-        .await??;
+    let loaded =
+        tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &device))
+            .await??;
     info!(model = %loaded.name, params = loaded.weights.num_parameters(), "model loaded");
     let config = TrainConfig {
         lr: args.lr,
         weight_decay: args.weight_decay,
         max_grad_norm: args.max_grad_norm,
         advantage: args.advantage,
-        kl_beta: if args.reference_model { args.kl_beta } else { 0.0 },
-        ppo: PpoConfig { clip: args.clip, dual_clip: args.dual_clip },
+        kl_beta: if args.reference_model {
+            args.kl_beta
+        } else {
+            0.0
+        },
+        ppo: PpoConfig {
+            clip: args.clip,
+            dual_clip: args.dual_clip,
+        },
         micro_batch: args.micro_batch,
     };
-    let mut trainer = Trainer::new(&loaded, args.reference_model, config, &hindsight_policy::Device::Cpu)?;
+    let mut trainer = Trainer::new(
+        &loaded,
+        args.reference_model,
+        config,
+        &hindsight_policy::Device::Cpu,
+    )?;
     let tokenizer = loaded.tokenizer;
     drop(loaded.weights);
 
     let store = WeightStore::new(args.keep_versions, hindsight_proto::WEIGHT_CHUNK_BYTES);
-    let mut state = TrainerState { base_model: args.model.clone(), ..Default::default() };
+    let mut state = TrainerState {
+        base_model: args.model.clone(),
+        ..Default::default()
+    };
     if args.resume {
-        let dir = args.checkpoint_dir.as_ref().context("--resume needs --checkpoint-dir")?;
+        let dir = args
+            .checkpoint_dir
+            .as_ref()
+            .context("--resume needs --checkpoint-dir")?;
         if let Some(ckpt) = checkpoint::load_latest(dir)? {
             trainer.import_weights(&ckpt.model_safetensors)?;
             trainer.optimizer.load_state(&ckpt.optimizer_safetensors)?;
             state = ckpt.state;
-            info!(step = state.step, policy_version = state.policy_version, "resumed from checkpoint");
+            info!(
+                step = state.step,
+                policy_version = state.policy_version,
+                "resumed from checkpoint"
+            );
             // Actors start from the base model: publish the resumed weights at once.
             store.publish(state.policy_version, state.step, ckpt.model_safetensors);
         } else {
@@ -212,7 +254,12 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
     // gRPC server: Weights + Health.
     let (step_tx, step_rx) = watch::channel(state.step);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health = LearnerHealth { started: Instant::now(), store: store.clone(), id: args.learner_id.clone(), step: step_rx };
+    let health = LearnerHealth {
+        started: Instant::now(),
+        store: store.clone(),
+        id: args.learner_id.clone(),
+        step: step_rx,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding learner gRPC address {}", args.listen))?;
@@ -225,9 +272,12 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
                     .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
             )
             .add_service(HealthServer::new(health))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            }),
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                },
+            ),
     );
     let shutdown_task = {
         let stop_tx = stop_tx.clone();
@@ -248,8 +298,17 @@ pub async fn run(args: LearnerArgs, shutdown: impl Future<Output = ()> + Send + 
         None => None,
     };
 
-    let result =
-        train_loop(&args, &mut trainer, &store, &mut state, &step_tx, &mut step_log, stop_rx.clone(), &tokenizer).await;
+    let result = train_loop(
+        &args,
+        &mut trainer,
+        &store,
+        &mut state,
+        &step_tx,
+        &mut step_log,
+        stop_rx.clone(),
+        &tokenizer,
+    )
+    .await;
     if let Err(e) = &result {
         warn!(error = format!("{e:#}"), "learner loop ended with an error");
     } else if args.linger {
@@ -280,7 +339,11 @@ async fn train_loop(
             info!(step = state.step, "reached --max-steps");
             break;
         }
-        let request = BatchStreamRequest { learner_id: args.learner_id.clone(), rank: args.rank, world_size: args.world_size };
+        let request = BatchStreamRequest {
+            learner_id: args.learner_id.clone(),
+            rank: args.rank,
+            world_size: args.world_size,
+        };
         let mut stream = tokio::select! {
             r = client.stream_batches(request) => match r {
                 Ok(s) => s.into_inner(),
@@ -312,11 +375,12 @@ async fn train_loop(
             };
             let step = state.step + 1;
             // CPU-heavy: keep it off the async workers.
-            let (stats, payload) = tokio::task::block_in_place(|| -> Result<(StepStats, Vec<u8>)> {
-                let stats = trainer.train_step(&batch, step, state.policy_version)?;
-                let payload = trainer.export_weights()?;
-                Ok((stats, payload))
-            })?;
+            let (stats, payload) =
+                tokio::task::block_in_place(|| -> Result<(StepStats, Vec<u8>)> {
+                    let stats = trainer.train_step(&batch, step, state.policy_version)?;
+                    let payload = trainer.export_weights()?;
+                    Ok((stats, payload))
+                })?;
             state.step = step;
             state.policy_version += 1;
             state.last_batch_id = batch.batch_id;

@@ -17,7 +17,10 @@ pub struct PpoConfig {
 
 impl Default for PpoConfig {
     fn default() -> Self {
-        Self { clip: 0.2, dual_clip: 3.0 }
+        Self {
+            clip: 0.2,
+            dual_clip: 3.0,
+        }
     }
 }
 
@@ -75,7 +78,9 @@ pub fn ppo_loss(
     let sums = PpoSums {
         clipped_tokens: (outside * mask)?.sum_all()?.to_scalar::<f32>()? as f64,
         ratio_sum: (&ratio_d * mask)?.sum_all()?.to_scalar::<f32>()? as f64,
-        kl_sum: (log_ratio.detach().neg()? * mask)?.sum_all()?.to_scalar::<f32>()? as f64,
+        kl_sum: (log_ratio.detach().neg()? * mask)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64,
     };
     Ok((loss, sums))
 }
@@ -135,12 +140,20 @@ mod tests {
         let t = |v: &[f32]| Tensor::from_slice(v, (1, 6), &dev);
         let (loss, _) = ppo_loss(var.as_tensor(), &t(&old)?, &t(&adv)?, &t(&mask)?, cfg, 6.0)?;
         let grads = loss.backward()?;
-        let g = grads.get(var.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+        let g = grads
+            .get(var.as_tensor())
+            .expect("gradient")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for i in 0..6 {
             let h = 1e-4;
             let f = |x: f64| token_loss(x, old[i] as f64, adv[i] as f64, cfg) / 6.0;
             let fd = (f(logp0[i] as f64 + h) - f(logp0[i] as f64 - h)) / (2.0 * h);
-            assert!((g[i] as f64 - fd).abs() < 1e-3, "token {i}: {} vs {fd}", g[i]);
+            assert!(
+                (g[i] as f64 - fd).abs() < 1e-3,
+                "token {i}: {} vs {fd}",
+                g[i]
+            );
         }
         // Token 4 is clipped (ratio e^0.4 > 1.2 with A > 0): no gradient; unclipped ones have one.
         assert_eq!(g[4], 0.0);

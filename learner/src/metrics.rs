@@ -21,10 +21,23 @@ pub fn describe() {
     describe_histogram!(STEP_SECONDS, Unit::Seconds, "Wall time of one learner step");
     describe_gauge!(GRAD_NORM, "Global gradient L2 norm before clipping");
     describe_gauge!(WEIGHT_VERSION, "Newest published weight version");
-    describe_gauge!(WEIGHT_BYTES, Unit::Bytes, "Size of one published weight version");
+    describe_gauge!(
+        WEIGHT_BYTES,
+        Unit::Bytes,
+        "Size of one published weight version"
+    );
     describe_counter!(TRAIN_TOKENS, "Response tokens trained on");
-    describe_gauge!(TRAIN_TOKENS_PER_SECOND, "Training throughput of the last step (all tokens)");
-    describe_gauge!(BATCH_REWARD, "Mean reward of the last batch (originals and replays)");
-    describe_gauge!(CLIP_FRACTION, "Fraction of tokens whose ratio was clipped in the last step");
+    describe_gauge!(
+        TRAIN_TOKENS_PER_SECOND,
+        "Training throughput of the last step (all tokens)"
+    );
+    describe_gauge!(
+        BATCH_REWARD,
+        "Mean reward of the last batch (originals and replays)"
+    );
+    describe_gauge!(
+        CLIP_FRACTION,
+        "Fraction of tokens whose ratio was clipped in the last step"
+    );
     describe_counter!(CHECKPOINTS, "Checkpoints written");
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hindsight_proto::v1::weights_server::Weights;
-use hindsight_proto::v1::{FetchWeightsRequest, LatestWeightsRequest, WeightChunk, WeightsManifest};
+use hindsight_proto::v1::{
+    FetchWeightsRequest, LatestWeightsRequest, WeightChunk, WeightsManifest,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -37,7 +39,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl WeightStore {
@@ -65,7 +70,10 @@ impl WeightStore {
             learner_step,
             published_unix_ms: now_ms(),
         };
-        let published = Arc::new(Published { manifest: manifest.clone(), payload: Arc::new(payload) });
+        let published = Arc::new(Published {
+            manifest: manifest.clone(),
+            payload: Arc::new(payload),
+        });
         {
             let mut inner = self.inner.lock().expect("weight store lock");
             inner.push_back(published);
@@ -84,7 +92,11 @@ impl WeightStore {
     }
 
     fn newest(&self) -> Option<Arc<Published>> {
-        self.inner.lock().expect("weight store lock").back().cloned()
+        self.inner
+            .lock()
+            .expect("weight store lock")
+            .back()
+            .cloned()
     }
 
     fn get(&self, version: u64) -> Option<Arc<Published>> {
@@ -92,7 +104,10 @@ impl WeightStore {
         if version == 0 {
             inner.back().cloned()
         } else {
-            inner.iter().find(|p| p.manifest.version == version).cloned()
+            inner
+                .iter()
+                .find(|p| p.manifest.version == version)
+                .cloned()
         }
     }
 }
@@ -112,7 +127,11 @@ impl Weights for WeightStore {
             let mut rx = self.latest.subscribe();
             let _ = tokio::time::timeout(wait, rx.wait_for(|v| *v > req.newer_than)).await;
         }
-        Ok(Response::new(self.newest().map(|p| p.manifest.clone()).unwrap_or_default()))
+        Ok(Response::new(
+            self.newest()
+                .map(|p| p.manifest.clone())
+                .unwrap_or_default(),
+        ))
     }
 
     type FetchStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send + 'static>>;
@@ -168,7 +187,10 @@ mod tests {
         assert!(store.get(1).is_none());
         assert_eq!(store.get(0).unwrap().manifest.version, 3);
         let err = store
-            .fetch(Request::new(FetchWeightsRequest { version: 1, first_chunk: 0 }))
+            .fetch(Request::new(FetchWeightsRequest {
+                version: 1,
+                first_chunk: 0,
+            }))
             .await
             .err()
             .unwrap();
@@ -181,11 +203,14 @@ mod tests {
         store.publish(1, 1, vec![1, 2, 3]);
         let s2 = store.clone();
         let waiter = tokio::spawn(async move {
-            s2.latest(Request::new(LatestWeightsRequest { newer_than: 1, wait_ms: 5_000 }))
-                .await
-                .unwrap()
-                .into_inner()
-                .version
+            s2.latest(Request::new(LatestWeightsRequest {
+                newer_than: 1,
+                wait_ms: 5_000,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .version
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         store.publish(2, 2, vec![4]);

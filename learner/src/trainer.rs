@@ -77,7 +77,12 @@ fn pad(rows: &[&[f32]], width: usize, device: &Device) -> Result<Tensor> {
 }
 
 impl Trainer {
-    pub fn new(model: &LoadedModel, with_reference: bool, config: TrainConfig, device: &Device) -> Result<Self> {
+    pub fn new(
+        model: &LoadedModel,
+        with_reference: bool,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
         let trainable = TrainableModel::new(&model.config, &model.weights, device)?;
         let reference = if with_reference {
             Some(TrainableModel::new(&model.config, &model.weights, device)?)
@@ -85,7 +90,13 @@ impl Trainer {
             None
         };
         let optimizer = AdamW::new(trainable.vars(), config.lr, config.weight_decay);
-        Ok(Self { model: trainable, reference, optimizer, config, device: device.clone() })
+        Ok(Self {
+            model: trainable,
+            reference,
+            optimizer,
+            config,
+            device: device.clone(),
+        })
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -108,11 +119,24 @@ impl Trainer {
 
     /// One optimizer step on `batch`. `step` is the step number this update completes.
     /// `current_version` is the weight version before the step (for the mismatch figure).
-    pub fn train_step(&mut self, batch: &TrainingBatch, step: u64, current_version: u64) -> Result<StepStats> {
+    pub fn train_step(
+        &mut self,
+        batch: &TrainingBatch,
+        step: u64,
+        current_version: u64,
+    ) -> Result<StepStats> {
         let started = Instant::now();
         // Samples with an empty response have no token to learn from.
-        let samples: Vec<_> = batch.samples.iter().filter(|s| !s.response_token_ids.is_empty()).collect();
-        ensure!(!samples.is_empty(), "batch {} has no sample with a response token", batch.batch_id);
+        let samples: Vec<_> = batch
+            .samples
+            .iter()
+            .filter(|s| !s.response_token_ids.is_empty())
+            .collect();
+        ensure!(
+            !samples.is_empty(),
+            "batch {} has no sample with a response token",
+            batch.batch_id
+        );
         for s in &samples {
             ensure!(
                 s.behaviour_logprobs.len() == s.response_token_ids.len(),
@@ -122,14 +146,23 @@ impl Trainer {
                 s.response_token_ids.len()
             );
         }
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
-            samples.iter().map(|s| (s.prompt_token_ids.clone(), s.response_token_ids.clone())).collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = samples
+            .iter()
+            .map(|s| (s.prompt_token_ids.clone(), s.response_token_ids.clone()))
+            .collect();
         let rewards: Vec<f32> = samples.iter().map(|s| s.reward).collect();
-        let old: Vec<Vec<f32>> = samples.iter().map(|s| s.behaviour_logprobs.clone()).collect();
+        let old: Vec<Vec<f32>> = samples
+            .iter()
+            .map(|s| s.behaviour_logprobs.clone())
+            .collect();
         let lengths: Vec<usize> = old.iter().map(Vec::len).collect();
         let micro = self.config.micro_batch.max(1);
         // Score responses at the temperature they were sampled at (greedy = temperature 1).
-        let temperature = if batch.temperature > 0.0 { batch.temperature as f64 } else { 1.0 };
+        let temperature = if batch.temperature > 0.0 {
+            batch.temperature as f64
+        } else {
+            1.0
+        };
 
         // Reference log-probs (no gradient), only for the REINFORCE++ KL term.
         let reference: Option<Vec<Vec<f32>>> = match &self.reference {
@@ -158,7 +191,12 @@ impl Trainer {
 
         let on_policy: Vec<bool> = samples
             .iter()
-            .map(|s| !s.is_replay && s.provenance.as_ref().is_some_and(|p| p.policy_version == current_version))
+            .map(|s| {
+                !s.is_replay
+                    && s.provenance
+                        .as_ref()
+                        .is_some_and(|p| p.policy_version == current_version)
+            })
             .collect();
         let (mut mismatch_sum, mut mismatch_max, mut mismatch_n) = (0f64, 0f64, 0usize);
         let total_tokens: usize = lengths.iter().sum();
@@ -172,8 +210,10 @@ impl Trainer {
         for (c, chunk) in pairs.chunks(micro).enumerate() {
             let lo = c * micro;
             let hi = lo + chunk.len();
-            let (logp, mask) =
-                self.model.response_logprobs_t(chunk, temperature).context("trainable forward")?;
+            let (logp, mask) = self
+                .model
+                .response_logprobs_t(chunk, temperature)
+                .context("trainable forward")?;
             let width = logp.dim(1)?;
             if on_policy[lo..hi].iter().any(|b| *b) {
                 let rows = logp.detach().to_vec2::<f32>()?;
@@ -192,9 +232,19 @@ impl Trainer {
             let adv_rows: Vec<&[f32]> = advantages[lo..hi].iter().map(Vec::as_slice).collect();
             let old_t = pad(&old_rows, width, &self.device)?;
             let adv_t = pad(&adv_rows, width, &self.device)?;
-            let (loss, s) = ppo_loss(&logp, &old_t, &adv_t, &mask, self.config.ppo, total_tokens as f64)?;
+            let (loss, s) = ppo_loss(
+                &logp,
+                &old_t,
+                &adv_t,
+                &mask,
+                self.config.ppo,
+                total_tokens as f64,
+            )?;
             let value = loss.to_scalar::<f32>()? as f64;
-            ensure!(value.is_finite(), "loss is not finite ({value}) at step {step}");
+            ensure!(
+                value.is_finite(),
+                "loss is not finite ({value}) at step {step}"
+            );
             loss_sum += value;
             sums.clipped_tokens += s.clipped_tokens;
             sums.ratio_sum += s.ratio_sum;
@@ -220,7 +270,10 @@ impl Trainer {
             }
         }
         let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
-        ensure!(norm.is_finite(), "gradient norm is not finite at step {step}");
+        ensure!(
+            norm.is_finite(),
+            "gradient norm is not finite at step {step}"
+        );
         let scale = if norm > self.config.max_grad_norm {
             (self.config.max_grad_norm / (norm + 1e-6)) as f32
         } else {
