@@ -178,7 +178,7 @@ impl Replay for ReplayService {
         if self.shared.draining() {
             return Err(Status::unavailable("replay server is shutting down"));
         }
-        let resp = self.shared.state().lease(&req, now_ms());
+        let resp = self.shared.state().lease(&req, now_ms())?;
         debug!(role = "replay-server", actor_id = %req.actor_id, policy_version = req.policy_version,
             leased = resp.prompts.len(), "lease");
         Ok(Response::new(resp))

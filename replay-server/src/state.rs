@@ -195,6 +195,9 @@ pub struct State {
     batch_log: Option<BatchLog>,
 }
 
+/// Longest actor id a request may carry.
+pub const MAX_ACTOR_ID_BYTES: usize = 256;
+
 fn actor_label(actor_id: &str) -> &str {
     if actor_id.is_empty() {
         "anonymous"
@@ -310,7 +313,16 @@ impl State {
     }
 
     /// LeasePrompts: up to `max_prompts` prompts, or none (back-pressure).
-    pub fn lease(&mut self, req: &LeaseRequest, now_ms: u64) -> LeaseResponse {
+    pub fn lease(&mut self, req: &LeaseRequest, now_ms: u64) -> Result<LeaseResponse, Status> {
+        // Validate before touching anything: a bad request changes nothing.
+        if req.actor_id.len() > MAX_ACTOR_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "actor_id is {} bytes long; at most {MAX_ACTOR_ID_BYTES} are allowed",
+                req.actor_id.len()
+            )));
+        }
+        // The version an actor reports is trusted: after a restart without a data directory the
+        // server learns the current version from its actors before the learner's next ack.
         self.reap(now_ms);
         let actor = actor_label(&req.actor_id).to_owned();
         self.touch_actor(&actor, req.policy_version, now_ms);
@@ -349,13 +361,13 @@ impl State {
             0
         };
         self.publish_gauges();
-        LeaseResponse {
+        Ok(LeaseResponse {
             prompts,
             lease_deadline_unix_ms: deadline_ms,
             sampling: Some(self.settings.sampling),
             retry_after_ms,
             latest_policy_version: self.newest_version,
-        }
+        })
     }
 
     /// RenewLeases: pushes the deadline of the named active leases.

@@ -493,6 +493,19 @@ async fn invalid_groups_are_rejected_and_change_nothing() {
     g.responses[0] = response(&tok, &"a".repeat(300), 0.1);
     cases.push(("too many tokens", g));
 
+    // A lease with an absurd actor id is refused, and changes nothing.
+    for (name, req) in [(
+        "actor id too long",
+        LeaseRequest {
+            actor_id: "x".repeat(10_000),
+            max_prompts: 1,
+            policy_version: 0,
+        },
+    )] {
+        let err = client.lease_prompts(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+    }
+
     for (name, g) in &cases {
         let err = submit(&mut client, vec![g.clone()]).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
