@@ -283,7 +283,7 @@ impl Trainer {
 
         let secs = started.elapsed().as_secs_f64();
         let prompt_tokens: usize = samples.iter().map(|s| s.prompt_token_ids.len()).sum();
-        let st = batch.stats.clone().unwrap_or_default();
+        let st = batch.stats.unwrap_or_default();
         let n = total_tokens.max(1) as f64;
         Ok(StepStats {
             step,
