@@ -417,7 +417,10 @@ async fn train_loop(
             }
             let last = args.max_steps > 0 && state.step >= args.max_steps;
             if let Some(dir) = &args.checkpoint_dir {
-                if last || (args.checkpoint_every > 0 && state.step.is_multiple_of(args.checkpoint_every)) {
+                if last
+                    || (args.checkpoint_every > 0
+                        && state.step.is_multiple_of(args.checkpoint_every))
+                {
                     let path = tokio::task::block_in_place(|| -> Result<PathBuf> {
                         let weights = trainer.model.weights()?;
                         let optimizer = trainer.optimizer.state_to_safetensors()?;
