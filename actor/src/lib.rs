@@ -115,23 +115,9 @@ impl Health for ActorHealth {
 }
 
 async fn connect(url: &str) -> Result<Channel> {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 0.. {
-        match tonic::transport::Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("bad URL {url}"))?
-            .connect()
-            .await
-        {
-            Ok(c) => return Ok(c),
-            Err(e) if attempt < 100 => {
-                warn!(error = %e, url, "not reachable yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e).with_context(|| format!("connecting to {url}")),
-        }
-    }
-    unreachable!()
+    hindsight_proto::connect_with_retry(url, 100)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// An open rollout stream: groups go in through `tx`, acks come back in order.

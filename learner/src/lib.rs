@@ -156,24 +156,12 @@ impl Health for LearnerHealth {
 }
 
 async fn connect_replay(url: &str) -> Result<ReplayClient<tonic::transport::Channel>> {
-    let mut delay = Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        match ReplayClient::connect(url.to_string()).await {
-            Ok(c) => {
-                return Ok(c
-                    .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES))
-            }
-            Err(e) if tries < 100 => {
-                tries += 1;
-                warn!(error = %e, url, "replay server not reachable yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e).with_context(|| format!("connecting to replay server {url}")),
-        }
-    }
+    let channel = hindsight_proto::connect_with_retry(url, 100)
+        .await
+        .map_err(|e| anyhow::anyhow!("replay server: {e}"))?;
+    Ok(ReplayClient::new(channel)
+        .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES))
 }
 
 /// Runs the learner until `--max-steps` is reached or `shutdown` resolves.

@@ -16,3 +16,27 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Size of one weight chunk on the wire.
 pub const WEIGHT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Opens a channel to `url`, retrying with exponential back-off (100 ms doubling to 2 s) for
+/// up to `attempts` tries, so that services may start in any order. Each failed try is logged.
+pub async fn connect_with_retry(
+    url: &str,
+    attempts: u32,
+) -> Result<tonic::transport::Channel, Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad URL {url:?}: {e}"))?;
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if tried < attempts.max(1) => {
+                tracing::warn!(error = %e, url, "not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(format!("connecting to {url} ({tried} tries): {e}").into()),
+        }
+    }
+}
