@@ -8,44 +8,14 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use common::{key_str, oracle_dir, read_jsonl};
-use hindsight_constraints::{build, supported_ids, ConstraintSpec, Map, Value};
+use common::{cases_from, key_str, oracle_dir, read_jsonl, Case};
+use hindsight_constraints::{build, supported_ids, ConstraintSpec, Value};
 
 const LANG_IDS: [&str; 3] = [
     "change_case:english_capital",
     "change_case:english_lowercase",
     "language:response_language",
 ];
-
-/// One input record: key, instruction ids, kwargs, response.
-struct Case {
-    key: String,
-    ids: Vec<String>,
-    kwargs: Vec<Map<String, Value>>,
-    response: String,
-}
-
-fn cases_from(records: &[Value], response_of: impl Fn(&Value) -> String) -> Vec<Case> {
-    records
-        .iter()
-        .map(|r| Case {
-            key: key_str(&r["key"]),
-            ids: r["instruction_id_list"]
-                .as_array()
-                .expect("instruction_id_list")
-                .iter()
-                .map(|v| v.as_str().expect("id").to_string())
-                .collect(),
-            kwargs: r["kwargs"]
-                .as_array()
-                .expect("kwargs")
-                .iter()
-                .map(|v| v.as_object().cloned().unwrap_or_default())
-                .collect(),
-            response: response_of(r),
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Disagreement {

@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use common::{key_str, oracle_dir, read_jsonl};
+use common::{cases_from, key_str, oracle_dir, read_jsonl, Case};
 use hindsight_constraints::{build, describe, supported_ids, Constraint, ConstraintSpec, Value};
 
 /// The 58 IFBench instruction ids (`shared/oracle/instruction_ids.md`).
@@ -101,36 +101,6 @@ fn every_ifbench_id_is_registered_or_explained() {
     );
 }
 
-struct Case {
-    key: String,
-    ids: Vec<String>,
-    kwargs: Vec<serde_json::Map<String, Value>>,
-    response: String,
-}
-
-fn cases(records: &[Value], response_of: impl Fn(&Value) -> String) -> Vec<Case> {
-    records
-        .iter()
-        .map(|r| Case {
-            key: key_str(&r["key"]),
-            ids: r["instruction_id_list"]
-                .as_array()
-                .expect("instruction_id_list")
-                .iter()
-                .map(|v| v.as_str().expect("id").to_string())
-                .collect(),
-            kwargs: r["kwargs"]
-                .as_array()
-                .expect("kwargs")
-                .iter()
-                .map(|v| v.as_object().cloned().unwrap_or_default())
-                .collect(),
-            response: response_of(r),
-        })
-        .collect()
-}
-
-/// Compares every registered IFBench instruction; returns the per-id number checked.
 fn check_set(name: &str, cases: &[Case], expected: &[Value]) -> BTreeMap<String, usize> {
     let expected: HashMap<String, &Value> =
         expected.iter().map(|e| (key_str(&e["key"]), e)).collect();
@@ -206,7 +176,7 @@ fn ifbench_sample_matches_reference() {
             .or_insert_with(|| resp.clone());
         exact.insert(p, resp);
     }
-    let cases = cases(&prompts, |r| {
+    let cases = cases_from(&prompts, |r| {
         let p = r["prompt"].as_str().expect("prompt");
         exact
             .get(p)
@@ -232,7 +202,7 @@ fn ifbench_sample_matches_reference() {
 fn ifbench_probe_matches_reference() {
     let dir = oracle_dir();
     let inputs = read_jsonl(&dir.join("golden/probe/ifbench_in.jsonl"));
-    let cases = cases(&inputs, |r| {
+    let cases = cases_from(&inputs, |r| {
         r["response"].as_str().expect("response").to_string()
     });
     let expected = read_jsonl(&dir.join("golden/probe/ifbench_probe.expected.jsonl"));

@@ -45,3 +45,34 @@ pub fn key_str(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// One golden input record: key, instruction ids, kwargs, response.
+pub struct Case {
+    pub key: String,
+    pub ids: Vec<String>,
+    pub kwargs: Vec<serde_json::Map<String, Value>>,
+    pub response: String,
+}
+
+/// The [`Case`]s of oracle input records; `response_of` finds each record's response.
+pub fn cases_from(records: &[Value], response_of: impl Fn(&Value) -> String) -> Vec<Case> {
+    records
+        .iter()
+        .map(|r| Case {
+            key: key_str(&r["key"]),
+            ids: r["instruction_id_list"]
+                .as_array()
+                .expect("instruction_id_list")
+                .iter()
+                .map(|v| v.as_str().expect("id").to_string())
+                .collect(),
+            kwargs: r["kwargs"]
+                .as_array()
+                .expect("kwargs")
+                .iter()
+                .map(|v| v.as_object().cloned().unwrap_or_default())
+                .collect(),
+            response: response_of(r),
+        })
+        .collect()
+}
