@@ -212,14 +212,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let a = linear_small_m(&x, &w).unwrap().unwrap();
             let b = x.matmul(&w.t().unwrap()).unwrap();
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::tests::max_abs_diff(&a, &b);
             assert!(d < 1e-4, "({m},{k},{n}): {d}");
         }
     }

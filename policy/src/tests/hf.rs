@@ -5,19 +5,9 @@
 
 use candle_core::{Device, Tensor};
 
+use super::max_abs_diff;
 use crate::tokenizer::{LLAMA3_STYLE_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE};
 use crate::*;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

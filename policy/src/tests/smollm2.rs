@@ -5,8 +5,9 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
+use super::max_abs_diff;
 use crate::*;
 
 fn gguf_path() -> std::path::PathBuf {
@@ -32,17 +33,6 @@ fn model() -> &'static LoadedModel {
         );
         m
     })
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

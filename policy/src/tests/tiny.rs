@@ -154,14 +154,7 @@ fn trainable_logits_match_sampler(kind: TinyKind) {
     let a = s.logits(&toks).unwrap();
     let b = m.logits(&toks).unwrap();
     assert_eq!(a.dims(), &[toks.len(), tm.config.vocab_size]);
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = super::max_abs_diff(&a, &b);
     eprintln!("tiny ({kind:?}) trainable vs sampler max |dlogit| = {d:e}");
     assert!(d < 1e-5, "max diff {d}");
 }
@@ -195,25 +188,11 @@ fn gguf_permutation_with_rope_i_equals_half_rope_tiny() {
         .tokenizer
         .encode("rotary embeddings, interleaved or not")
         .unwrap();
-    let d = (hf.logits(&toks).unwrap() - gg.logits(&toks).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = super::max_abs_diff(&hf.logits(&toks).unwrap(), &gg.logits(&toks).unwrap());
     eprintln!("tiny permuted+rope_i vs half rope: max |dlogit| = {d:e}");
     assert!(d < 1e-5, "{d}");
     gg.set_interleaved_rope(false);
-    let d2 = (hf.logits(&toks).unwrap() - gg.logits(&toks).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d2 = super::max_abs_diff(&hf.logits(&toks).unwrap(), &gg.logits(&toks).unwrap());
     assert!(d2 > 1e-2, "permutation had no effect: {d2}");
 }
 
