@@ -3,15 +3,11 @@
 //! A transfer that breaks resumes from the first missing chunk.
 
 use anyhow::{bail, ensure, Context, Result};
+use hindsight_proto::sha256_hex;
 use hindsight_proto::v1::weights_client::WeightsClient;
 use hindsight_proto::v1::{FetchWeightsRequest, LatestWeightsRequest, WeightsManifest};
-use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
 
 /// The newest manifest if it is newer than `current` (no waiting), else `None`.
 pub async fn newer_manifest(

@@ -10,11 +10,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hindsight_proto::sha256_hex;
 use hindsight_proto::v1::weights_server::Weights;
 use hindsight_proto::v1::{
     FetchWeightsRequest, LatestWeightsRequest, WeightChunk, WeightsManifest,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -32,10 +32,6 @@ pub struct WeightStore {
     latest: watch::Sender<u64>,
     keep: usize,
     chunk_bytes: usize,
-}
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
 }
 
 fn now_ms() -> u64 {

@@ -14,6 +14,13 @@ pub use v1::*;
 /// Largest gRPC message any Hindsight server accepts or sends (weights travel in chunks).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// The checksum format of the `Weights` service: lowercase hex SHA-256, used for every chunk
+/// and for the whole payload (the learner computes it, actors verify it).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
 /// Size of one weight chunk on the wire.
 pub const WEIGHT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
