@@ -2,6 +2,9 @@
 //! `learner`, `actor`), `up` runs a whole local cluster, and `fetch-model` / `status` are tools.
 //! Every flag is also an environment variable (shown in `--help`).
 
+mod bench;
+mod bench_generate;
+mod bench_train;
 mod convert;
 mod status;
 mod telemetry;
@@ -73,8 +76,9 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Write a model (GGUF, smollm2, tiny, checkpoint dir) as a Hugging Face checkpoint directory.
     Convert(convert::ConvertArgs),
-    /// Benchmarks (`bench verify`: verifier throughput next to the reference).
-    Bench(verify::BenchArgs),
+    /// Benchmarks next to a peer in the same run: `verify` (verifiers vs the reference oracle),
+    /// `generate` (sampling vs llama.cpp and PyTorch), `train` (learner step vs PyTorch).
+    Bench(bench::BenchArgs),
 }
 
 async fn shutdown_signal() {
@@ -144,7 +148,7 @@ fn main() -> Result<()> {
                 }
                 Command::Status(args) => status::run(args).await,
                 Command::Verify(args) => verify::run(args),
-                Command::Bench(args) => verify::bench(args),
+                Command::Bench(args) => bench::run(args),
                 Command::Convert(args) => {
                     tokio::task::spawn_blocking(move || convert::run(args)).await?
                 }

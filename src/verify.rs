@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use hindsight_constraints::{
-    build, supported_ids, with_response_cache, ConstraintSpec, Map, Value,
+    build_from, supported_ids, with_response_cache, Map, Value,
 };
 use serde_json::json;
 
@@ -208,8 +208,7 @@ fn verify_record_uncached(r: &Record) -> Verdicts {
         errors: Vec::new(),
     };
     for (i, id) in r.ids.iter().enumerate() {
-        let spec = ConstraintSpec::new(id.clone(), r.kwargs[i].clone());
-        match build(&spec) {
+        match build_from(id, &r.kwargs[i]) {
             Ok(c) => {
                 let strict = c.check_strict(&r.response);
                 v.strict.push(Some(strict));
@@ -495,21 +494,6 @@ pub fn run(args: VerifyArgs) -> Result<()> {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub what: BenchWhat,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum BenchWhat {
-    /// Verification throughput (records/s) on the IFEval GPT-4 set and the IFBench sample
-    /// set, ours on 1 and 2 threads (the records split between the threads; scaling vs 1
-    /// thread reported; best of three windows) next to the reference oracle run in the
-    /// same command.
-    Verify(BenchVerifyArgs),
-}
-
-#[derive(clap::Args, Debug)]
 pub struct BenchVerifyArgs {
     /// The oracle directory (holding data/ and verify.py).
     #[arg(long, env = "HINDSIGHT_ORACLE_DIR", default_value = "../shared/oracle")]
@@ -625,16 +609,9 @@ fn reference_rate(
 
 /// The 1-minute load average (`/proc/loadavg`), `?` where unavailable: timings taken
 /// while other processes compete for the cores are not comparable.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
 
 /// `hindsight bench verify`.
-pub fn bench(args: BenchArgs) -> Result<()> {
-    let BenchWhat::Verify(args) = args.what;
+pub fn bench(args: BenchVerifyArgs) -> Result<()> {
     let d = &args.oracle_dir;
     let sets = [
         (
@@ -709,7 +686,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             if t == 1 {
                 one_thread = Some(rate);
             }
-            let mut notes = format!("load {}", load_average());
+            let mut notes = format!("load {}", crate::bench::load_average());
             if let (Some(r1), true) = (one_thread, t > 1) {
                 // scaling efficiency: 100% = linear in the thread count
                 let _ = write!(

@@ -65,6 +65,14 @@ pub struct ActorArgs {
     /// Optional gRPC Health endpoint of this actor.
     #[arg(long, env = "HINDSIGHT_ACTOR_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Precision of the generation weights: `f32` (log-probs match the learner's to ~1e-5)
+    /// or `bf16` (bf16 weights and inputs, f32 sums: faster, see README for the mismatch).
+    #[arg(long, env = "HINDSIGHT_ACTOR_PRECISION", default_value = "f32")]
+    pub precision: hindsight_policy::Precision,
+    /// Sequences generated at once; as one finishes, the next response of the lease takes
+    /// its slot (continuous batching).
+    #[arg(long, env = "HINDSIGHT_ACTOR_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
     /// Stop after this many accepted groups (0 = run until stopped).
     #[arg(long, env = "HINDSIGHT_MAX_GROUPS", default_value_t = 0)]
     pub max_groups: u64,
@@ -163,14 +171,17 @@ async fn run_actor(
         tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &Device::Cpu))
             .await??;
     let tokenizer = loaded.tokenizer;
-    let mut sampler = Sampler::new(
+    anyhow::ensure!(args.max_batch > 0, "--max-batch must be at least 1");
+    let mut sampler = Sampler::with_precision(
         &loaded.config,
         &loaded.weights,
         tokenizer.stop_token_ids(),
         &device,
+        args.precision,
     )?;
+    sampler.set_max_batch(args.max_batch);
     drop(loaded.weights);
-    info!(model = %loaded.name, "actor ready");
+    info!(model = %loaded.name, precision = %args.precision, max_batch = args.max_batch, "actor ready");
 
     let version = Arc::new(AtomicU64::new(0));
     ::metrics::gauge!(metrics::POLICY_VERSION).set(0.0);

@@ -1,6 +1,7 @@
 //! Per-instruction-id verification cost on the IFEval GPT-4 set (build + strict + loose),
 //! to find hot spots: `cargo bench -p hindsight-constraints --bench per_id`
-//! (`PER_ID_SET=ifbench` for the IFBench sample set).
+//! (`PER_ID_SET=ifbench` for the IFBench sample set; `PER_ID_ONLY=<id>` to time, or
+//! profile, one instruction id; `PER_ID_REPS=<n>` repetitions, default 20).
 //! Needs the oracle directory (`$HINDSIGHT_ORACLE_DIR`, default `../shared/oracle`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,7 +50,11 @@ fn main() {
     // `hindsight verify` uses one per record)
     let cached = std::env::var("PER_ID_CACHE").map_or(true, |v| v != "0");
     let mut per_id: BTreeMap<String, (Duration, usize)> = BTreeMap::new();
-    let reps = 20;
+    let only = std::env::var("PER_ID_ONLY").ok();
+    let reps: u32 = std::env::var("PER_ID_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     for r in &inputs {
         let resp = responses
             .get(r["prompt"].as_str().unwrap_or(""))
@@ -58,14 +63,18 @@ fn main() {
         let ids = r["instruction_id_list"].as_array().expect("ids");
         for (i, id) in ids.iter().enumerate() {
             let id = id.as_str().expect("id");
+            if only.as_deref().is_some_and(|o| o != id) {
+                continue;
+            }
             let kw = r["kwargs"][i].as_object().cloned().unwrap_or_default();
             let spec = ConstraintSpec::new(id, kw);
             let t = Instant::now();
             for _ in 0..reps {
                 let check = || {
                     if let Ok(c) = build(&spec) {
-                        std::hint::black_box(c.check_strict(&resp));
-                        std::hint::black_box(c.check_loose(&resp));
+                        // as `hindsight verify` does: the loose check reuses the strict verdict
+                        let strict = c.check_strict(&resp);
+                        std::hint::black_box(c.check_loose_given_strict(&resp, strict));
                     }
                 };
                 if cached {

@@ -46,6 +46,6 @@ mod wordtok;
 pub use constraint::{Constraint, ConstraintError, ConstraintSpec};
 pub use generator::generate_prompts;
 pub use record::{load_jsonl, CompiledRecord, LoadError, PromptRecord, Rewrite, Template};
-pub use registry::{build, describe, supported_ids};
+pub use registry::{build, build_from, describe, supported_ids};
 pub use serde_json::{Map, Value};
 pub use wordtok::with_response_cache;

@@ -85,7 +85,36 @@ pub(crate) fn word_runs(s: &str) -> impl Iterator<Item = &str> {
 /// Number of `\w+` tokens (the reference `count_words`, nltk `RegexpTokenizer(r"\w+")`;
 /// see [`WORDS`] for which `\w`).
 pub(crate) fn count_words(s: &str) -> usize {
-    word_runs(s).count()
+    // the number of word runs = the number of word characters not preceded by one,
+    // scanned byte by byte on ASCII (what [`word_runs`] finds; a test compares them)
+    const ASCII_WORD: [bool; 128] = {
+        let mut t = [false; 128];
+        let mut c = 0;
+        while c < 128 {
+            let b = c as u8;
+            t[c] = b.is_ascii_alphanumeric() || b == b'_';
+            c += 1;
+        }
+        t
+    };
+    let b = s.as_bytes();
+    let mut n = 0;
+    let mut in_word = false;
+    let mut i = 0;
+    while i < b.len() {
+        let (word, len) = if b[i] < 0x80 {
+            (ASCII_WORD[usize::from(b[i])], 1)
+        } else {
+            s[i..]
+                .chars()
+                .next()
+                .map_or((false, 1), |c| (is_regex_word_char(c), c.len_utf8()))
+        };
+        n += usize::from(word && !in_word);
+        in_word = word;
+        i += len;
+    }
+    n
 }
 
 /// Python's `\b` at byte offset `pos` of `s` (which must be a char boundary).
@@ -271,6 +300,7 @@ mod tests {
                 .collect();
             let re: Vec<&str> = WORDS.find_iter(&t).map(|m| m.as_str()).collect();
             assert_eq!(word_runs(&t).collect::<Vec<_>>(), re, "{t:?}");
+            assert_eq!(count_words(&t), re.len(), "{t:?}");
         }
         assert!(is_py_word_boundary("ab cd", 2));
         assert!(!is_py_word_boundary("abcd", 2));

@@ -6,6 +6,8 @@
 
 use std::sync::LazyLock;
 
+use serde_json::{Map, Value};
+
 use crate::kwargs::Kwargs;
 use crate::{Constraint, ConstraintError, ConstraintSpec};
 
@@ -41,10 +43,19 @@ pub fn supported_ids() -> &'static [&'static str] {
 /// [`ConstraintError::BadKwargs`] for a missing, ill-typed, out-of-range or unexpected
 /// kwarg (a `null` value counts as absent).
 pub fn build(spec: &ConstraintSpec) -> Result<Box<dyn Constraint>, ConstraintError> {
+    build_from(&spec.instruction_id, &spec.kwargs)
+}
+
+/// [`build`] from an instruction id and its kwargs, for callers that hold them
+/// separately (no [`ConstraintSpec`] to assemble, nothing cloned).
+pub fn build_from(
+    instruction_id: &str,
+    kwargs: &Map<String, Value>,
+) -> Result<Box<dyn Constraint>, ConstraintError> {
     let entry = tables()
-        .find(|e| e.id == spec.instruction_id)
-        .ok_or_else(|| ConstraintError::UnknownId(spec.instruction_id.clone()))?;
-    let kw = Kwargs::new(entry.id, &spec.kwargs, entry.kwargs)?;
+        .find(|e| e.id == instruction_id)
+        .ok_or_else(|| ConstraintError::UnknownId(instruction_id.to_string()))?;
+    let kw = Kwargs::new(entry.id, kwargs, entry.kwargs)?;
     (entry.build)(&kw)
 }
 

@@ -12,6 +12,7 @@
 //! Shared by the IFEval (`length_constraints:number_sentences`,
 //! `change_case:capital_word_frequency` via [`crate::wordtok`]) and IFBench checkers.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 // hashbrown's default (foldhash) hasher: these tables are probed for every token
@@ -44,6 +45,8 @@ struct Params {
     abbrev_types: HashSet<String>,
     /// `"first\tsecond"` (tokens never contain whitespace, so the tab is unambiguous).
     collocations: HashSet<String>,
+    /// The first types of [`Params::collocations`] (most types have no collocation).
+    collocation_firsts: HashSet<String>,
     sent_starters: HashSet<String>,
     ortho_context: HashMap<String, u32>,
 }
@@ -57,6 +60,9 @@ fn lines(s: &str) -> impl Iterator<Item = &str> {
 static ENGLISH: LazyLock<Params> = LazyLock::new(|| Params {
     abbrev_types: lines(ABBREV_TYPES).map(str::to_string).collect(),
     collocations: lines(COLLOCATIONS).map(str::to_string).collect(),
+    collocation_firsts: lines(COLLOCATIONS)
+        .filter_map(|l| Some(l.split_once('\t')?.0.to_string()))
+        .collect(),
     sent_starters: lines(SENT_STARTERS).map(str::to_string).collect(),
     ortho_context: lines(ORTHO_CONTEXT)
         .filter_map(|l| {
@@ -68,6 +74,7 @@ static ENGLISH: LazyLock<Params> = LazyLock::new(|| Params {
 
 static RE_NUMERIC: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?[.,]?\d[\d,.\-]*\.?$").expect("static regex"));
+static RE_SENT_END: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[.?!]").expect("static regex"));
 static RE_WORD_NON_DIGIT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[\w&&\D]$").expect("static regex"));
 
@@ -136,7 +143,10 @@ fn char_at(s: &str, i: usize) -> Option<char> {
 /// `i`, if any.
 fn multi_char_at(s: &str, i: usize) -> Option<usize> {
     let b = s.as_bytes();
-    let rest = &b[i..];
+    let rest = b.get(i..)?;
+    if !matches!(rest.first(), Some(b'-' | b'.')) {
+        return None;
+    }
     if rest.starts_with(b"--") {
         return Some(rest.iter().take_while(|&&c| c == b'-').count());
     }
@@ -184,51 +194,61 @@ fn word_ends_at(s: &str, e: usize) -> bool {
 }
 
 /// `PunktLanguageVars.word_tokenize` (findall of `_word_tokenize_fmt`) on one line.
-fn punkt_word_tokens(line: &str, out: &mut Vec<String>) {
+fn punkt_word_tokens(line: &str) -> impl Iterator<Item = &str> {
     let mut i = 0;
-    while let Some(c) = char_at(line, i) {
+    std::iter::from_fn(move || loop {
+        let c = char_at(line, i)?;
+        let start = i;
         if let Some(n) = multi_char_at(line, i) {
-            out.push(line[i..i + n].to_string());
             i += n;
-            continue;
+            return Some(&line[start..i]);
         }
         if is_ws(c) {
             i += c.len_utf8();
             continue;
         }
-        if !is_not_word_start(c) {
-            let mut e = i + c.len_utf8();
-            loop {
-                if word_ends_at(line, e) {
-                    break;
-                }
-                // the look-ahead fails only on a non-space character
-                e += char_at(line, e).map_or(1, char::len_utf8);
-            }
-            out.push(line[i..e].to_string());
-            i = e;
-            continue;
-        }
-        out.push(c.to_string());
         i += c.len_utf8();
+        if !is_not_word_start(c) {
+            // the look-ahead fails only on a non-space character
+            while !word_ends_at(line, i) {
+                i += char_at(line, i).map_or(1, char::len_utf8);
+            }
+        }
+        return Some(&line[start..i]);
+    })
+}
+
+/// Python `s.lower()` (Rust's `to_lowercase`), borrowing `s` when nothing changes.
+fn lower(s: &str) -> Cow<'_, str> {
+    if !s.is_ascii() {
+        Cow::Owned(s.to_lowercase())
+    } else if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
     }
 }
 
+/// `_re_numeric`: every match has a `\d` (only ASCII digits in an ASCII string).
+fn is_numeric_type(s: &str) -> bool {
+    (!s.is_ascii() || s.bytes().any(|b| b.is_ascii_digit())) && RE_NUMERIC.is_match(s)
+}
+
 /// A `PunktToken` with its first- and second-pass annotations.
-struct Token {
-    tok: String,
-    typ: String,
+struct Token<'a> {
+    tok: &'a str,
+    typ: Cow<'a, str>,
     period_final: bool,
     sentbreak: bool,
     abbr: bool,
     ellipsis: bool,
 }
 
-impl Token {
-    fn new(tok: String) -> Self {
-        let lower = tok.to_lowercase();
-        let typ = if RE_NUMERIC.is_match(&lower) {
-            "##number##".to_string()
+impl<'a> Token<'a> {
+    fn new(tok: &'a str) -> Self {
+        let lower = lower(tok);
+        let typ = if is_numeric_type(&lower) {
+            Cow::Borrowed("##number##")
         } else {
             lower
         };
@@ -300,16 +320,16 @@ impl Params {
         self.ortho_context.get(typ).copied().unwrap_or(0)
     }
 
-    fn first_pass(&self, t: &mut Token) {
-        let tok = t.tok.as_str();
+    fn first_pass(&self, t: &mut Token<'_>) {
+        let tok = t.tok;
         if tok == "." || tok == "?" || tok == "!" {
             t.sentbreak = true;
         } else if t.is_ellipsis() {
             t.ellipsis = true;
         } else if t.period_final && !tok.ends_with("..") {
-            let stem = tok[..tok.len() - 1].to_lowercase();
+            let stem = lower(&tok[..tok.len() - 1]);
             let last = stem.rsplit('-').next().unwrap_or("");
-            if self.abbrev_types.contains(&stem) || self.abbrev_types.contains(last) {
+            if self.abbrev_types.contains(stem.as_ref()) || self.abbrev_types.contains(last) {
                 t.abbr = true;
             } else {
                 t.sentbreak = true;
@@ -317,8 +337,8 @@ impl Params {
         }
     }
 
-    fn ortho_heuristic(&self, t: &Token) -> Ortho {
-        if matches!(t.tok.as_str(), ";" | ":" | "," | "." | "!" | "?") {
+    fn ortho_heuristic(&self, t: &Token<'_>) -> Ortho {
+        if matches!(t.tok, ";" | ":" | "," | "." | "!" | "?") {
             return Ortho::False;
         }
         let ctx = self.ortho(t.type_no_sentperiod());
@@ -331,14 +351,17 @@ impl Params {
         Ortho::Unknown
     }
 
-    fn second_pass(&self, t1: &mut Token, t2: &Token) {
+    fn second_pass(&self, t1: &mut Token<'_>, t2: &Token<'_>) {
         if !t1.period_final {
             return;
         }
-        let typ = t1.type_no_period().to_string();
+        let typ = t1.type_no_period();
         let next_typ = t2.type_no_sentperiod();
         let initial = t1.is_initial();
-        if self.collocations.contains(&format!("{typ}\t{next_typ}")) {
+        let number = typ == "##number##";
+        if self.collocation_firsts.contains(typ)
+            && self.collocations.contains(&format!("{typ}\t{next_typ}"))
+        {
             t1.sentbreak = false;
             t1.abbr = true;
             return;
@@ -353,7 +376,7 @@ impl Params {
                 return;
             }
         }
-        if initial || typ == "##number##" {
+        if initial || number {
             let h = self.ortho_heuristic(t2);
             if h == Ortho::False {
                 t1.sentbreak = false;
@@ -373,24 +396,23 @@ impl Params {
 
     /// `text_contains_sentbreak`: some token other than the last is a sentence break.
     fn contains_sentbreak(&self, text: &str) -> bool {
-        let mut raw = Vec::new();
-        for line in text.split('\n') {
-            if !pytext::is_blank(line) {
-                punkt_word_tokens(line, &mut raw);
+        let raw = text
+            .split('\n')
+            .filter(|line| !pytext::is_blank(line))
+            .flat_map(punkt_word_tokens);
+        // tokens are annotated one at a time: the second pass of a token only needs the
+        // first pass of the next one, and the first break before the last token decides
+        let mut prev: Option<Token<'_>> = None;
+        for tok in raw {
+            let mut t = Token::new(tok);
+            self.first_pass(&mut t);
+            if let Some(mut p) = prev.take() {
+                self.second_pass(&mut p, &t);
+                if p.sentbreak {
+                    return true;
+                }
             }
-        }
-        let mut toks: Vec<Token> = raw.into_iter().map(Token::new).collect();
-        for t in &mut toks {
-            self.first_pass(t);
-        }
-        for i in 0..toks.len() {
-            if i + 1 < toks.len() {
-                let (a, b) = toks.split_at_mut(i + 1);
-                self.second_pass(&mut a[i], &b[0]);
-            }
-            if toks[i].sentbreak && i + 1 < toks.len() {
-                return true;
-            }
+            prev = Some(t);
         }
         false
     }
@@ -412,10 +434,8 @@ impl PeriodMatch {
 
 fn period_contexts(text: &str) -> Vec<PeriodMatch> {
     let mut out = Vec::new();
-    for (p, c) in text.char_indices() {
-        if !matches!(c, '.' | '?' | '!') {
-            continue;
-        }
+    // the sentence-end characters, found by the `regex` crate's vectorised byte search
+    for p in RE_SENT_END.find_iter(text).map(|m| m.start()) {
         let q = p + 1;
         let Some(d) = char_at(text, q) else { continue };
         if is_non_word(d) {
@@ -457,8 +477,10 @@ fn slices(p: &Params, text: &str) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut last_break = 0;
     let mut decide = |m: &PeriodMatch, prev: (usize, usize), last_break: &mut usize| {
-        let context = format!("{}{}", &text[prev.0..prev.1], &text[m.start..m.after_end]);
-        if p.contains_sentbreak(&context) {
+        // the previous word and the match context, adjacent (`prev` is the word that
+        // ends where `m` starts)
+        let context = text.get(prev.0..m.after_end).unwrap_or("");
+        if p.contains_sentbreak(context) {
             out.push((*last_break, m.end()));
             *last_break = m.next_tok.unwrap_or(m.end());
         }

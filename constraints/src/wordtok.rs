@@ -204,46 +204,142 @@ fn contraction(text: String, re: &Regex, start_boundary: bool, lookahead_space: 
 
 /// `NLTKWordTokenizer().tokenize(text)`.
 pub(crate) fn treebank_tokens(text: &str) -> Vec<String> {
+    treebank_tokens_impl(text, true)
+}
+
+/// Any byte of `t` in `set`.
+#[inline]
+fn has_any(t: &str, set: &[u8]) -> bool {
+    t.bytes().any(|b| set.contains(&b))
+}
+
+/// `\s+` -> `" "` (the `regex` crate's `\s` is Unicode `White_Space`, as
+/// `char::is_whitespace`; a test checks this on every char).
+fn collapse_spaces(t: String) -> String {
+    let mut prev_ws = false;
+    let needed = t.chars().any(|c| {
+        let ws = c.is_whitespace();
+        let bad = ws && (c != ' ' || prev_ws);
+        prev_ws = ws;
+        bad
+    });
+    if !needed {
+        return t;
+    }
+    let mut out = String::with_capacity(t.len());
+    let mut in_ws = false;
+    for c in t.chars() {
+        if c.is_whitespace() {
+            if !in_ws {
+                out.push(' ');
+            }
+            in_ws = true;
+        } else {
+            out.push(c);
+            in_ws = false;
+        }
+    }
+    out
+}
+
+/// The literal each CONTRACTIONS2 pattern matches, ASCII-lowercased (the `(?i)` patterns
+/// only match ASCII letters: none of their letters has a non-ASCII case-folding partner).
+const CONTRACTION2_LITERALS: [&str; 8] = [
+    "cannot", "d'ye", "gimme", "gonna", "gotta", "lemme", "more'n", "wanna",
+];
+
+/// [`treebank_tokens`]; with `guarded`, a substitution is skipped when its pattern
+/// cannot match (a character every match needs is absent), which changes nothing but
+/// the time taken. Tests compare both ways.
+fn treebank_tokens_impl(text: &str, guarded: bool) -> Vec<String> {
     let r = &*RULES;
-    let mut t = sub(&r.sq_quotes, text.to_string(), " $1 ");
+    // the substitutions only insert ASCII, so a text without non-ASCII keeps none
+    let non_ascii = !guarded || !text.is_ascii();
+    let mut t = text.to_string();
+    if non_ascii || t.contains('`') {
+        t = sub(&r.sq_quotes, t, " $1 ");
+    }
     if t.starts_with('"') {
         t.replace_range(..1, "``");
     }
-    t = sub(&r.sq_backticks, t, " $1 ");
-    t = sub(&r.sq_open, t, "$1 `` ");
+    if !guarded || t.contains("``") {
+        t = sub(&r.sq_backticks, t, " $1 ");
+    }
+    if !guarded || t.contains('"') || t.contains("''") {
+        t = sub(&r.sq_open, t, "$1 `` ");
+    }
     t = split_opening_apostrophes(r, t);
 
     t = final_period(t, closer_or_space, true);
-    t = sub(&r.colon_comma, t, " $1 $2");
-    t = sub(&r.colon_comma_end, t, " $1 $2");
-    t = sub(&r.dots, t, " $0 ");
-    t = sub(&r.symbols, t, " $0 ");
-    t = sub(&r.dashes, t, " $0 ");
+    if !guarded || has_any(&t, b":,") {
+        t = sub(&r.colon_comma, t, " $1 $2");
+        t = sub(&r.colon_comma_end, t, " $1 $2");
+    }
+    if !guarded || t.contains("..") {
+        t = sub(&r.dots, t, " $0 ");
+    }
+    if !guarded || has_any(&t, b";@#$%&") {
+        t = sub(&r.symbols, t, " $0 ");
+    }
+    if non_ascii {
+        t = sub(&r.dashes, t, " $0 ");
+    }
     t = final_period(t, closer, false);
-    t = sub(&r.qmark, t, " $0 ");
-    t = sub(&r.quote_space, t, "$1 ' ");
-    t = sub(&r.star, t, " $0 ");
-    t = sub(&r.parens, t, " $0 ");
-    t = sub(&r.double_dash, t, " -- ");
+    if !guarded || has_any(&t, b"?!") {
+        t = sub(&r.qmark, t, " $0 ");
+    }
+    if !guarded || t.contains("' ") {
+        t = sub(&r.quote_space, t, "$1 ' ");
+    }
+    if !guarded || t.contains('*') {
+        t = sub(&r.star, t, " $0 ");
+    }
+    if !guarded || has_any(&t, b"][(){}<>") {
+        t = sub(&r.parens, t, " $0 ");
+    }
+    if !guarded || t.contains("--") {
+        t = sub(&r.double_dash, t, " -- ");
+    }
 
     t = format!(" {t} ");
-    t = sub(&r.eq_closers, t, " $1 ");
-    t = sub(&r.eq_two_single, t, " '' ");
-    t = sub(&r.eq_double, t, " '' ");
-    t = sub(&r.spaces, t, " ");
-    t = r
-        .eq_clitic1
-        .replace_all(&t, |c: &Captures<'_>| format!("{} {} ", &c[1], &c[2]))
-        .into_owned();
-    t = r
-        .eq_clitic2
-        .replace_all(&t, |c: &Captures<'_>| format!("{} {} ", &c[1], &c[2]))
-        .into_owned();
-    for (re, ws) in &r.contractions2 {
-        t = contraction(t, re, true, *ws);
+    if non_ascii {
+        t = sub(&r.eq_closers, t, " $1 ");
     }
-    for re in &r.contractions3 {
-        t = contraction(t, re, false, false);
+    if !guarded || t.contains("''") {
+        t = sub(&r.eq_two_single, t, " '' ");
+    }
+    if !guarded || t.contains('"') {
+        t = sub(&r.eq_double, t, " '' ");
+    }
+    t = if guarded {
+        collapse_spaces(t)
+    } else {
+        sub(&r.spaces, t, " ")
+    };
+    // every clitic and CONTRACTIONS3 pattern contains an apostrophe
+    let apostrophe = !guarded || t.contains('\'');
+    if apostrophe {
+        t = r
+            .eq_clitic1
+            .replace_all(&t, |c: &Captures<'_>| format!("{} {} ", &c[1], &c[2]))
+            .into_owned();
+        t = r
+            .eq_clitic2
+            .replace_all(&t, |c: &Captures<'_>| format!("{} {} ", &c[1], &c[2]))
+            .into_owned();
+    }
+    // inserting spaces never creates an occurrence of a space-free literal, so the
+    // literals present now are the only ones the rules below can match
+    let lower = guarded.then(|| t.to_ascii_lowercase());
+    for ((re, ws), lit) in r.contractions2.iter().zip(CONTRACTION2_LITERALS) {
+        if lower.as_ref().is_none_or(|l| l.contains(lit)) {
+            t = contraction(t, re, true, *ws);
+        }
+    }
+    if !guarded || t.contains('\'') {
+        for re in &r.contractions3 {
+            t = contraction(t, re, false, false);
+        }
     }
     t.split(pytext::is_py_space)
         .filter(|s| !s.is_empty())
@@ -319,11 +415,148 @@ pub(crate) fn word_tokens_lazy(text: &str) -> impl Iterator<Item = String> + '_ 
     })
 }
 
-/// How many tokens of `nltk.word_tokenize(text)` satisfy `pred`.
-pub(crate) fn count_word_tokens(text: &str, pred: impl Fn(&str) -> bool) -> usize {
+/// Whether some token of `treebank_tokens(sentence)` may be Python `str.isupper()`; when
+/// this says no, none is (a cheap filter: most sentences need no tokenizing).
+///
+/// Tokens are runs of the sentence's characters between inserted spaces (the rules
+/// only insert spaces, rewrite quote characters and collapse whitespace), and a token
+/// with a lowercase character is not `isupper`. Between two adjacent characters that are
+/// both Python `\w`, a space is only ever inserted by the `n't` / `N'T` clitic rule
+/// (before the `n` or `N`) and inside the contractions `can|not`, `gim|me`, `gon|na`,
+/// `got|ta`, `lem|me`, `wan|na`, `'t|is`, `'t|was` (ASCII case-insensitive: none of
+/// their letters has a non-ASCII case-folding partner). So an uppercase character with
+/// a lowercase `\w` neighbour they cannot separate it from shares a token with it.
+fn may_have_upper_token(sentence: &str) -> bool {
+    // no uppercase character at all (the common case for a chunk)
+    if !sentence
+        .bytes()
+        .any(|b| b.is_ascii_uppercase() || !b.is_ascii())
+    {
+        return false;
+    }
+    let word = |c: char| c.is_lowercase() && pytext::is_py_word_char(c);
+    let mut prev: Option<char> = None;
+    let mut chars = sentence.char_indices().peekable();
+    while let Some((i, u)) = chars.next() {
+        let next = chars.peek().map(|&(_, c)| c);
+        if u.is_uppercase() {
+            let after_u = &sentence[i + u.len_utf8()..];
+            let right_joined = next.is_some_and(|l| {
+                word(l)
+                    && pytext::is_py_word_char(u)
+                    && !(l == 'n' && (u == 'N' || after_u[l.len_utf8()..].starts_with("'t")))
+                    && !(u == 'M' && l == 'm')
+                    && !(u == 'T' && matches!(l, 't' | 'i' | 'w'))
+            });
+            let left_joined = prev.is_some_and(|l| {
+                word(l)
+                    && pytext::is_py_word_char(u)
+                    && !(u == 'N' && (l == 'n' || after_u.starts_with("'T")))
+                    && !(u == 'M' && l == 'm')
+                    && !(l == 't' && matches!(u, 'T' | 'I' | 'W'))
+            });
+            if !right_joined && !left_joined {
+                return true;
+            }
+        }
+        prev = Some(u);
+    }
+    false
+}
+
+/// Punctuation that may surround a [`simple_chunk_upper_count`] core: ASCII punctuation
+/// but the apostrophe, and the curly quotes (which the tokenizer always pads with spaces).
+fn is_chunk_punct(c: char) -> bool {
+    (c.is_ascii_punctuation() && c != '\'') || matches!(c, '“' | '”' | '‘' | '’')
+}
+
+/// Clitics the tokenizer splits off a word when a space follows (`'s`, `'m`, `'d` and
+/// `'ll`, `'re`, `'ve` in either case).
+const CLITICS: [&str; 12] = [
+    "'s", "'S", "'m", "'M", "'d", "'D", "'ll", "'LL", "'re", "'RE", "'ve", "'VE",
+];
+
+/// Contraction literals (ASCII-lowercased) without an apostrophe: the only places where
+/// the tokenizer splits a run of letters and digits.
+const CONTRACTION_WORDS: [&str; 6] = ["cannot", "gimme", "gonna", "gotta", "lemme", "wanna"];
+
+/// The number of `isupper` tokens a chunk (a maximal run of non-space characters) adds
+/// to the tokens of any sentence containing it, when that follows from the chunk alone.
+///
+/// That is the case for `P core [clitic] Q`: `core` is ASCII letters and digits, single
+/// hyphens between them allowed, and contains no [`CONTRACTION_WORDS`]; `P` and `Q` are
+/// [`is_chunk_punct`] characters; an optional [`CLITICS`] entry ends the chunk (`Q`
+/// then empty). No rule inserts a space inside such a core (the rules act on
+/// punctuation, apostrophes, `--` and the contractions), so exactly one token holds the
+/// core's characters, with perhaps some of `P`/`Q` (uncased, so its `isupper` is the
+/// core's); a final clitic is split off as a token of its own (the chunk is followed by
+/// a space, or by the end of the sentence, which the tokenizer pads with one; callers
+/// make sure no whitespace outside Unicode `White_Space` separates chunks); every
+/// other token is punctuation, never `isupper`. A sentence boundary inside a chunk only
+/// falls next to `.?!` or a closing quote/bracket, so not inside the core or before the
+/// clitic: the sentence pieces of a chunk add up to the same count.
+fn simple_chunk_upper_count(chunk: &str) -> Option<usize> {
+    let rest = chunk.trim_start_matches(is_chunk_punct);
+    let core_len = {
+        let b = rest.as_bytes();
+        let mut i = 0;
+        while i < b.len() && b[i].is_ascii_alphanumeric() {
+            i += 1;
+            if i + 1 < b.len() && b[i] == b'-' && b[i + 1].is_ascii_alphanumeric() {
+                i += 1;
+            }
+        }
+        i
+    };
+    if core_len == 0 {
+        return None;
+    }
+    let (core, tail) = rest.split_at(core_len);
+    let clitic = CLITICS.iter().find(|&&c| c == tail);
+    if clitic.is_none() && !tail.chars().all(is_chunk_punct) {
+        return None;
+    }
+    let lower = core.to_ascii_lowercase();
+    if CONTRACTION_WORDS.iter().any(|w| lower.contains(w)) {
+        return None;
+    }
+    Some(
+        usize::from(pytext::py_isupper(core))
+            + clitic.map_or(0, |c| usize::from(pytext::py_isupper(c))),
+    )
+}
+
+/// The number of `isupper` tokens of `text` (a sentence, or several) when every chunk
+/// that may hold one is simple ([`simple_chunk_upper_count`]), else `None`.
+fn local_upper_count(text: &str) -> Option<usize> {
+    // Python's `split()` also splits at U+001C..U+001F, which the clitic rules do not
+    // take for a space
+    if text.bytes().any(|b| (0x1c..=0x1f).contains(&b)) {
+        return None;
+    }
+    text.split(pytext::is_py_space)
+        .filter(|c| may_have_upper_token(c))
+        .map(simple_chunk_upper_count)
+        .sum()
+}
+
+/// How many tokens of `nltk.word_tokenize(text)` are Python `str.isupper()`: read off the
+/// chunks when they are simple ([`local_upper_count`]), else by tokenizing the sentences
+/// that are not.
+pub(crate) fn count_upper_tokens(text: &str) -> usize {
+    if let Some(n) = local_upper_count(text) {
+        return n;
+    }
     sentences::sentences(text)
         .into_iter()
-        .map(|s| sentence_tokens(s).iter().filter(|w| pred(w)).count())
+        .map(|s| {
+            local_upper_count(s).unwrap_or_else(|| {
+                sentence_tokens(s)
+                    .iter()
+                    .filter(|w| pytext::py_isupper(w))
+                    .count()
+            })
+        })
         .sum()
 }
 
@@ -398,6 +631,104 @@ mod tests {
             word_tokenize("Hello, WORLD. It's NASA's (big) day..."),
             ["Hello", ",", "WORLD", ".", "It", "'s", "NASA", "'s", "(", "big", ")", "day", "..."]
         );
+    }
+
+    /// Texts for the differential tests: fragments that trigger every rule, mixed at
+    /// random (seeded), plus every golden response and its sentences.
+    fn test_texts() -> Vec<String> {
+        use rand::{Rng, SeedableRng};
+        #[rustfmt::skip]
+        const PIECES: &[&str] = &[
+            "a", "A", "The", "THE", "NASA", "In", "IN", "It", "iT", "word", "WORD", "x", " ",
+            " ", " ", "  ", "\n", "\t", "\u{a0}", "\u{2003}", "\u{1c}", ".", ".", "..", "...",
+            ",", ":", ";", "!", "?", "'", "''", "\"", "`", "``", "(", ")", "[", "]", "{", "}",
+            "<", ">", "-", "--", "*", "@", "#", "$", "%", "&", "«", "»", "“", "”", "‘", "’",
+            "„", "\u{2012}", "\u{2013}", "\u{2014}", "\u{2015}", "can", "CAN", "not", "NOT",
+            "cannot", "CanNot", "CANnot", "gimme", "GIMme", "gonna", "GONna", "gotta", "GOTta",
+            "lemme", "LEMme", "wanna", "WANna", "more'n", "d'ye", "D'Ye", "'tis", "'Tis",
+            "'TIS", "'twas", "'TWas", "don't", "DON'T", "DOn't", "Xn't", "N'T", "n't", "'s",
+            "'S", "'m", "'d", "'ll", "'LL", "'re", "'ve", "I'm", "3", "42", "3.5", "1,000", "Ⓐ",
+            "Ǆ", "ǅ", "ß", "É", "é", "İ", "K", "ſ", "x²", "_", "e\u{301}", "Dr.", "dr.", "Mr.",
+            "U.S.", "e.g.", "J.", "i.e.", "No.", "1.", "(a)", ". ", "? ", "! ", ".\n", ".\"",
+            ".)", "Ok.", "OK", "So", "It", "i", "vs.", "etc.", "A.B.", "POCKET-SIZED", "A-b",
+            "x-Y", "A--B", "TIME'S", "CITY's", "I'm", "I'M", "WE'LL", "YOU'Ve", "A'", "'A",
+            "WANNA", "GONNA", "xCANNOTx", "“NASA”", "‘A’", "'TIS",
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // half of them with spaces between most pieces (many short chunks)
+        let mut out: Vec<String> = (0..8000)
+            .map(|i| {
+                let n = rng.random_range(1..24);
+                let mut t = String::new();
+                for _ in 0..n {
+                    t.push_str(PIECES[rng.random_range(0..PIECES.len())]);
+                    if i % 2 == 0 && rng.random_bool(0.6) {
+                        t.push(' ');
+                    }
+                }
+                t
+            })
+            .collect();
+        let oracle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/oracle");
+        for f in [
+            "data/ifeval/input_response_data_gpt4_20231107_145030.jsonl",
+            "data/ifbench/sample_output.jsonl",
+        ] {
+            let Ok(text) = std::fs::read_to_string(oracle.join(f)) else {
+                continue;
+            };
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line).expect("json");
+                let r = v["response"].as_str().unwrap_or("");
+                for variant in crate::loose::all_variants(r) {
+                    out.extend(
+                        sentences::sentences(&variant)
+                            .into_iter()
+                            .map(str::to_string),
+                    );
+                    out.push(variant);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn guards_and_upper_shortcuts_change_nothing() {
+        for t in test_texts() {
+            let tokens = treebank_tokens_impl(&t, false);
+            assert_eq!(treebank_tokens_impl(&t, true), tokens, "{t:?}");
+            let upper = sentences::sentences(&t)
+                .into_iter()
+                .flat_map(|s| treebank_tokens_impl(s, false))
+                .filter(|w| pytext::py_isupper(w))
+                .count();
+            assert_eq!(count_upper_tokens(&t), upper, "{t:?}");
+            if !may_have_upper_token(&t) {
+                assert!(
+                    !tokens.iter().any(|w| pytext::py_isupper(w)),
+                    "{t:?}: {tokens:?}"
+                );
+            }
+        }
+        assert!(may_have_upper_token("NASA"));
+        assert!(may_have_upper_token("In't"));
+        assert!(!may_have_upper_token("In the end, The cat."));
+    }
+
+    /// The Unicode facts the guards rely on, checked on every char with the `regex`
+    /// crate in use: `\s` is `char::is_whitespace`, and the `(?i)` contraction letters
+    /// (and the apostrophe) match nothing outside ASCII.
+    #[test]
+    fn unicode_facts_behind_the_guards() {
+        let ws = Regex::new(r"^\s$").expect("regex");
+        let letters = Regex::new(r"(?i)^[cantodyegimlrw']$").expect("regex");
+        let mut buf = [0u8; 4];
+        for c in (0..=0x10FFFF).filter_map(char::from_u32) {
+            let s = c.encode_utf8(&mut buf);
+            assert_eq!(ws.is_match(s), c.is_whitespace(), "{c:?}");
+            assert!(c.is_ascii() || !letters.is_match(s), "{c:?}");
+        }
     }
 
     #[test]

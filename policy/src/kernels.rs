@@ -1,8 +1,13 @@
-//! CPU kernel for the sampler's decode-time projections: `y = x @ w^T` with few
-//! rows in `x` (one per sequence in the batch). The generic gemm is
-//! compute-inefficient at small `m`; this kernel streams each weight row once
-//! and dots it against all `m` inputs (kept in L1), using AVX2+FMA when the CPU
-//! has it (runtime-detected) and a portable 16-lane fallback otherwise.
+//! CPU kernels for generation.
+//!
+//! - [`matmul_t`]: `y = x @ w^T` for the engine's projections, with `w` in f32 or bf16
+//!   ([`Mat`]). Each task owns a block of weight rows and runs it against every input row
+//!   in 4 x 4 register tiles (AVX-512 when the CPU has it, runtime-detected; a portable
+//!   16-lane path otherwise). Every output element is accumulated the same way in every
+//!   tile shape (16 lanes, ascending `k`, one fixed horizontal sum), so a row's result
+//!   does not depend on which other rows share the call (batch invariance).
+//! - [`linear_small_m`]: the same product for candle tensors (f32, few rows), used by the
+//!   candle sampler path.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
@@ -199,6 +204,407 @@ pub fn linear_small_m(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tens
     Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
 
+/// Weight storage of a `[n, k]` row-major matrix used by [`matmul_t`].
+pub enum MatData {
+    F32(Vec<f32>),
+    /// bf16 bit patterns (upper 16 bits of the f32), rounded to nearest even.
+    Bf16(Vec<u16>),
+}
+
+/// A `[n, k]` weight matrix (n output rows of k inputs).
+pub struct Mat {
+    data: MatData,
+    n: usize,
+    k: usize,
+}
+
+/// f32 -> bf16 with round-to-nearest-even (NaN kept quiet).
+pub fn f32_to_bf16(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+impl Mat {
+    pub fn f32(data: Vec<f32>, n: usize, k: usize) -> Self {
+        assert_eq!(data.len(), n * k, "Mat::f32: data is not [n, k]");
+        Self {
+            data: MatData::F32(data),
+            n,
+            k,
+        }
+    }
+
+    pub fn bf16_from_f32(data: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(data.len(), n * k, "Mat::bf16_from_f32: data is not [n, k]");
+        Self {
+            data: MatData::Bf16(data.iter().map(|&v| f32_to_bf16(v)).collect()),
+            n,
+            k,
+        }
+    }
+
+    /// Output rows (n).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row (k).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes of weight storage.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            MatData::F32(v) => v.len() * 4,
+            MatData::Bf16(v) => v.len() * 2,
+        }
+    }
+
+    /// Row `j` as f32 (for the portable path and tests).
+    fn row_f32(&self, j: usize, out: &mut [f32]) {
+        let k = self.k;
+        match &self.data {
+            MatData::F32(v) => out.copy_from_slice(&v[j * k..(j + 1) * k]),
+            MatData::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[j * k..(j + 1) * k]) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// Weight rows per parallel task in [`matmul_t`].
+const MT_ROWS: usize = 16;
+/// Register tile: weight rows x input rows.
+const TW: usize = 4;
+const TX: usize = 4;
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements of the output (distinct weight-row columns).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// AVX-512F present (and not disabled by `HINDSIGHT_NO_AVX512`).
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("HINDSIGHT_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| has_avx512() && is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `y[m, n] = x[m, k] @ w[n, k]^T`, parallel over blocks of weight rows.
+///
+/// With bf16 weights the inputs are rounded to bf16 too (a bf16 x bf16 product is exact
+/// in f32) and the products are summed in f32: on CPUs with AVX512-BF16 by
+/// `vdpbf16ps` (two products per lane per instruction), elsewhere by f32 FMAs.
+pub fn matmul_t(x: &[f32], m: usize, w: &Mat, y: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(x.len(), m * k, "matmul_t: x is not [m, k]");
+    assert_eq!(y.len(), m * n, "matmul_t: y is not [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = OutPtr(y.as_mut_ptr());
+    if let MatData::Bf16(wd) = &w.data {
+        let xb: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+        if has_avx512_bf16() && k % 32 == 0 {
+            (0..n.div_ceil(MT_ROWS)).into_par_iter().for_each(|blk| {
+                let out = out;
+                let j0 = blk * MT_ROWS;
+                let j1 = (j0 + MT_ROWS).min(n);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: avx512f + avx512bf16 are present, k % 32 == 0, indices in
+                // bounds, and this task writes only columns j0..j1 of `y`.
+                unsafe {
+                    avx512::block_dp(&xb, m, wd, k, j0, j1, out.0, n)
+                };
+            });
+            return;
+        }
+        let xr: Vec<f32> = xb.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        return matmul_t_f32_paths(&xr, m, w, out);
+    }
+    matmul_t_f32_paths(x, m, w, out)
+}
+
+fn matmul_t_f32_paths(x: &[f32], m: usize, w: &Mat, out: OutPtr) {
+    let (n, k) = (w.n, w.k);
+    let avx = has_avx512() && k % 16 == 0;
+    (0..n.div_ceil(MT_ROWS)).into_par_iter().for_each(|blk| {
+        let out = out;
+        let j0 = blk * MT_ROWS;
+        let j1 = (j0 + MT_ROWS).min(n);
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: avx512f is present (checked above), k % 16 == 0, indices in bounds,
+            // and this task writes only columns j0..j1 of `y`.
+            unsafe { avx512::block(x, m, w, j0, j1, out.0, n) };
+            return;
+        }
+        let _ = avx;
+        portable_block(x, m, w, j0, j1, out.0, n);
+    });
+}
+
+fn portable_block(x: &[f32], m: usize, w: &Mat, j0: usize, j1: usize, out: *mut f32, n: usize) {
+    let k = w.k;
+    let mut row = vec![0f32; k];
+    for j in j0..j1 {
+        w.row_f32(j, &mut row);
+        for i in 0..m {
+            let xi = &x[i * k..(i + 1) * k];
+            let mut acc = [0f32; 16];
+            let (cw, cx) = (row.chunks_exact(16), xi.chunks_exact(16));
+            let (rw, rx) = (cw.remainder(), cx.remainder());
+            for (a, b) in cw.zip(cx) {
+                for l in 0..16 {
+                    acc[l] = a[l].mul_add(b[l], acc[l]);
+                }
+            }
+            let mut s = 0f32;
+            for (a, b) in rw.iter().zip(rx) {
+                s += a * b;
+            }
+            let mut wdt = 16;
+            while wdt > 1 {
+                wdt /= 2;
+                for l in 0..wdt {
+                    acc[l] += acc[l + wdt];
+                }
+            }
+            // SAFETY: (i, j) is in bounds and owned by this task.
+            unsafe { *out.add(i * n + j) = acc[0] + s };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Mat, MatData, TW, TX};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> __m512 {
+        if BF {
+            let h = _mm256_loadu_si256((p as *const u16).add(c) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_loadu_ps((p as *const f32).add(c))
+        }
+    }
+
+    /// `RW` weight rows x `RX` inputs; every pair accumulated identically.
+    #[inline(always)]
+    unsafe fn tile<const RW: usize, const RX: usize, const BF: bool>(
+        wp: [*const u8; RW],
+        xp: [*const f32; RX],
+        k: usize,
+        out: *mut f32,
+        j: usize,
+        i: usize,
+        n: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+        let mut c = 0;
+        while c < k {
+            let mut wv = [_mm512_setzero_ps(); RW];
+            for r in 0..RW {
+                wv[r] = load_w::<BF>(wp[r], c);
+            }
+            for q in 0..RX {
+                let xv = _mm512_loadu_ps(xp[q].add(c));
+                for r in 0..RW {
+                    acc[r][q] = _mm512_fmadd_ps(wv[r], xv, acc[r][q]);
+                }
+            }
+            c += 16;
+        }
+        for r in 0..RW {
+            for q in 0..RX {
+                *out.add((i + q) * n + j + r) = _mm512_reduce_add_ps(acc[r][q]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows_block<const RW: usize, const BF: bool>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        wp: [*const u8; RW],
+        out: *mut f32,
+        j: usize,
+        n: usize,
+    ) {
+        let xr = |i: usize| x.as_ptr().add(i * k);
+        let mut i = 0;
+        while i + TX <= m {
+            tile::<RW, TX, BF>(wp, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], k, out, j, i, n);
+            i += TX;
+        }
+        match m - i {
+            0 => {}
+            1 => tile::<RW, 1, BF>(wp, [xr(i)], k, out, j, i, n),
+            2 => tile::<RW, 2, BF>(wp, [xr(i), xr(i + 1)], k, out, j, i, n),
+            _ => tile::<RW, 3, BF>(wp, [xr(i), xr(i + 1), xr(i + 2)], k, out, j, i, n),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_t<const BF: bool>(
+        x: &[f32],
+        m: usize,
+        base: *const u8,
+        elem: usize,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let wr = |j: usize| base.add(j * k * elem);
+        let mut j = j0;
+        while j + TW <= j1 {
+            rows_block::<TW, BF>(x, m, k, [wr(j), wr(j + 1), wr(j + 2), wr(j + 3)], out, j, n);
+            j += TW;
+        }
+        while j < j1 {
+            rows_block::<1, BF>(x, m, k, [wr(j)], out, j, n);
+            j += 1;
+        }
+    }
+
+    /// `RW` bf16 weight rows x `RX` bf16 inputs with `vdpbf16ps` (32 products per step).
+    #[inline(always)]
+    unsafe fn tile_dp<const RW: usize, const RX: usize>(
+        wp: [*const u16; RW],
+        xp: [*const u16; RX],
+        k: usize,
+        out: *mut f32,
+        j: usize,
+        i: usize,
+        n: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+        let mut c = 0;
+        while c < k {
+            let mut wv = [_mm512_setzero_si512(); RW];
+            for r in 0..RW {
+                wv[r] = _mm512_loadu_si512(wp[r].add(c) as *const __m512i);
+            }
+            for q in 0..RX {
+                let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xp[q].add(c) as *const __m512i));
+                for r in 0..RW {
+                    acc[r][q] = _mm512_dpbf16_ps(acc[r][q], std::mem::transmute::<__m512i, __m512bh>(wv[r]), xv);
+                }
+            }
+            c += 32;
+        }
+        for r in 0..RW {
+            for q in 0..RX {
+                *out.add((i + q) * n + j + r) = _mm512_reduce_add_ps(acc[r][q]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows_block_dp<const RW: usize>(
+        x: &[u16],
+        m: usize,
+        k: usize,
+        wp: [*const u16; RW],
+        out: *mut f32,
+        j: usize,
+        n: usize,
+    ) {
+        let xr = |i: usize| x.as_ptr().add(i * k);
+        let mut i = 0;
+        while i + TX <= m {
+            tile_dp::<RW, TX>(wp, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], k, out, j, i, n);
+            i += TX;
+        }
+        match m - i {
+            0 => {}
+            1 => tile_dp::<RW, 1>(wp, [xr(i)], k, out, j, i, n),
+            2 => tile_dp::<RW, 2>(wp, [xr(i), xr(i + 1)], k, out, j, i, n),
+            _ => tile_dp::<RW, 3>(wp, [xr(i), xr(i + 1), xr(i + 2)], k, out, j, i, n),
+        }
+    }
+
+    /// Columns `j0..j1` of `y = x @ w^T` for bf16 `x` and `w` (see `matmul_t`).
+    ///
+    /// # Safety
+    /// avx512f and avx512bf16 must be available, `k % 32 == 0`, `out` must point to `[m, n]`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn block_dp(
+        x: &[u16],
+        m: usize,
+        w: &[u16],
+        k: usize,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let wr = |j: usize| w.as_ptr().add(j * k);
+        let mut j = j0;
+        while j + TW <= j1 {
+            rows_block_dp::<TW>(x, m, k, [wr(j), wr(j + 1), wr(j + 2), wr(j + 3)], out, j, n);
+            j += TW;
+        }
+        while j < j1 {
+            rows_block_dp::<1>(x, m, k, [wr(j)], out, j, n);
+            j += 1;
+        }
+    }
+
+    /// Computes columns `j0..j1` of `y` (see `matmul_t`).
+    ///
+    /// # Safety
+    /// avx512f must be available, `w.k % 16 == 0`, and `out` must point to `[m, n]`.
+    pub(super) unsafe fn block(
+        x: &[f32],
+        m: usize,
+        w: &Mat,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        match &w.data {
+            MatData::F32(v) => {
+                block_t::<false>(x, m, v.as_ptr() as *const u8, 4, w.k, j0, j1, out, n)
+            }
+            MatData::Bf16(v) => {
+                block_t::<true>(x, m, v.as_ptr() as *const u8, 2, w.k, j0, j1, out, n)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +621,73 @@ mod tests {
             let d = crate::tests::max_abs_diff(&a, &b);
             assert!(d < 1e-4, "({m},{k},{n}): {d}");
         }
+    }
+
+    /// f64 reference; with bf16 weights the inputs are rounded to bf16 first, as
+    /// `matmul_t` documents.
+    fn reference(x: &[f32], m: usize, w: &Mat) -> Vec<f64> {
+        let bf = matches!(w.data, MatData::Bf16(_));
+        let x: Vec<f32> = x
+            .iter()
+            .map(|&v| if bf { f32::from_bits((f32_to_bf16(v) as u32) << 16) } else { v })
+            .collect();
+        let mut row = vec![0f32; w.cols()];
+        let mut y = vec![0f64; m * w.rows()];
+        for j in 0..w.rows() {
+            w.row_f32(j, &mut row);
+            for i in 0..m {
+                y[i * w.rows() + j] = (0..w.cols())
+                    .map(|c| row[c] as f64 * x[i * w.cols() + c] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matmul_t_matches_f64_reference_for_every_tile_shape() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // k = 64 / 96 take the AVX-512 (and AVX512-BF16) paths where present, k = 48 the
+        // AVX-512 f32 path for bf16 weights, k = 37 the portable one; m and n cover every
+        // register-tile remainder.
+        for (m, k, n) in [(1, 48, 5), (7, 48, 37), (13, 64, 100), (6, 37, 9), (33, 96, 17)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let wd: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for w in [Mat::f32(wd.clone(), n, k), Mat::bf16_from_f32(&wd, n, k)] {
+                let mut y = vec![0f32; m * n];
+                matmul_t(&x, m, &w, &mut y);
+                let r = reference(&x, m, &w);
+                for (a, b) in y.iter().zip(&r) {
+                    assert!((*a as f64 - b).abs() < 1e-4, "({m},{k},{n}): {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_t_rows_do_not_depend_on_the_batch() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let (m, k, n) = (11, 64, 40);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let wd: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for w in [Mat::f32(wd.clone(), n, k), Mat::bf16_from_f32(&wd, n, k)] {
+            let mut all = vec![0f32; m * n];
+            matmul_t(&x, m, &w, &mut all);
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                matmul_t(&x[i * k..(i + 1) * k], 1, &w, &mut one);
+                assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod config;
+pub mod engine;
 pub mod hf;
 pub mod kernels;
 pub mod load;
@@ -33,6 +34,7 @@ pub use load::{
     tiny_config, tiny_config_for, tiny_kind, tiny_tokenizer, tokenizer_from_gguf,
     weights_from_gguf, LoadedModel, TinyKind,
 };
+pub use engine::Precision;
 pub use sampler::{Generation, Sampler, SamplingParams};
 pub use template::{ChatTemplate, SpecialTokens};
 pub use tokenizer::ChatTokenizer;

@@ -1,7 +1,10 @@
-//! The inference engine (`Sampler`): a Llama forward built on candle's fused
-//! inference kernels (rope, rms_norm, softmax), a pre-allocated KV cache, batched
-//! prefill of left-padded prompts with per-sequence positions and padding masks,
-//! and temperature / top-p sampling that reports per-token log-probs and entropy.
+//! The inference front end (`Sampler`): temperature / top-p sampling that reports
+//! per-token log-probs and entropy, over one of two forwards:
+//! - on CPU, the engine in [`crate::engine`]: continuous batching (finished sequences
+//!   free their slot for the next prompt), a KV cache per sequence, f32 or bf16 weights;
+//! - on other devices (CUDA), a Llama forward built on candle's fused inference kernels
+//!   (rope, rms_norm, softmax), a pre-allocated KV cache and batched prefill of
+//!   left-padded prompts; there the prompts are run `max_batch` at a time.
 //!
 //! Log-prob convention: `logprobs[t]` is `log p(token_t)` under
 //! `softmax(logits / temperature)` — the distribution actually sampled from —
@@ -16,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
+use crate::engine::{CpuEngine, Precision};
 use crate::ops::{padded_causal_mask, rope_cos_sin_inv};
 use crate::weights::Weights;
 
@@ -79,7 +83,19 @@ pub struct Sampler {
     interleaved_rope: bool,
     /// Rotary inverse frequencies (with the config's scaling applied).
     inv_freqs: Vec<f32>,
+    /// The CPU engine (CPU devices); the candle tensors above are then left empty.
+    engine: Option<CpuEngine>,
+    precision: Precision,
+    /// Sequences in flight at once.
+    max_batch: usize,
+    /// Prompt tokens prefilled per engine step (at least one whole prompt).
+    max_prefill_tokens: usize,
 }
+
+/// Default number of sequences generated at once.
+pub const DEFAULT_MAX_BATCH: usize = 32;
+/// Default prompt-token budget of one engine step.
+pub const DEFAULT_MAX_PREFILL_TOKENS: usize = 2048;
 
 impl Sampler {
     /// Builds the engine from HF-layout weights (half-rotation rope).
@@ -89,7 +105,23 @@ impl Sampler {
         tokenizer_stops: &[u32],
         device: &Device,
     ) -> anyhow::Result<Self> {
+        Self::with_precision(config, weights, tokenizer_stops, device, Precision::F32)
+    }
+
+    /// As [`Sampler::new`], with the generation weights stored in `precision`
+    /// (bf16 is implemented by the CPU engine; other devices refuse it).
+    pub fn with_precision(
+        config: &ModelConfig,
+        weights: &Weights,
+        tokenizer_stops: &[u32],
+        device: &Device,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
+        anyhow::ensure!(
+            device.is_cpu() || precision == Precision::F32,
+            "{precision} generation is implemented by the CPU engine only; use f32 on {device:?}"
+        );
         let mut s = Self {
             config: config.clone(),
             device: device.clone(),
@@ -100,6 +132,10 @@ impl Sampler {
             stops: tokenizer_stops.to_vec(),
             interleaved_rope: false,
             inv_freqs: config.rope_inv_freqs(),
+            engine: None,
+            precision,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
         };
         s.load_weights(weights)?;
         Ok(s)
@@ -108,6 +144,29 @@ impl Sampler {
     /// Test hook: treat q/k weights as GGUF-permuted and use interleaved rope (`rope_i`).
     pub fn set_interleaved_rope(&mut self, interleaved: bool) {
         self.interleaved_rope = interleaved;
+        if let Some(e) = &mut self.engine {
+            e.set_interleaved_rope(interleaved);
+        }
+    }
+
+    /// Precision of the generation weights.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Sequences generated at once (continuous batching refills finished slots).
+    pub fn set_max_batch(&mut self, n: usize) {
+        self.max_batch = n.max(1);
+    }
+
+    /// Sequences generated at once.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Prompt tokens prefilled per engine step (CPU engine; at least one prompt a step).
+    pub fn set_max_prefill_tokens(&mut self, n: usize) {
+        self.max_prefill_tokens = n.max(1);
     }
 
     /// The stop token ids generation ends on.
@@ -128,6 +187,14 @@ impl Sampler {
     /// Swaps in a new weight version (same config).
     pub fn load_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
         weights.validate(&self.config)?;
+        if self.device.is_cpu() {
+            // Drop the old copy first so two full weight sets never coexist.
+            self.engine = None;
+            let mut e = CpuEngine::new(&self.config, weights, self.precision)?;
+            e.set_interleaved_rope(self.interleaved_rope);
+            self.engine = Some(e);
+            return Ok(());
+        }
         let dev = &self.device;
         let get = |n: &str| -> anyhow::Result<Tensor> {
             Ok(weights.get(n)?.to_dtype(DType::F32)?.to_device(dev)?)
@@ -287,6 +354,10 @@ impl Sampler {
     pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Tensor> {
         anyhow::ensure!(!tokens.is_empty(), "logits: empty token sequence");
         let t = tokens.len();
+        if let Some(e) = &self.engine {
+            let v = e.logits(tokens)?;
+            return Ok(Tensor::from_vec(v, (t, self.config.vocab_size), &self.device)?);
+        }
         let ids = Tensor::from_vec(tokens.to_vec(), (1, t), &self.device)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = self.cos_sin_batch(&positions, 1, t)?;
@@ -300,13 +371,73 @@ impl Sampler {
             .matmul(&self.lm_head.t()?)?)
     }
 
-    /// Generates continuations for a batch of prompts (token ids, any lengths >= 1).
-    /// Prompts are left-padded into one batch; finished sequences are dropped from
-    /// the batch (KV cache compacted). Each sequence draws from its own ChaCha8 stream
-    /// (seed, stream = index in `prompts`), so results are seed-deterministic.
+    /// Generates continuations for prompts (token ids, any lengths >= 1), at most
+    /// [`Sampler::max_batch`] in flight. Each sequence draws from its own ChaCha8 stream
+    /// (seed, stream = index in `prompts`), so results are seed-deterministic; on CPU they
+    /// also do not depend on the batch size.
     pub fn generate(
         &mut self,
         prompts: &[Vec<u32>],
+        params: &SamplingParams,
+    ) -> anyhow::Result<Vec<Generation>> {
+        let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+        let mut it = prompts.iter().cloned().enumerate();
+        self.generate_stream(params, &mut || it.next(), &mut |i, g| {
+            out[i] = Some(g);
+            Ok(())
+        })?;
+        Ok(out.into_iter().map(|g| g.expect("every prompt generated")).collect())
+    }
+
+    /// Continuous batching: pulls `(key, prompt)` pairs from `next` whenever a slot is free
+    /// (at most [`Sampler::max_batch`] sequences in flight) and hands every finished
+    /// sequence to `done` as soon as it ends. `key` picks the sequence's random stream
+    /// (`seed`, stream = key), so a sequence's tokens do not depend on when it was
+    /// admitted. On non-CPU devices, prompts are pulled and run `max_batch` at a time.
+    pub fn generate_stream(
+        &mut self,
+        params: &SamplingParams,
+        next: &mut dyn FnMut() -> Option<(usize, Vec<u32>)>,
+        done: &mut dyn FnMut(usize, Generation) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        if let Some(e) = &self.engine {
+            return e.generate_stream(
+                params,
+                &self.stops,
+                self.max_batch,
+                self.max_prefill_tokens,
+                next,
+                done,
+            );
+        }
+        loop {
+            let mut keys = Vec::new();
+            let mut prompts = Vec::new();
+            while keys.len() < self.max_batch {
+                match next() {
+                    Some((k, p)) => {
+                        keys.push(k);
+                        prompts.push(p);
+                    }
+                    None => break,
+                }
+            }
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let gens = self.generate_padded(&prompts, &keys, params)?;
+            for (k, g) in keys.into_iter().zip(gens) {
+                done(k, g)?;
+            }
+        }
+    }
+
+    /// The candle path: one left-padded batch; finished sequences are dropped from the
+    /// batch (KV cache compacted); row `i` draws from stream `keys[i]`.
+    fn generate_padded(
+        &mut self,
+        prompts: &[Vec<u32>],
+        keys: &[usize],
         params: &SamplingParams,
     ) -> anyhow::Result<Vec<Generation>> {
         let n = prompts.len();
@@ -338,7 +469,7 @@ impl Sampler {
         let mut rngs: Vec<ChaCha8Rng> = (0..n)
             .map(|i| {
                 let mut r = ChaCha8Rng::seed_from_u64(params.seed);
-                r.set_stream(i as u64);
+                r.set_stream(keys[i] as u64);
                 r
             })
             .collect();

@@ -5,7 +5,7 @@
 
 use crate::kwargs::{Kwargs, Relation};
 use crate::registry::Entry;
-use crate::{pytext, wordtok, Constraint, ConstraintError};
+use crate::{wordtok, Constraint, ConstraintError};
 
 pub(crate) const ENTRY: Entry = Entry {
     id: "change_case:capital_word_frequency",
@@ -31,7 +31,7 @@ impl Constraint for CapitalWordFrequency {
     }
     fn follows(&self, response: &str) -> bool {
         let n = if response.chars().any(char::is_uppercase) {
-            wordtok::count_word_tokens(response, pytext::py_isupper)
+            wordtok::count_upper_tokens(response)
         } else {
             0
         };

@@ -15,6 +15,7 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+mod engine;
 mod hf;
 mod smollm2;
 mod tiny;

@@ -16,7 +16,7 @@ fn gguf_path() -> std::path::PathBuf {
         .clone()
 }
 
-fn model() -> &'static LoadedModel {
+pub(super) fn model() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
     M.get_or_init(|| {
         let t = Instant::now();
