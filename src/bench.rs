@@ -87,6 +87,8 @@ pub fn script_path(name: &str) -> Result<PathBuf> {
         .find(|c| c.is_file())
         .cloned()
         .with_context(|| {
-            format!("bench/{name} not found (run from the repository root or set HINDSIGHT_BENCH_DIR)")
+            format!(
+                "bench/{name} not found (run from the repository root or set HINDSIGHT_BENCH_DIR)"
+            )
         })
 }

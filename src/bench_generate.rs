@@ -52,7 +52,11 @@ pub struct BenchGenerateArgs {
     #[arg(long, env = "HINDSIGHT_BENCH_NO_PEER")]
     pub no_peer: bool,
     /// Python with llama-cpp-python, torch and transformers (see bench/README.md).
-    #[arg(long, env = "HINDSIGHT_BENCH_PYTHON", default_value = "bench/.venv/bin/python")]
+    #[arg(
+        long,
+        env = "HINDSIGHT_BENCH_PYTHON",
+        default_value = "bench/.venv/bin/python"
+    )]
     pub python: PathBuf,
     /// Timed runs per configuration after one warm-up run (the best is reported).
     #[arg(long, env = "HINDSIGHT_BENCH_REPEATS", default_value_t = 1)]
@@ -166,7 +170,10 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
     let mut peers: Vec<Value> = Vec::new();
     let mut peer_list = args.peers.clone();
     if args.device != "cpu" && peer_list.iter().any(|p| p == "llama.cpp") {
-        println!("  (llama.cpp left out on {}: llama-cpp-python from PyPI is a CPU build)", args.device);
+        println!(
+            "  (llama.cpp left out on {}: llama-cpp-python from PyPI is a CPU build)",
+            args.device
+        );
         peer_list.retain(|p| p != "llama.cpp");
     }
     if !args.no_peer && !peer_list.is_empty() {
@@ -178,8 +185,10 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
             None
         };
         let hf_dir = crate::bench::hf_dir_for(&args.model, &cache)?;
-        let job_path =
-            std::env::temp_dir().join(format!("hindsight-bench-generate-{}.json", std::process::id()));
+        let job_path = std::env::temp_dir().join(format!(
+            "hindsight-bench-generate-{}.json",
+            std::process::id()
+        ));
         let job = json!({
             "gguf": gguf.as_ref().map(|p| p.display().to_string()),
             "hf_dir": hf_dir.display().to_string(),

@@ -103,7 +103,20 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// Keeps freed large buffers in the heap for reuse (glibc otherwise maps and unmaps every
+/// buffer over its mmap threshold: a page fault and a zeroed page per 4 KB each time). A
+/// learner step allocates and frees many such activation and gradient buffers.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     if cli.threads > 0 {
         // candle's CPU kernels and rayon read this once, before any pool exists.

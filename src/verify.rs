@@ -18,9 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_constraints::{
-    build_from, supported_ids, with_response_cache, Map, Value,
-};
+use hindsight_constraints::{build_from, supported_ids, with_response_cache, Map, Value};
 use serde_json::json;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -606,9 +604,6 @@ fn reference_rate(
     let n = v["records"].as_u64().context("records")? as usize;
     Ok((n as f64 / secs.max(1e-9), n))
 }
-
-/// The 1-minute load average (`/proc/loadavg`), `?` where unavailable: timings taken
-/// while other processes compete for the cores are not comparable.
 
 /// `hindsight bench verify`.
 pub fn bench(args: BenchVerifyArgs) -> Result<()> {

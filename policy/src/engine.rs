@@ -379,9 +379,9 @@ impl CpuEngine {
             // Attention: one task per (row, query head).
             let mut att = vec![0f32; m * h * hd];
             let slots_ro: Vec<&KvSlot> = slots.iter().map(|s| &**s).collect();
-            att.par_chunks_mut(hd)
-                .enumerate()
-                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, out)| {
+            att.par_chunks_mut(hd).enumerate().for_each_init(
+                Vec::new,
+                |scores: &mut Vec<f32>, (idx, out)| {
                     let (ri, qh) = (idx / h, idx % h);
                     let r = &rows[ri];
                     let s = slots_ro[r.slot];
@@ -409,7 +409,8 @@ impl CpuEngine {
                             out,
                         ),
                     }
-                });
+                },
+            );
             let o = self.linear(&att, m, &l.wo);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;

@@ -286,14 +286,20 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// AVX-512F present (and not disabled by `HINDSIGHT_NO_AVX512`).
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            std::env::var_os("HINDSIGHT_NO_AVX512").is_none()
-                && is_x86_feature_detected!("avx512f")
+            std::env::var_os("HINDSIGHT_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -331,19 +337,21 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Mat, y: &mut [f32]) {
         let xb: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
         if has_avx512_bf16() && k % 32 == 0 {
             (0..n.div_ceil(MT_ROWS)).into_par_iter().for_each(|blk| {
-                let out = out;
                 let j0 = blk * MT_ROWS;
                 let j1 = (j0 + MT_ROWS).min(n);
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: avx512f + avx512bf16 are present, k % 32 == 0, indices in
                 // bounds, and this task writes only columns j0..j1 of `y`.
                 unsafe {
-                    avx512::block_dp(&xb, m, wd, k, j0, j1, out.0, n)
+                    avx512::block_dp(&xb, m, wd, k, j0, j1, out.get(), n)
                 };
             });
             return;
         }
-        let xr: Vec<f32> = xb.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        let xr: Vec<f32> = xb
+            .iter()
+            .map(|&b| f32::from_bits((b as u32) << 16))
+            .collect();
         return matmul_t_f32_paths(&xr, m, w, out);
     }
     matmul_t_f32_paths(x, m, w, out)
@@ -353,18 +361,17 @@ fn matmul_t_f32_paths(x: &[f32], m: usize, w: &Mat, out: OutPtr) {
     let (n, k) = (w.n, w.k);
     let avx = has_avx512() && k % 16 == 0;
     (0..n.div_ceil(MT_ROWS)).into_par_iter().for_each(|blk| {
-        let out = out;
         let j0 = blk * MT_ROWS;
         let j1 = (j0 + MT_ROWS).min(n);
         #[cfg(target_arch = "x86_64")]
         if avx {
             // SAFETY: avx512f is present (checked above), k % 16 == 0, indices in bounds,
             // and this task writes only columns j0..j1 of `y`.
-            unsafe { avx512::block(x, m, w, j0, j1, out.0, n) };
+            unsafe { avx512::block(x, m, w, j0, j1, out.get(), n) };
             return;
         }
         let _ = avx;
-        portable_block(x, m, w, j0, j1, out.0, n);
+        portable_block(x, m, w, j0, j1, out.get(), n);
     });
 }
 
@@ -401,6 +408,7 @@ fn portable_block(x: &[f32], m: usize, w: &Mat, j0: usize, j1: usize, out: *mut 
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 mod avx512 {
     use super::{Mat, MatData, TW, TX};
     use std::arch::x86_64::*;
@@ -461,7 +469,15 @@ mod avx512 {
         let xr = |i: usize| x.as_ptr().add(i * k);
         let mut i = 0;
         while i + TX <= m {
-            tile::<RW, TX, BF>(wp, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], k, out, j, i, n);
+            tile::<RW, TX, BF>(
+                wp,
+                [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
+                k,
+                out,
+                j,
+                i,
+                n,
+            );
             i += TX;
         }
         match m - i {
@@ -515,9 +531,14 @@ mod avx512 {
                 wv[r] = _mm512_loadu_si512(wp[r].add(c) as *const __m512i);
             }
             for q in 0..RX {
-                let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xp[q].add(c) as *const __m512i));
+                let xv: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(xp[q].add(c) as *const __m512i));
                 for r in 0..RW {
-                    acc[r][q] = _mm512_dpbf16_ps(acc[r][q], std::mem::transmute::<__m512i, __m512bh>(wv[r]), xv);
+                    acc[r][q] = _mm512_dpbf16_ps(
+                        acc[r][q],
+                        std::mem::transmute::<__m512i, __m512bh>(wv[r]),
+                        xv,
+                    );
                 }
             }
             c += 32;
@@ -542,7 +563,15 @@ mod avx512 {
         let xr = |i: usize| x.as_ptr().add(i * k);
         let mut i = 0;
         while i + TX <= m {
-            tile_dp::<RW, TX>(wp, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], k, out, j, i, n);
+            tile_dp::<RW, TX>(
+                wp,
+                [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
+                k,
+                out,
+                j,
+                i,
+                n,
+            );
             i += TX;
         }
         match m - i {
@@ -629,7 +658,13 @@ mod tests {
         let bf = matches!(w.data, MatData::Bf16(_));
         let x: Vec<f32> = x
             .iter()
-            .map(|&v| if bf { f32::from_bits((f32_to_bf16(v) as u32) << 16) } else { v })
+            .map(|&v| {
+                if bf {
+                    f32::from_bits((f32_to_bf16(v) as u32) << 16)
+                } else {
+                    v
+                }
+            })
             .collect();
         let mut row = vec![0f32; w.cols()];
         let mut y = vec![0f64; m * w.rows()];
@@ -651,7 +686,13 @@ mod tests {
         // k = 64 / 96 take the AVX-512 (and AVX512-BF16) paths where present, k = 48 the
         // AVX-512 f32 path for bf16 weights, k = 37 the portable one; m and n cover every
         // register-tile remainder.
-        for (m, k, n) in [(1, 48, 5), (7, 48, 37), (13, 64, 100), (6, 37, 9), (33, 96, 17)] {
+        for (m, k, n) in [
+            (1, 48, 5),
+            (7, 48, 37),
+            (13, 64, 100),
+            (6, 37, 9),
+            (33, 96, 17),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let wd: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             for w in [Mat::f32(wd.clone(), n, k), Mat::bf16_from_f32(&wd, n, k)] {

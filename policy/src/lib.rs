@@ -9,6 +9,7 @@
 pub mod adamw;
 pub mod config;
 pub mod engine;
+pub mod fused;
 pub mod hf;
 pub mod kernels;
 pub mod load;
@@ -25,6 +26,7 @@ mod tests;
 pub use adamw::{grad_norm, AdamW};
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Architecture, ModelConfig, RopeScaling, SpecialTokenIds};
+pub use engine::Precision;
 pub use hf::{
     config_from_hf_dir, is_hf_dir, save_hf_checkpoint, save_hf_checkpoint_with, save_tensors,
     tokenizer_from_hf_dir, weights_from_hf_dir, SaveDtype, SaveOptions,
@@ -34,7 +36,6 @@ pub use load::{
     tiny_config, tiny_config_for, tiny_kind, tiny_tokenizer, tokenizer_from_gguf,
     weights_from_gguf, LoadedModel, TinyKind,
 };
-pub use engine::Precision;
 pub use sampler::{Generation, Sampler, SamplingParams};
 pub use template::{ChatTemplate, SpecialTokens};
 pub use tokenizer::ChatTokenizer;

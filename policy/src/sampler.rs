@@ -356,7 +356,11 @@ impl Sampler {
         let t = tokens.len();
         if let Some(e) = &self.engine {
             let v = e.logits(tokens)?;
-            return Ok(Tensor::from_vec(v, (t, self.config.vocab_size), &self.device)?);
+            return Ok(Tensor::from_vec(
+                v,
+                (t, self.config.vocab_size),
+                &self.device,
+            )?);
         }
         let ids = Tensor::from_vec(tokens.to_vec(), (1, t), &self.device)?;
         let positions: Vec<usize> = (0..t).collect();
@@ -386,7 +390,10 @@ impl Sampler {
             out[i] = Some(g);
             Ok(())
         })?;
-        Ok(out.into_iter().map(|g| g.expect("every prompt generated")).collect())
+        Ok(out
+            .into_iter()
+            .map(|g| g.expect("every prompt generated"))
+            .collect())
     }
 
     /// Continuous batching: pulls `(key, prompt)` pairs from `next` whenever a slot is free

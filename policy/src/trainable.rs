@@ -1,13 +1,17 @@
-//! The trainable model: every parameter is a candle `Var`, and the forward uses
-//! only ops that have a backward in candle 0.11 (matmul, broadcast arithmetic,
-//! exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select, silu).
-//! Response log-probs are computed only at response positions and chunk-wise
-//! over rows (512 at a time), so the full `[B, T, vocab]` log-softmax is never
-//! materialised at once; the target logit is gathered from the chunk's logits.
+//! The trainable model: every parameter is a candle `Var` and every op of the forward has a
+//! backward. On the CPU (f32/f64) the forward uses the fused ops of [`crate::fused`]
+//! (RMSNorm, rope, flash-style causal attention, SwiGLU, and the target log-prob of the
+//! vocabulary projection computed over vocabulary chunks without materialising
+//! probabilities; logits are kept for the backward only up to 256 MB). Elsewhere (CUDA)
+//! it uses only candle primitives that have a backward in candle 0.11 (matmul, broadcast
+//! arithmetic, exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select,
+//! silu), with response log-probs computed chunk-wise over rows (512 at a time).
+//! [`TrainableModel::set_fused`] switches paths.
 
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::ModelConfig;
+use crate::fused;
 use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin_inv, rope_half_diff, softmax_diff};
 use crate::weights::Weights;
 
@@ -22,6 +26,8 @@ pub struct TrainableModel {
     vars: Vec<(String, Var)>,
     /// Index into `vars` for each HF name used by the forward.
     idx: std::collections::HashMap<String, usize>,
+    /// Use the fused CPU ops (default where supported).
+    fused: bool,
 }
 
 impl TrainableModel {
@@ -52,7 +58,19 @@ impl TrainableModel {
             dtype,
             vars,
             idx,
+            fused: fused::supported(device, dtype),
         })
+    }
+
+    /// Chooses the fused CPU ops (`true`, the default on the CPU in f32/f64; ignored where
+    /// they are not supported) or the primitive ops (`false`) for the forward.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on && fused::supported(&self.device, self.dtype);
+    }
+
+    /// Whether the forward uses the fused CPU ops.
+    pub fn is_fused(&self) -> bool {
+        self.fused
     }
 
     /// One entry per parameter tensor (tied embedding counted once), HF names.
@@ -133,6 +151,9 @@ impl TrainableModel {
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) =
             rope_cos_sin_inv(&positions, &c.rope_inv_freqs(), self.dtype, &self.device)?;
+        if self.fused {
+            return self.hidden_fused(ids, &cos, &sin);
+        }
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
@@ -182,6 +203,44 @@ impl TrainableModel {
             x = (x + m)?;
         }
         Ok(rms_norm_diff(&x, self.p("model.norm.weight")?, eps)?)
+    }
+
+    /// [`Self::hidden`] with the fused CPU ops; the residual stream stays `[B*T, D]`.
+    fn hidden_fused(&self, ids: &Tensor, cos: &Tensor, sin: &Tensor) -> anyhow::Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let d = c.hidden_size;
+        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let eps = c.rms_norm_eps;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self
+            .p("model.embed_tokens.weight")?
+            .index_select(&ids.flatten_all()?, 0)?;
+        for l in 0..c.num_hidden_layers {
+            let pf = format!("model.layers.{l}");
+            let w = |n: &str| self.p(&format!("{pf}.{n}"));
+            let xn = fused::rms_norm(&x, w("input_layernorm.weight")?, eps)?;
+            let mut q = fused::linear(&xn, w("self_attn.q_proj.weight")?)?;
+            let mut k = fused::linear(&xn, w("self_attn.k_proj.weight")?)?;
+            let mut v = fused::linear(&xn, w("self_attn.v_proj.weight")?)?;
+            if c.qkv_bias {
+                q = q.broadcast_add(w("self_attn.q_proj.bias")?)?;
+                k = k.broadcast_add(w("self_attn.k_proj.bias")?)?;
+                v = v.broadcast_add(w("self_attn.v_proj.bias")?)?;
+            }
+            let q = fused::rope(&q, cos, sin, b, h)?;
+            let k = fused::rope(&k, cos, sin, b, kv)?;
+            let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+            let y = fused::causal_attention(&q, &k, &v, scale)?;
+            x = (x + fused::linear(&y, w("self_attn.o_proj.weight")?)?)?;
+            let xn = fused::rms_norm(&x, w("post_attention_layernorm.weight")?, eps)?;
+            let g = fused::linear(&xn, w("mlp.gate_proj.weight")?)?;
+            let u = fused::linear(&xn, w("mlp.up_proj.weight")?)?;
+            let m = fused::linear(&fused::swiglu(&g, &u)?, w("mlp.down_proj.weight")?)?;
+            x = (x + m)?;
+        }
+        let x = fused::rms_norm(&x, self.p("model.norm.weight")?, eps)?;
+        Ok(x.reshape((b, t, d))?)
     }
 
     /// Full-sequence logits `[T, vocab]` (model dtype), same math as `response_logprobs`.
@@ -261,10 +320,16 @@ impl TrainableModel {
         let h = self.hidden(&ids)?.reshape((b * t, d))?;
         let n = b * tmax;
         let rows = Tensor::from_vec(rows, n, &self.device)?;
+        let target_ids = targets.clone();
         let targets = Tensor::from_vec(targets, n, &self.device)?;
         let hs = h.index_select(&rows, 0)?; // [N, D]
         let w = self.lm_head()?;
         let inv_t = 1.0 / temperature;
+        let mask = Tensor::from_vec(mask, (b, tmax), &self.device)?.to_dtype(self.dtype)?;
+        if self.fused {
+            let lp = fused::target_logprobs(&hs, w, &target_ids, inv_t)?.reshape((b, tmax))?;
+            return Ok(((lp * &mask)?, mask));
+        }
         let mut chunks = Vec::new();
         let mut start = 0;
         while start < n {
@@ -282,7 +347,6 @@ impl TrainableModel {
             start += len;
         }
         let lp = Tensor::cat(&chunks, 0)?.reshape((b, tmax))?;
-        let mask = Tensor::from_vec(mask, (b, tmax), &self.device)?.to_dtype(self.dtype)?;
         let lp = (lp * &mask)?;
         Ok((lp, mask))
     }

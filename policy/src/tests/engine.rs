@@ -59,7 +59,11 @@ fn generations_do_not_depend_on_the_batch_size() {
         s.set_max_batch(4);
         s.set_max_prefill_tokens(1);
         let gens = s.generate(&ps, &params(16)).unwrap();
-        assert_eq!(reference.as_ref().unwrap(), &gens, "{precision}: prefill budget 1");
+        assert_eq!(
+            reference.as_ref().unwrap(),
+            &gens,
+            "{precision}: prefill budget 1"
+        );
         s.set_max_prefill_tokens(2048);
     }
 }
@@ -139,7 +143,10 @@ fn bad_prompts_are_refused_with_a_message() {
     let mut s = Sampler::new(&tm.config, &tm.weights, &[], &Device::Cpu).unwrap();
     let e = s.generate(&[vec![]], &params(4)).unwrap_err().to_string();
     assert!(e.contains("empty prompt"), "{e}");
-    let e = s.generate(&[vec![1, 100_000]], &params(4)).unwrap_err().to_string();
+    let e = s
+        .generate(&[vec![1, 100_000]], &params(4))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("out of vocabulary"), "{e}");
     assert!("fp8".parse::<Precision>().is_err());
     assert_eq!("BF16".parse::<Precision>().unwrap(), Precision::Bf16);
@@ -210,6 +217,9 @@ fn smollm2_actor_vs_learner_logprob_mismatch() {
         let mean = sum / n as f64;
         eprintln!("{precision}: |log p_actor - log p_learner| over {n} tokens: mean {mean:.2e}, max {max:.2e}");
         assert!(n > 0);
-        assert!(mean < mean_bound && max < max_bound, "{precision}: mean {mean}, max {max}");
+        assert!(
+            mean < mean_bound && max < max_bound,
+            "{precision}: mean {mean}, max {max}"
+        );
     }
 }

@@ -16,6 +16,7 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 mod engine;
+mod fused;
 mod hf;
 mod smollm2;
 mod tiny;
