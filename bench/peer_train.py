@@ -60,6 +60,8 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(
             job["checkpoint"], torch_dtype=torch.float32, **kwargs
         )
+    dev = "cuda" if str(job.get("device", "cpu")).startswith("cuda") else "cpu"
+    model = model.to(dev)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -74,8 +76,9 @@ def main():
         fused = False
         opt = torch.optim.AdamW(groups, lr=float(job["lr"]), betas=(0.9, 0.999), eps=1e-8)
 
-    ids = torch.tensor(job["ids"], dtype=torch.long)
-    adv = torch.tensor(job["advantages"], dtype=torch.float32)
+    ids = torch.tensor(job["ids"], dtype=torch.long, device=dev)
+    adv = torch.tensor(job["advantages"], dtype=torch.float32, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     b, t1 = ids.shape
     t = t1 - 1
     inp, tgt = ids[:, :t], ids[:, 1:]
@@ -89,10 +92,12 @@ def main():
         logits = model(input_ids=inp, use_cache=False).logits
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         loss = -(logp * adv).sum() / n_tokens
+        sync()
         t1_ = time.perf_counter()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t2 = time.perf_counter()
         del logits, logp
         if i >= int(job["warmup"]):

@@ -16,11 +16,15 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_policy::{AdamW, Device, Tensor, TrainableModel};
+use hindsight_policy::{AdamW, Tensor, TrainableModel};
 use serde_json::{json, Value};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
+    /// Device for both sides: `cpu`, or `cuda` / `cuda:N` (ours needs a `--features cuda`
+    /// build; on CUDA ours uses candle's differentiable primitives, not the fused CPU ops).
+    #[arg(long, env = "HINDSIGHT_BENCH_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Model: "smollm2", a .gguf file or a Hugging Face checkpoint directory.
     #[arg(long, env = "HINDSIGHT_BENCH_MODEL", default_value = "smollm2")]
     pub model: String,
@@ -149,7 +153,7 @@ fn max_rss_mb() -> f64 {
 /// Our measured side (in the worker process).
 fn worker(job_path: &Path) -> Result<()> {
     let job: Value = serde_json::from_slice(&std::fs::read(job_path)?)?;
-    let dev = Device::Cpu;
+    let dev = crate::bench_generate::device_from(job["device"].as_str().unwrap_or("cpu"))?;
     let ckpt = job["checkpoint"].as_str().context("job: checkpoint")?;
     let m = hindsight_policy::load(ckpt, Path::new(ckpt), &dev)?;
     let mut model = TrainableModel::new(&m.config, &m.weights, &dev)?;
@@ -317,6 +321,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "weight_decay": args.weight_decay,
             "attn": args.peer_attn,
             "ops": args.ops,
+            "device": args.device,
             "ids": ids,
             "advantages": adv,
         });
