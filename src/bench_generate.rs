@@ -83,19 +83,6 @@ const PROMPTS: &[&str] = &[
     "Summarize the plot of a heist movie you invent, in exactly three sentences.",
 ];
 
-pub fn device_from(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), str::parse)?;
-            Device::new_cuda(ordinal).with_context(|| {
-                format!("device {s}: this binary needs `--features cuda` and an NVIDIA GPU")
-            })
-        }
-        other => anyhow::bail!("unknown device {other:?} (cpu, cuda, cuda:N)"),
-    }
-}
-
 /// Runs the benchmark.
 pub fn run(args: BenchGenerateArgs) -> Result<()> {
     anyhow::ensure!(
@@ -107,7 +94,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(hindsight_policy::default_cache_dir);
-    let device = device_from(&args.device)?;
+    let device = crate::bench::device_from(&args.device)?;
     let threads = rayon::current_num_threads();
     let m = hindsight_policy::load(&args.model, &cache, &Device::Cpu)
         .with_context(|| format!("loading {}", args.model))?;

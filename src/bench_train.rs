@@ -153,7 +153,7 @@ fn max_rss_mb() -> f64 {
 /// Our measured side (in the worker process).
 fn worker(job_path: &Path) -> Result<()> {
     let job: Value = serde_json::from_slice(&std::fs::read(job_path)?)?;
-    let dev = crate::bench_generate::device_from(job["device"].as_str().unwrap_or("cpu"))?;
+    let dev = crate::bench::device_from(job["device"].as_str().unwrap_or("cpu"))?;
     let ckpt = job["checkpoint"].as_str().context("job: checkpoint")?;
     let m = hindsight_policy::load(ckpt, Path::new(ckpt), &dev)?;
     let mut model = TrainableModel::new(&m.config, &m.weights, &dev)?;
@@ -265,33 +265,14 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
     let out_dir = args.out.canonicalize()?;
 
     // One f32 Hugging Face checkpoint that both sides load.
-    let ckpt = if hindsight_policy::is_hf_dir(Path::new(&args.model)) {
-        PathBuf::from(&args.model)
-    } else {
-        let name: String = args
-            .model
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let dir = out_dir.join(format!("{name}-hf-f32"));
-        if !hindsight_policy::is_hf_dir(&dir) {
-            eprintln!("converting {} to {}", args.model, dir.display());
-            crate::convert::run(crate::convert::ConvertArgs {
-                input: args.model.clone(),
-                output: Some(dir.clone()),
-                dtype: "f32".into(),
-                shards: 1,
-                cache_dir: args.cache_dir.clone(),
-                dump_logits: None,
-                prompt: vec![],
-                raw: false,
-            })?;
-        }
-        dir
-    };
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(hindsight_policy::default_cache_dir);
+    let ckpt = crate::bench::hf_dir_for(&args.model, &cache)?;
     let config = hindsight_policy::config_from_hf_dir(&ckpt)?;
     let exe = std::env::current_exe()?;
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = crate::bench::load_average();
     eprintln!(
         "bench train: {} ({} parameters tensors), f32, {} threads, {} warm-up + {} timed steps, load average {}",
         ckpt.display(),
@@ -328,7 +309,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
         let job_path = out_dir.join(format!("job-{b}x{t}.json"));
         std::fs::write(&job_path, serde_json::to_vec(&job)?)?;
 
-        let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load_before = crate::bench::load_average();
         eprintln!("{b}x{t}: ours ...");
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "train", "--worker"])
@@ -347,7 +328,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
                 .env("MKL_NUM_THREADS", args.threads.to_string());
             Some(run_json(cmd, "the PyTorch peer")?)
         };
-        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let load_after = crate::bench::load_average();
         results.push(json!({
             "batch": b,
             "seq": t,

@@ -1,10 +1,10 @@
 //! `hindsight-policy`: the one place that knows the model. Loading (GGUF →
 //! f32 HF-layout weights; Hugging Face Llama/Qwen2 checkpoint directories) and
 //! writing HF checkpoints ([`save_hf_checkpoint`]), the tokenizer and the model's
-//! real Jinja chat template (minijinja), the batched KV-cache [`Sampler`] returning per-token log-probs and
-//! entropies (decode projections use the small-batch CPU kernel in [`kernels`]),
-//! the differentiable [`TrainableModel`] (every op has a backward), a
-//! fused in-place [`AdamW`], and gradient-norm utilities.
+//! real Jinja chat template (minijinja), the [`Sampler`] returning per-token log-probs and
+//! entropies (on CPU over the continuous-batching [`engine`] and its [`kernels`]), the
+//! differentiable [`TrainableModel`] (every op has a backward; fused CPU ops in [`fused`]),
+//! a fused in-place [`AdamW`], and gradient-norm utilities.
 
 pub mod adamw;
 pub mod config;

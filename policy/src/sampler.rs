@@ -592,12 +592,9 @@ impl Sampler {
     }
 }
 
-/// `x [m, k] @ w [n, k]^T`: the small-m CPU kernel for decode steps, candle's gemm otherwise.
+/// `x [m, k] @ w [n, k]^T` (the candle path; the CPU engine has its own kernel).
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    match crate::kernels::linear_small_m(x, w)? {
-        Some(y) => Ok(y),
-        None => x.matmul(&w.t()?),
-    }
+    x.matmul(&w.t()?)
 }
 
 /// One pass over `logits * inv_t` shifted by its max: returns `(max, inv_t, ln Σe^z, entropy)`
