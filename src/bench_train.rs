@@ -74,8 +74,10 @@ pub struct BenchTrainArgs {
     /// Skip the PyTorch side.
     #[arg(long, env = "HINDSIGHT_BENCH_NO_PEER")]
     pub no_peer: bool,
-    /// Our ops: "fused" (the CPU training kernels) or "primitive" (candle primitives only).
-    #[arg(long, env = "HINDSIGHT_BENCH_OPS", default_value = "fused")]
+    /// Our training pass: "whole" (the hand-written whole-model pass, the learner's
+    /// default on the CPU), "fused" (candle autograd over the fused CPU ops) or
+    /// "primitive" (candle autograd over candle primitives only).
+    #[arg(long, env = "HINDSIGHT_BENCH_OPS", default_value = "whole")]
     pub ops: String,
     /// Output directory: the converted checkpoint, the jobs and `train.json`.
     #[arg(long, env = "HINDSIGHT_BENCH_OUT", default_value = "bench/out/train")]
@@ -160,8 +162,9 @@ fn worker(job_path: &Path) -> Result<()> {
     drop(m);
     match job["ops"].as_str() {
         Some("primitive") => model.set_fused(false),
-        Some("fused") | None => {}
-        Some(o) => bail!("unknown ops {o:?} (fused, primitive)"),
+        Some("fused") => model.set_whole(false),
+        Some("whole") | None => {}
+        Some(o) => bail!("unknown ops {o:?} (whole, fused, primitive)"),
     }
     let ids: Vec<Vec<u32>> = serde_json::from_value(job["ids"].clone())?;
     let adv: Vec<Vec<f32>> = serde_json::from_value(job["advantages"].clone())?;
@@ -186,12 +189,18 @@ fn worker(job_path: &Path) -> Result<()> {
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let (lp, _mask) = model.response_logprobs(&pairs)?;
-        let loss = ((lp * &adv_t)?.sum_all()? * (-1.0 / (b * t) as f64))?;
+        let fw = model.forward_train(&pairs, 1.0)?;
+        let loss = ((&fw.logp * &adv_t)?.sum_all()? * (-1.0 / (b * t) as f64))?;
         let loss_v = loss.to_scalar::<f32>()?;
         let t1 = t0.elapsed().as_secs_f64();
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
         drop(loss);
+        let param_grads = fw.param_grads(&model, &grads)?;
+        for (g, (_, v)) in param_grads.into_iter().zip(model.vars()) {
+            if let Some(g) = g {
+                grads.insert(v.as_tensor(), g);
+            }
+        }
         let t2 = t0.elapsed().as_secs_f64();
         opt.step(&grads, model.vars(), 1.0)?;
         drop(grads);
@@ -206,7 +215,7 @@ fn worker(job_path: &Path) -> Result<()> {
     }
     let out = json!({
         "side": "ours",
-        "ops": if model.is_fused() { "fused" } else { "primitive" },
+        "ops": if model.is_whole() { "whole" } else if model.is_fused() { "fused" } else { "primitive" },
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
         "step_s": step_s,
         "fwd_s": fwd_s,

@@ -169,7 +169,7 @@ impl Trainer {
             Some(reference) if self.config.advantage == AdvantageKind::ReinforcePp => {
                 let mut out = Vec::with_capacity(pairs.len());
                 for chunk in pairs.chunks(micro) {
-                    let (lp, _) = reference.response_logprobs_t(chunk, temperature)?;
+                    let lp = reference.forward_train(chunk, temperature)?.logp;
                     let rows = lp.detach().to_vec2::<f32>()?;
                     for (row, (_, resp)) in rows.into_iter().zip(chunk) {
                         out.push(row[..resp.len()].to_vec());
@@ -210,10 +210,11 @@ impl Trainer {
         for (c, chunk) in pairs.chunks(micro).enumerate() {
             let lo = c * micro;
             let hi = lo + chunk.len();
-            let (logp, mask) = self
+            let fw = self
                 .model
-                .response_logprobs_t(chunk, temperature)
+                .forward_train(chunk, temperature)
                 .context("trainable forward")?;
+            let (logp, mask) = (fw.logp.clone(), fw.mask.clone());
             let width = logp.dim(1)?;
             if on_policy[lo..hi].iter().any(|b| *b) {
                 let rows = logp.detach().to_vec2::<f32>()?;
@@ -250,9 +251,13 @@ impl Trainer {
             sums.ratio_sum += s.ratio_sum;
             sums.kl_sum += s.kl_sum;
             let g = loss.backward()?;
-            for (slot, (_, var)) in acc.iter_mut().zip(self.model.vars()) {
-                if let Some(grad) = g.get(var.as_tensor()) {
-                    let grad = grad.detach();
+            drop((loss, logp, mask));
+            let param_grads = fw
+                .param_grads(&self.model, &g)
+                .context("trainable backward")?;
+            drop(g);
+            for (slot, grad) in acc.iter_mut().zip(param_grads) {
+                if let Some(grad) = grad {
                     *slot = Some(match slot.take() {
                         Some(sum) => (sum + grad)?.detach(),
                         None => grad,

@@ -33,7 +33,7 @@ pub fn supported(device: &Device, dtype: DType) -> bool {
 // ---------------------------------------------------------------------------------------
 
 /// f32 / f64 with the few functions the kernels need.
-trait Real: WithDType + std::ops::Neg<Output = Self> {
+pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
     const ZERO: Self;
     const ONE: Self;
     fn exp_(self) -> Self;
@@ -1323,3 +1323,9 @@ pub(crate) fn target_logprobs_chunked(
     };
     h.apply_op2(w, op)
 }
+
+// ---------------------------------------------------------------------------------------
+// The whole model's pass by hand (same kernels, no autograd)
+// ---------------------------------------------------------------------------------------
+
+pub(crate) mod whole;

@@ -112,6 +112,23 @@ pub(crate) fn has_avx512() -> bool {
     }
 }
 
+/// AVX2 and FMA present (and not disabled by `HINDSIGHT_NO_AVX2`).
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::env::var_os("HINDSIGHT_NO_AVX2").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -156,14 +173,17 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Mat, y: &mut [f32]) {
             .iter()
             .map(|&b| f32::from_bits((b as u32) << 16))
             .collect();
-        return matmul_t_f32_paths(&xr, m, w, out);
+        return matmul_t_f32_paths(&xr, m, w, out, true);
     }
-    matmul_t_f32_paths(x, m, w, out)
+    matmul_t_f32_paths(x, m, w, out, true)
 }
 
-fn matmul_t_f32_paths(x: &[f32], m: usize, w: &Mat, out: OutPtr) {
+/// The f32-FMA paths: AVX-512 (when `allow_avx512` and present), else AVX2 + FMA, else
+/// portable.
+fn matmul_t_f32_paths(x: &[f32], m: usize, w: &Mat, out: OutPtr, allow_avx512: bool) {
     let (n, k) = (w.n, w.k);
-    let avx = has_avx512() && k % 16 == 0;
+    let avx = allow_avx512 && has_avx512() && k % 16 == 0;
+    let avx2 = !avx && has_avx2_fma() && k % 8 == 0;
     (0..n.div_ceil(MT_ROWS)).into_par_iter().for_each(|blk| {
         let j0 = blk * MT_ROWS;
         let j1 = (j0 + MT_ROWS).min(n);
@@ -174,7 +194,14 @@ fn matmul_t_f32_paths(x: &[f32], m: usize, w: &Mat, out: OutPtr) {
             unsafe { avx512::block(x, m, w, j0, j1, out.get(), n) };
             return;
         }
-        let _ = avx;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: avx2 + fma are present (checked above), k % 8 == 0, indices in
+            // bounds, and this task writes only columns j0..j1 of `y`.
+            unsafe { avx2::block(x, m, w, j0, j1, out.get(), n) };
+            return;
+        }
+        let _ = (avx, avx2);
         portable_block(x, m, w, j0, j1, out.get(), n);
     });
 }
@@ -438,6 +465,149 @@ mod avx512 {
     }
 }
 
+/// The AVX2 + FMA path of [`matmul_t`] (CPUs without AVX-512): 3 weight rows x 4 inputs
+/// per register tile (12 accumulators of 8 lanes), the same tile structure as the
+/// AVX-512 path, so every output is accumulated in the same order whatever the batch.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+mod avx2 {
+    use super::{Mat, MatData};
+    use std::arch::x86_64::*;
+
+    const RWT: usize = 3;
+    const RXT: usize = 4;
+
+    #[inline(always)]
+    unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> __m256 {
+        if BF {
+            let h = _mm_loadu_si128((p as *const u16).add(c) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        } else {
+            _mm256_loadu_ps((p as *const f32).add(c))
+        }
+    }
+
+    /// Fixed-order sum of the 8 lanes.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const RW: usize, const RX: usize, const BF: bool>(
+        wp: [*const u8; RW],
+        xp: [*const f32; RX],
+        k: usize,
+        out: *mut f32,
+        j: usize,
+        i: usize,
+        n: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); RX]; RW];
+        let mut c = 0;
+        while c < k {
+            let mut wv = [_mm256_setzero_ps(); RW];
+            for r in 0..RW {
+                wv[r] = load_w::<BF>(wp[r], c);
+            }
+            for q in 0..RX {
+                let xv = _mm256_loadu_ps(xp[q].add(c));
+                for r in 0..RW {
+                    acc[r][q] = _mm256_fmadd_ps(wv[r], xv, acc[r][q]);
+                }
+            }
+            c += 8;
+        }
+        for r in 0..RW {
+            for q in 0..RX {
+                *out.add((i + q) * n + j + r) = hsum(acc[r][q]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows_block<const RW: usize, const BF: bool>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        wp: [*const u8; RW],
+        out: *mut f32,
+        j: usize,
+        n: usize,
+    ) {
+        let xr = |i: usize| x.as_ptr().add(i * k);
+        let mut i = 0;
+        while i + RXT <= m {
+            tile::<RW, RXT, BF>(
+                wp,
+                [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
+                k,
+                out,
+                j,
+                i,
+                n,
+            );
+            i += RXT;
+        }
+        match m - i {
+            0 => {}
+            1 => tile::<RW, 1, BF>(wp, [xr(i)], k, out, j, i, n),
+            2 => tile::<RW, 2, BF>(wp, [xr(i), xr(i + 1)], k, out, j, i, n),
+            _ => tile::<RW, 3, BF>(wp, [xr(i), xr(i + 1), xr(i + 2)], k, out, j, i, n),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_t<const BF: bool>(
+        x: &[f32],
+        m: usize,
+        base: *const u8,
+        elem: usize,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let wr = |j: usize| base.add(j * k * elem);
+        let mut j = j0;
+        while j + RWT <= j1 {
+            rows_block::<RWT, BF>(x, m, k, [wr(j), wr(j + 1), wr(j + 2)], out, j, n);
+            j += RWT;
+        }
+        while j < j1 {
+            rows_block::<1, BF>(x, m, k, [wr(j)], out, j, n);
+            j += 1;
+        }
+    }
+
+    /// Computes columns `j0..j1` of `y` (see `matmul_t`).
+    ///
+    /// # Safety
+    /// avx2 and fma must be available, `w.k % 8 == 0`, and `out` must point to `[m, n]`.
+    pub(super) unsafe fn block(
+        x: &[f32],
+        m: usize,
+        w: &Mat,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        match &w.data {
+            MatData::F32(v) => {
+                block_t::<false>(x, m, v.as_ptr() as *const u8, 4, w.k, j0, j1, out, n)
+            }
+            MatData::Bf16(v) => {
+                block_t::<true>(x, m, v.as_ptr() as *const u8, 2, w.k, j0, j1, out, n)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,6 +680,44 @@ mod tests {
                 let mut one = vec![0f32; n];
                 matmul_t(&x[i * k..(i + 1) * k], 1, &w, &mut one);
                 assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+            }
+        }
+    }
+
+    /// The AVX2 + FMA path, forced even on AVX-512 machines (the portable path where the
+    /// CPU has no AVX2): f64 reference for every tile remainder, and batch invariance.
+    #[test]
+    fn avx2_path_matches_reference_and_does_not_depend_on_the_batch() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for (m, k, n) in [(1, 8, 1), (5, 24, 7), (9, 64, 16), (14, 96, 35)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let wd: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for w in [Mat::f32(wd.clone(), n, k), Mat::bf16_from_f32(&wd, n, k)] {
+                let xin: Vec<f32> = match w.data {
+                    MatData::Bf16(_) => x
+                        .iter()
+                        .map(|&v| f32::from_bits((f32_to_bf16(v) as u32) << 16))
+                        .collect(),
+                    MatData::F32(_) => x.clone(),
+                };
+                let mut y = vec![0f32; m * n];
+                matmul_t_f32_paths(&xin, m, &w, OutPtr(y.as_mut_ptr()), false);
+                let r = reference(&x, m, &w);
+                for (a, b) in y.iter().zip(&r) {
+                    assert!((*a as f64 - b).abs() < 1e-4, "({m},{k},{n}): {a} vs {b}");
+                }
+                for i in 0..m {
+                    let mut one = vec![0f32; n];
+                    matmul_t_f32_paths(
+                        &xin[i * k..(i + 1) * k],
+                        1,
+                        &w,
+                        OutPtr(one.as_mut_ptr()),
+                        false,
+                    );
+                    assert_eq!(&y[i * n..(i + 1) * n], &one[..], "({m},{k},{n}) row {i}");
+                }
             }
         }
     }

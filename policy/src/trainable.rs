@@ -8,6 +8,7 @@
 //! silu), with response log-probs computed chunk-wise over rows (512 at a time).
 //! [`TrainableModel::set_fused`] switches paths.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::ModelConfig;
@@ -28,6 +29,10 @@ pub struct TrainableModel {
     idx: std::collections::HashMap<String, usize>,
     /// Use the fused CPU ops (default where supported).
     fused: bool,
+    /// Train with the hand-written whole-model pass (default where `fused`).
+    whole: bool,
+    /// Where each parameter of the whole-model pass sits in `vars`.
+    pix: fused::whole::ParamIx,
 }
 
 impl TrainableModel {
@@ -52,13 +57,17 @@ impl TrainableModel {
             idx.insert(name.clone(), vars.len());
             vars.push((name, Var::from_tensor(&t)?));
         }
+        let fused = fused::supported(device, dtype);
+        let pix = fused::whole::ParamIx::new(config, &idx, vars.len())?;
         Ok(Self {
             config: config.clone(),
             device: device.clone(),
             dtype,
             vars,
             idx,
-            fused: fused::supported(device, dtype),
+            fused,
+            whole: fused,
+            pix,
         })
     }
 
@@ -66,6 +75,7 @@ impl TrainableModel {
     /// they are not supported) or the primitive ops (`false`) for the forward.
     pub fn set_fused(&mut self, on: bool) {
         self.fused = on && fused::supported(&self.device, self.dtype);
+        self.whole = self.fused;
     }
 
     /// Whether the forward uses the fused CPU ops.
@@ -270,51 +280,21 @@ impl TrainableModel {
         pairs: &[(Vec<u32>, Vec<u32>)],
         temperature: f64,
     ) -> anyhow::Result<(Tensor, Tensor)> {
-        let b = pairs.len();
-        anyhow::ensure!(b > 0, "response_logprobs: empty batch");
-        anyhow::ensure!(
-            pairs.iter().all(|(p, _)| !p.is_empty()),
-            "response_logprobs: empty prompt"
-        );
-        let vocab = self.config.vocab_size as u32;
-        anyhow::ensure!(
-            pairs
-                .iter()
-                .flat_map(|(p, r)| p.iter().chain(r))
-                .all(|&t| t < vocab),
-            "response_logprobs: token id out of vocabulary"
-        );
-        let tmax = pairs.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-        if tmax == 0 {
-            let z = Tensor::zeros((b, 0), self.dtype, &self.device)?;
-            return Ok((z.clone(), z));
-        }
-        // Input = prompt + response[..R-1], right-padded with token 0.
-        let lens: Vec<usize> = pairs
-            .iter()
-            .map(|(p, r)| p.len() + r.len().saturating_sub(1))
-            .collect();
-        let t = *lens.iter().max().unwrap();
-        let mut ids = Vec::with_capacity(b * t);
-        let mut rows = Vec::with_capacity(b * tmax);
-        let mut targets = Vec::with_capacity(b * tmax);
-        let mut mask = Vec::with_capacity(b * tmax);
-        for (bi, (p, r)) in pairs.iter().enumerate() {
-            let seq: Vec<u32> = p.iter().chain(r.iter()).copied().take(lens[bi]).collect();
-            ids.extend_from_slice(&seq);
-            ids.extend(std::iter::repeat_n(0u32, t - seq.len()));
-            for j in 0..tmax {
-                if j < r.len() {
-                    rows.push((bi * t + p.len() - 1 + j) as u32);
-                    targets.push(r[j]);
-                    mask.push(1f32);
-                } else {
-                    rows.push(0);
-                    targets.push(0);
-                    mask.push(0f32);
-                }
+        let Prepared {
+            b,
+            t,
+            tmax,
+            ids,
+            rows,
+            targets,
+            mask,
+        } = match self.prepare(pairs)? {
+            Some(p) => p,
+            None => {
+                let z = Tensor::zeros((pairs.len(), 0), self.dtype, &self.device)?;
+                return Ok((z.clone(), z));
             }
-        }
+        };
         let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
         let d = self.config.hidden_size;
         let h = self.hidden(&ids)?.reshape((b * t, d))?;
@@ -349,5 +329,232 @@ impl TrainableModel {
         let lp = Tensor::cat(&chunks, 0)?.reshape((b, tmax))?;
         let lp = (lp * &mask)?;
         Ok((lp, mask))
+    }
+
+    /// Checks `pairs` and lays them out: input ids `[B, T]` (prompt + response[..R-1],
+    /// right-padded with 0) and, for each of the `B * Tmax` response slots, the input row
+    /// whose next token it is, the target and 1/0 for real/padding. `None` when no pair
+    /// has a response token.
+    fn prepare(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> anyhow::Result<Option<Prepared>> {
+        let b = pairs.len();
+        anyhow::ensure!(b > 0, "response_logprobs: empty batch");
+        anyhow::ensure!(
+            pairs.iter().all(|(p, _)| !p.is_empty()),
+            "response_logprobs: empty prompt"
+        );
+        let vocab = self.config.vocab_size as u32;
+        anyhow::ensure!(
+            pairs
+                .iter()
+                .flat_map(|(p, r)| p.iter().chain(r))
+                .all(|&t| t < vocab),
+            "response_logprobs: token id out of vocabulary"
+        );
+        let tmax = pairs.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        if tmax == 0 {
+            return Ok(None);
+        }
+        let lens: Vec<usize> = pairs
+            .iter()
+            .map(|(p, r)| p.len() + r.len().saturating_sub(1))
+            .collect();
+        let t = *lens.iter().max().unwrap();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut rows = Vec::with_capacity(b * tmax);
+        let mut targets = Vec::with_capacity(b * tmax);
+        let mut mask = Vec::with_capacity(b * tmax);
+        for (bi, (p, r)) in pairs.iter().enumerate() {
+            let seq: Vec<u32> = p.iter().chain(r.iter()).copied().take(lens[bi]).collect();
+            ids.extend_from_slice(&seq);
+            ids.extend(std::iter::repeat_n(0u32, t - seq.len()));
+            for j in 0..tmax {
+                if j < r.len() {
+                    rows.push((bi * t + p.len() - 1 + j) as u32);
+                    targets.push(r[j]);
+                    mask.push(1f32);
+                } else {
+                    rows.push(0);
+                    targets.push(0);
+                    mask.push(0f32);
+                }
+            }
+        }
+        Ok(Some(Prepared {
+            b,
+            t,
+            tmax,
+            ids,
+            rows,
+            targets,
+            mask,
+        }))
+    }
+
+    /// The training forward of one micro-batch: response log-probs `[B, Tmax]` (as
+    /// [`TrainableModel::response_logprobs_t`]) to build a loss from, and what
+    /// [`TrainForward::param_grads`] needs to turn that loss's backward into the
+    /// parameters' gradients. On the CPU (f32/f64, unless [`TrainableModel::set_whole`]
+    /// or [`TrainableModel::set_fused`] turned it off) this is the hand-written
+    /// whole-model pass of [`crate::fused`]; `logp` is then a leaf and the model's
+    /// backward runs inside `param_grads`. Elsewhere `logp` carries candle's graph.
+    pub fn forward_train(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+        temperature: f64,
+    ) -> anyhow::Result<TrainForward> {
+        if !self.whole {
+            let (logp, mask) = self.response_logprobs_t(pairs, temperature)?;
+            return Ok(TrainForward {
+                logp,
+                mask,
+                kind: TrainKind::Graph,
+            });
+        }
+        let Some(p) = self.prepare(pairs)? else {
+            let z = Tensor::zeros((pairs.len(), 0), self.dtype, &self.device)?;
+            return Ok(TrainForward {
+                logp: z.clone(),
+                mask: z,
+                kind: TrainKind::Graph,
+            });
+        };
+        let slots: Vec<usize> = (0..p.mask.len()).filter(|&i| p.mask[i] > 0.0).collect();
+        let rows: Vec<u32> = slots.iter().map(|&i| p.rows[i]).collect();
+        let targets: Vec<u32> = slots.iter().map(|&i| p.targets[i]).collect();
+        let inv_t = 1.0 / temperature;
+        let (b, t, tmax) = (p.b, p.t, p.tmax);
+        let mask = Tensor::from_vec(p.mask, (b, tmax), &self.device)?.to_dtype(self.dtype)?;
+        macro_rules! run {
+            ($ty:ty, $variant:ident) => {{
+                let (lp, tape) = fused::whole::forward::<$ty>(
+                    &self.config,
+                    &self.vars,
+                    &self.pix,
+                    p.ids,
+                    b,
+                    t,
+                    rows,
+                    targets,
+                    inv_t,
+                )?;
+                let mut full = vec![0 as $ty; b * tmax];
+                for (&i, &v) in slots.iter().zip(&lp) {
+                    full[i] = v;
+                }
+                (
+                    full_var(full, b, tmax, &self.device)?,
+                    WholeTape::$variant(tape),
+                )
+            }};
+        }
+        let (leaf, tape) = match self.dtype {
+            DType::F32 => run!(f32, F32),
+            DType::F64 => run!(f64, F64),
+            d => anyhow::bail!("whole-model pass: unsupported dtype {d:?}"),
+        };
+        Ok(TrainForward {
+            logp: leaf.as_tensor().clone(),
+            mask,
+            kind: TrainKind::Whole {
+                leaf,
+                tape: Box::new(tape),
+                slots,
+            },
+        })
+    }
+
+    /// Chooses the hand-written whole-model training pass (`true`, the default where the
+    /// fused ops run) or candle's autograd over the per-op fused ops (`false`) in
+    /// [`TrainableModel::forward_train`].
+    pub fn set_whole(&mut self, on: bool) {
+        self.whole = on && self.fused;
+    }
+
+    /// Whether [`TrainableModel::forward_train`] uses the whole-model pass.
+    pub fn is_whole(&self) -> bool {
+        self.whole
+    }
+}
+
+fn full_var<T: candle_core::WithDType>(
+    v: Vec<T>,
+    b: usize,
+    tmax: usize,
+    device: &Device,
+) -> candle_core::Result<Var> {
+    Var::from_tensor(&Tensor::from_vec(v, (b, tmax), device)?)
+}
+
+/// Inputs laid out for a forward (see `TrainableModel::prepare`).
+struct Prepared {
+    b: usize,
+    t: usize,
+    tmax: usize,
+    ids: Vec<u32>,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    mask: Vec<f32>,
+}
+
+enum WholeTape {
+    F32(fused::whole::Tape<f32>),
+    F64(fused::whole::Tape<f64>),
+}
+
+enum TrainKind {
+    /// `logp` carries candle's graph back to the parameters.
+    Graph,
+    /// `logp` is the leaf `leaf`; the model's backward runs from the tape.
+    Whole {
+        leaf: Var,
+        tape: Box<WholeTape>,
+        /// Flat `[B * Tmax]` slot of each scored row.
+        slots: Vec<usize>,
+    },
+}
+
+/// One micro-batch's training forward (see [`TrainableModel::forward_train`]).
+pub struct TrainForward {
+    /// Response log-probs `[B, Tmax]`, 0 at padding.
+    pub logp: Tensor,
+    /// `[B, Tmax]`, 1 for a response token and 0 for padding (model dtype).
+    pub mask: Tensor,
+    kind: TrainKind,
+}
+
+impl TrainForward {
+    /// The parameters' gradients (in [`TrainableModel::vars`] order, detached) of the loss
+    /// whose backward is `grads`; `None` for a parameter the loss does not depend on.
+    pub fn param_grads(
+        self,
+        model: &TrainableModel,
+        grads: &GradStore,
+    ) -> anyhow::Result<Vec<Option<Tensor>>> {
+        match self.kind {
+            TrainKind::Graph => Ok(model
+                .vars
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).map(Tensor::detach))
+                .collect()),
+            TrainKind::Whole { leaf, tape, slots } => {
+                let Some(dl) = grads.get(leaf.as_tensor()) else {
+                    return Ok(vec![None; model.vars.len()]);
+                };
+                let dl = dl.flatten_all()?;
+                let out = match *tape {
+                    WholeTape::F32(tape) => {
+                        let dl = dl.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        let dlp: Vec<f32> = slots.iter().map(|&i| dl[i]).collect();
+                        fused::whole::backward(&model.config, &model.vars, &model.pix, tape, &dlp)?
+                    }
+                    WholeTape::F64(tape) => {
+                        let dl = dl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        let dlp: Vec<f64> = slots.iter().map(|&i| dl[i]).collect();
+                        fused::whole::backward(&model.config, &model.vars, &model.pix, tape, &dlp)?
+                    }
+                };
+                Ok(out.into_iter().map(Some).collect())
+            }
+        }
     }
 }

@@ -203,7 +203,7 @@ fn smollm2_actor_vs_learner_logprob_mismatch() {
             .cloned()
             .zip(gens.iter().map(|g| g.token_ids.clone()))
             .collect();
-        let (lp, _) = trainer.response_logprobs_t(&pairs, 1.0).unwrap();
+        let lp = trainer.forward_train(&pairs, 1.0).unwrap().logp;
         let lp = lp.to_vec2::<f32>().unwrap();
         let (mut sum, mut max, mut n) = (0f64, 0f64, 0usize);
         for (bi, g) in gens.iter().enumerate() {

@@ -209,10 +209,20 @@ fn smollm2_trainable_matches_sampler_and_greedy_chat() {
         .take(2)
         .collect();
     let t = Instant::now();
-    let (lp, _) = tm.response_logprobs_t(&pairs, 0.7).unwrap();
+    let fw = tm.forward_train(&pairs, 0.7).unwrap();
+    let lp = fw.logp.clone();
     let loss = lp.sum_all().unwrap();
     let fwd = t.elapsed().as_secs_f64();
-    let grads = loss.backward().unwrap();
+    let mut grads = loss.backward().unwrap();
+    for (g, (name, v)) in fw
+        .param_grads(&tm, &grads)
+        .unwrap()
+        .into_iter()
+        .zip(tm.vars())
+    {
+        let g = g.unwrap_or_else(|| panic!("no gradient for {name}"));
+        grads.insert(v.as_tensor(), g);
+    }
     let bwd = t.elapsed().as_secs_f64() - fwd;
     let lp = lp.to_vec2::<f32>().unwrap();
     let mut worst = 0f32;
