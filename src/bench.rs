@@ -92,17 +92,3 @@ pub fn script_path(name: &str) -> Result<PathBuf> {
             )
         })
 }
-
-/// The device a bench runs ours on: `cpu`, `cuda` or `cuda:N`.
-pub fn device_from(name: &str) -> Result<hindsight_policy::Device> {
-    match name {
-        "cpu" => Ok(hindsight_policy::Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), str::parse)?;
-            hindsight_policy::Device::new_cuda(ordinal).with_context(|| {
-                format!("device {s}: this binary needs `--features cuda` and an NVIDIA GPU")
-            })
-        }
-        other => anyhow::bail!("unknown device {other:?} (cpu, cuda, cuda:N)"),
-    }
-}

@@ -94,7 +94,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(hindsight_policy::default_cache_dir);
-    let device = crate::bench::device_from(&args.device)?;
+    let device = hindsight_policy::parse_device(&args.device)?;
     let threads = rayon::current_num_threads();
     let m = hindsight_policy::load(&args.model, &cache, &Device::Cpu)
         .with_context(|| format!("loading {}", args.model))?;

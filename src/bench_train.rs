@@ -155,7 +155,7 @@ fn max_rss_mb() -> f64 {
 /// Our measured side (in the worker process).
 fn worker(job_path: &Path) -> Result<()> {
     let job: Value = serde_json::from_slice(&std::fs::read(job_path)?)?;
-    let dev = crate::bench::device_from(job["device"].as_str().unwrap_or("cpu"))?;
+    let dev = hindsight_policy::parse_device(job["device"].as_str().unwrap_or("cpu"))?;
     let ckpt = job["checkpoint"].as_str().context("job: checkpoint")?;
     let m = hindsight_policy::load(ckpt, Path::new(ckpt), &dev)?;
     let mut model = TrainableModel::new(&m.config, &m.weights, &dev)?;

@@ -303,3 +303,26 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         "{learner_log}"
     );
 }
+
+/// `--device` on the actor and the learner: a name that is no device, and (in a build
+/// without the CUDA backend) a GPU, are refused at start with a message saying what is
+/// wrong, before anything connects.
+#[test]
+fn actor_and_learner_refuse_a_device_they_cannot_use() {
+    let mut cases = vec![("tpu", "unknown device")];
+    if !cfg!(feature = "cuda") {
+        cases.push(("cuda:0", "--features cuda"));
+    }
+    for role in ["actor", "learner"] {
+        for (device, says) in &cases {
+            let out = common::hindsight()
+                .args([role, "--model", "tiny", "--device", device])
+                .args(["--replay", "http://127.0.0.1:9"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{role} --device {device} started");
+            assert!(err.contains(says), "{role} --device {device}: {err}");
+        }
+    }
+}

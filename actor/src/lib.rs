@@ -69,6 +69,10 @@ pub struct ActorArgs {
     /// or `bf16` (bf16 weights and inputs, f32 sums: faster, see README for the mismatch).
     #[arg(long, env = "HINDSIGHT_ACTOR_PRECISION", default_value = "f32")]
     pub precision: hindsight_policy::Precision,
+    /// Device to generate on: `cpu` (the continuous-batching engine) or `cuda` / `cuda:N`
+    /// (candle's CUDA forward; needs a `--features cuda` build).
+    #[arg(long, env = "HINDSIGHT_ACTOR_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Sequences generated at once; as one finishes, the next response of the lease takes
     /// its slot (continuous batching).
     #[arg(long, env = "HINDSIGHT_ACTOR_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
@@ -161,7 +165,7 @@ async fn run_actor(
     actor_id: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let device = Device::Cpu;
+    let device = hindsight_policy::parse_device(&args.device)?;
     let cache = args
         .cache_dir
         .clone()
@@ -181,7 +185,7 @@ async fn run_actor(
     )?;
     sampler.set_max_batch(args.max_batch);
     drop(loaded.weights);
-    info!(model = %loaded.name, precision = %args.precision, max_batch = args.max_batch, "actor ready");
+    info!(model = %loaded.name, precision = %args.precision, max_batch = args.max_batch, device = %args.device, "actor ready");
 
     let version = Arc::new(AtomicU64::new(0));
     ::metrics::gauge!(metrics::POLICY_VERSION).set(0.0);

@@ -96,6 +96,11 @@ pub struct LearnerArgs {
     /// Sequences per forward/backward pass; gradients are accumulated over the batch.
     #[arg(long, env = "HINDSIGHT_MICRO_BATCH", default_value_t = 4)]
     pub micro_batch: usize,
+    /// Device to train on: `cpu` (the hand-written whole-model pass) or `cuda` / `cuda:N`
+    /// (candle's CUDA backend with differentiable primitives; needs a `--features cuda`
+    /// build).
+    #[arg(long, env = "HINDSIGHT_LEARNER_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Stop after this many optimizer steps in total (0 = run until stopped).
     #[arg(long, env = "HINDSIGHT_MAX_STEPS", default_value_t = 0)]
     pub max_steps: u64,
@@ -177,16 +182,17 @@ pub async fn run(
         );
     }
     metrics::describe();
-    let device = hindsight_policy::Device::Cpu;
+    let device = hindsight_policy::parse_device(&args.device)?;
     let cache = args
         .cache_dir
         .clone()
         .unwrap_or_else(hindsight_policy::default_cache_dir);
     let spec = args.model.clone();
-    let loaded =
-        tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &device))
-            .await??;
-    info!(model = %loaded.name, params = loaded.weights.num_parameters(), "model loaded");
+    let loaded = tokio::task::spawn_blocking(move || {
+        hindsight_policy::load(&spec, &cache, &hindsight_policy::Device::Cpu)
+    })
+    .await??;
+    info!(model = %loaded.name, params = loaded.weights.num_parameters(), device = %args.device, "model loaded");
     let config = TrainConfig {
         lr: args.lr,
         weight_decay: args.weight_decay,
@@ -203,12 +209,7 @@ pub async fn run(
         },
         micro_batch: args.micro_batch,
     };
-    let mut trainer = Trainer::new(
-        &loaded,
-        args.reference_model,
-        config,
-        &hindsight_policy::Device::Cpu,
-    )?;
+    let mut trainer = Trainer::new(&loaded, args.reference_model, config, &device)?;
     let tokenizer = loaded.tokenizer;
     drop(loaded.weights);
 

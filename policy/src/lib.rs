@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod fused;
 pub mod hf;
@@ -26,6 +27,7 @@ mod tests;
 pub use adamw::{grad_norm, AdamW};
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Architecture, ModelConfig, RopeScaling, SpecialTokenIds};
+pub use device::parse_device;
 pub use engine::Precision;
 pub use hf::{
     config_from_hf_dir, is_hf_dir, save_hf_checkpoint, save_hf_checkpoint_with, save_tensors,

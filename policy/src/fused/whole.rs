@@ -4,13 +4,14 @@
 //!
 //! The per-op custom ops of the parent module still go through candle's autograd, which
 //! adds a zero-filled gradient and an add for every node, a zeroed output for every
-//! matmul and a copy for every layout change; on a 135M model at 4 x 256 tokens that is
-//! about a third of the step. Here the same row kernels and the same `gemm` products run
-//! on plain buffers instead:
+//! matmul and a copy for every layout change. Here the same row kernels and the same
+//! `gemm` products run on plain buffers instead:
 //!
 //! - every product is one `gemm` call whose strides absorb the transposes, and the
-//!   residual adds, the `dx` sums of q/k/v and the k/v gradients of a query-head group are
-//!   the `gemm`'s own accumulation;
+//!   residual adds and the k/v gradients of a query-head group are the `gemm`'s own
+//!   accumulation;
+//! - q, k and v are one product with the three weights stacked (and so are their weight
+//!   and input gradients), gate and up likewise;
 //! - attention is blocked by 64 query rows and only multiplies the causal part of each
 //!   score block (about 5/8 of the full products at T = 256), one (sequence, head) per
 //!   task; probabilities are recomputed in the backward from one log-sum-exp per row;
@@ -21,6 +22,9 @@
 //! - backward scratch buffers are allocated once and reused by every layer, and each
 //!   layer's saved activations are freed as soon as its backward is done.
 //!
+//! On SmolLM2-135M at 4 x 256 tokens this leaves the step bound by the `gemm` kernel
+//! itself (about 87% of the time in its microkernel on a 2-core AVX2 EPYC).
+//!
 //! Same maths as the op-by-op path (tests compare the two, and both with finite
 //! differences). f32 and f64.
 
@@ -30,8 +34,8 @@ use rayon::prelude::*;
 
 use super::{
     attn_ds_rows, causal_probs_rows, causal_softmax_rows, cpu_slice, cpu_tier, lp_bwd_rows,
-    lp_fwd_rows, rms_fwd_rows, rope_bwd_row, rope_fwd_block, rows_per_task, swiglu_bwd_chunk,
-    swiglu_fwd_chunk, vdot, vocab_chunk, Real, ELEM_CHUNK, KEEP_LOGITS_MAX_ELEMS,
+    lp_fwd_rows, rms_fwd_rows, rope_bwd_row, rows_per_task, swiglu_bwd_chunk, swiglu_fwd_chunk,
+    vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
 };
 use crate::config::ModelConfig;
 
@@ -54,6 +58,25 @@ kernel! {
             for i in 0..d {
                 dxr[i] += gw[i] * r - xr[i] * c;
                 dw[i] += gr[i] * xr[i] * r;
+            }
+        }
+    }
+}
+
+kernel! {
+    /// One (sequence, head) block `[T, hd]` of the roped heads, read from token rows of
+    /// stride `ld` whose heads start at column `off`.
+    fn rope_fwd_block_ld<T>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], bi: usize, hh: usize, t: usize, ld: usize, off: usize, hd: usize) {
+        let half = hd / 2;
+        for i in 0..t {
+            let src = &x[(bi * t + i) * ld + off + hh * hd..][..hd];
+            let dst = &mut out[i * hd..(i + 1) * hd];
+            let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+            let (x1, x2) = src.split_at(half);
+            let (d1, d2) = dst.split_at_mut(half);
+            for j in 0..half {
+                d1[j] = x1[j] * c[j] - x2[j] * s[j];
+                d2[j] = x2[j] * c[j] + x1[j] * s[j];
             }
         }
     }
@@ -334,9 +357,9 @@ struct Saved<T> {
     /// Residual after attention `[N, D]` and its norm.
     x2: Vec<T>,
     xn2: Vec<T>,
-    /// Gate and up projections `[N, I]`, and `silu(g) * u`.
-    g: Vec<T>,
-    u: Vec<T>,
+    /// Gate and up projections side by side `[N, 2I]` (one product with the stacked
+    /// weights), and `silu(g) * u` `[N, I]`.
+    gu: Vec<T>,
     a: Vec<T>,
 }
 
@@ -475,22 +498,40 @@ impl Dims {
     }
 }
 
-/// Rope of `x` `[B, T, nh*hd]` into `[B, nh, T, hd]`.
-fn rope_to_heads<T: Real>(x: &[T], cos: &[T], sin: &[T], dm: Dims, nh: usize) -> Vec<T> {
+/// Rope of the `nh` heads at column `off` of `x`'s token rows (stride `ld`) into
+/// `[B, nh, T, hd]`.
+#[allow(clippy::too_many_arguments)]
+fn rope_to_heads<T: Real>(
+    x: &[T],
+    ld: usize,
+    off: usize,
+    cos: &[T],
+    sin: &[T],
+    dm: Dims,
+    nh: usize,
+) -> Vec<T> {
     let (t, hd) = (dm.t, dm.hd);
     let mut out = vec![T::ZERO; dm.n * nh * hd];
     out.par_chunks_mut(t * hd)
         .enumerate()
-        .for_each(|(blk, o)| rope_fwd_block(x, o, cos, sin, blk / nh, blk % nh, t, nh, hd));
+        .for_each(|(blk, o)| rope_fwd_block_ld(x, o, cos, sin, blk / nh, blk % nh, t, ld, off, hd));
     out
 }
 
-/// Rope backward of `g` `[B, nh, T, hd]` into `dx` `[B, T, nh*hd]` (overwritten).
-fn rope_from_heads<T: Real>(g: &[T], dx: &mut [T], cos: &[T], sin: &[T], dm: Dims, nh: usize) {
-    let (t, hd) = (dm.t, dm.hd);
-    dx.par_chunks_mut(nh * hd)
-        .enumerate()
-        .for_each(|(row, d)| rope_bwd_row(g, d, cos, sin, row / t, row % t, t, nh, hd));
+/// `out` = `a`, `b` and `c` stacked row-wise (weights stacked for one product).
+fn stack3<T: Real>(out: &mut [T], a: &[T], b: &[T], c: &[T]) {
+    let (oa, rest) = out.split_at_mut(a.len());
+    let (ob, oc) = rest.split_at_mut(b.len());
+    oa.copy_from_slice(a);
+    ob.copy_from_slice(b);
+    oc.copy_from_slice(c);
+}
+
+/// `out` = the rows of `a` then the rows of `b` (two weights stacked for one product).
+fn stack<T: Real>(out: &mut [T], a: &[T], b: &[T]) {
+    let (oa, ob) = out.split_at_mut(a.len());
+    oa.copy_from_slice(a);
+    ob.copy_from_slice(b);
 }
 
 fn fill_rows<T: Real>(out: &mut [T], row: &[T]) {
@@ -557,25 +598,28 @@ pub(crate) fn forward<T: Real + 'static>(
         .for_each(|(row, &id)| row.copy_from_slice(&emb[id as usize * d..][..d]));
     let (qd, kvd) = (h * hd, kv * hd);
     let mut layers = Vec::with_capacity(ix.layers.len());
+    let qkvd = qd + 2 * kvd;
+    let mut wgu = vec![T::ZERO; 2 * inter * d];
+    let mut wqkv = vec![T::ZERO; qkvd * d];
     for li in &ix.layers {
         let mut xn1 = vec![T::ZERO; n * d];
         rms(&x, w[li.in_norm], eps, &mut xn1);
-        let mut ql = vec![T::ZERO; n * qd];
-        let mut kl = vec![T::ZERO; n * kvd];
-        let mut v = vec![T::ZERO; n * kvd];
+        // q, k and v in one product: token rows [q | k | v] of width qkvd.
+        stack3(&mut wqkv, w[li.q], w[li.k], w[li.v]);
+        let mut qkv = vec![T::ZERO; n * qkvd];
         if let Some([bq, bk, bv]) = li.bias {
-            fill_rows(&mut ql, w[bq]);
-            fill_rows(&mut kl, w[bk]);
-            fill_rows(&mut v, w[bv]);
+            let mut bias = vec![T::ZERO; qkvd];
+            stack3(&mut bias, w[bq], w[bk], w[bv]);
+            fill_rows(&mut qkv, &bias);
         }
-        let acc = li.bias.is_some();
-        linear(&xn1, w[li.q], &mut ql, n, d, acc);
-        linear(&xn1, w[li.k], &mut kl, n, d, acc);
-        linear(&xn1, w[li.v], &mut v, n, d, acc);
-        let q = rope_to_heads(&ql, &cos, &sin, dm, h);
-        drop(ql);
-        let k = rope_to_heads(&kl, &cos, &sin, dm, kv);
-        drop(kl);
+        linear(&xn1, &wqkv, &mut qkv, n, d, li.bias.is_some());
+        let q = rope_to_heads(&qkv, qkvd, 0, &cos, &sin, dm, h);
+        let k = rope_to_heads(&qkv, qkvd, qd, &cos, &sin, dm, kv);
+        let mut v = vec![T::ZERO; n * kvd];
+        v.par_chunks_mut(kvd)
+            .zip(qkv.par_chunks(qkvd))
+            .for_each(|(v, r)| v.copy_from_slice(&r[qd + kvd..]));
+        drop(qkv);
         let mut y = vec![T::ZERO; n * qd];
         let mut lse = vec![T::ZERO; n * h];
         {
@@ -613,14 +657,19 @@ pub(crate) fn forward<T: Real + 'static>(
         linear(&y, w[li.o], &mut x2, n, qd, true);
         let mut xn2 = vec![T::ZERO; n * d];
         rms(&x2, w[li.post_norm], eps, &mut xn2);
-        let mut g = vec![T::ZERO; n * inter];
-        let mut u = vec![T::ZERO; n * inter];
-        linear(&xn2, w[li.gate], &mut g, n, d, false);
-        linear(&xn2, w[li.up], &mut u, n, d, false);
+        stack(&mut wgu, w[li.gate], w[li.up]);
+        let mut gu = vec![T::ZERO; n * 2 * inter];
+        linear(&xn2, &wgu, &mut gu, n, d, false);
         let mut a = vec![T::ZERO; n * inter];
-        a.par_chunks_mut(ELEM_CHUNK)
-            .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
-            .for_each(|(o, (g, u))| swiglu_fwd_chunk(g, u, o));
+        let rpt = rows_per_task(2 * inter);
+        a.par_chunks_mut(rpt * inter)
+            .zip(gu.par_chunks(rpt * 2 * inter))
+            .for_each(|(a, gu)| {
+                for (a, gu) in a.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+                    let (g, u) = gu.split_at(inter);
+                    swiglu_fwd_chunk(g, u, a);
+                }
+            });
         let mut xo = x2.clone();
         linear(&a, w[li.down], &mut xo, n, inter, true);
         layers.push(Saved {
@@ -633,8 +682,7 @@ pub(crate) fn forward<T: Real + 'static>(
             lse,
             x2,
             xn2,
-            g,
-            u,
+            gu,
             a,
         });
     }
@@ -776,48 +824,61 @@ pub(crate) fn backward<T: Real + 'static>(
     grads[ix.norm] = Some(dnorm);
     // Scratch reused by every layer.
     let mut da = vec![T::ZERO; n * inter];
-    let mut dg = vec![T::ZERO; n * inter];
-    let mut du = vec![T::ZERO; n * inter];
+    let mut dgu = vec![T::ZERO; n * 2 * inter];
+    let mut wgu = vec![T::ZERO; 2 * inter * d];
     let mut dxn = vec![T::ZERO; n * d];
     let mut dy = vec![T::ZERO; n * qd];
     let mut dq = vec![T::ZERO; n * qd];
     let mut dk = vec![T::ZERO; n * kvd];
-    let mut dv = vec![T::ZERO; n * kvd];
-    let mut dql = vec![T::ZERO; n * qd];
-    let mut dkl = vec![T::ZERO; n * kvd];
+    let qkvd = qd + 2 * kvd;
+    // Token rows [dq | dk | dv] (pre-rope for q and k), for one product with the stacked
+    // q/k/v weights.
+    let mut dqkv = vec![T::ZERO; n * qkvd];
+    let mut wqkv = vec![T::ZERO; qkvd * d];
     for (li, s) in ix.layers.iter().zip(std::mem::take(&mut tape.layers)).rev() {
         // MLP: x_out = x2 + down(silu(g) * u).
         let mut gdown = vec![T::ZERO; d * inter];
         linear_dw(&dx, &s.a, &mut gdown, n, d, inter);
         linear_dx(&dx, w[li.down], &mut da, n, inter, false);
-        dg.par_chunks_mut(ELEM_CHUNK)
-            .zip(du.par_chunks_mut(ELEM_CHUNK))
-            .zip(s.g.par_chunks(ELEM_CHUNK))
-            .zip(s.u.par_chunks(ELEM_CHUNK).zip(da.par_chunks(ELEM_CHUNK)))
-            .for_each(|(((dg, du), g), (u, dd))| swiglu_bwd_chunk(g, u, dd, dg, du));
-        let mut ggate = vec![T::ZERO; inter * d];
-        let mut gup = vec![T::ZERO; inter * d];
-        linear_dw(&dg, &s.xn2, &mut ggate, n, inter, d);
-        linear_dw(&du, &s.xn2, &mut gup, n, inter, d);
-        linear_dx(&dg, w[li.gate], &mut dxn, n, d, false);
-        linear_dx(&du, w[li.up], &mut dxn, n, d, true);
+        let rpt = rows_per_task(2 * inter);
+        dgu.par_chunks_mut(rpt * 2 * inter)
+            .zip(s.gu.par_chunks(rpt * 2 * inter))
+            .zip(da.par_chunks(rpt * inter))
+            .for_each(|((dgu, gu), da)| {
+                for ((dgu, gu), da) in dgu
+                    .chunks_exact_mut(2 * inter)
+                    .zip(gu.chunks_exact(2 * inter))
+                    .zip(da.chunks_exact(inter))
+                {
+                    let (g, u) = gu.split_at(inter);
+                    let (dg, du) = dgu.split_at_mut(inter);
+                    swiglu_bwd_chunk(g, u, da, dg, du);
+                }
+            });
+        let mut ggate = vec![T::ZERO; 2 * inter * d];
+        linear_dw(&dgu, &s.xn2, &mut ggate, n, 2 * inter, d);
+        let gup = ggate.split_off(inter * d);
+        stack(&mut wgu, w[li.gate], w[li.up]);
+        linear_dx(&dgu, &wgu, &mut dxn, n, d, false);
         let mut gpost = vec![T::ZERO; d];
         rms_bwd_acc(&s.x2, w[li.post_norm], &dxn, &mut dx, &mut gpost, eps);
-        drop((s.a, s.g, s.u, s.xn2, s.x2));
+        drop((s.a, s.gu, s.xn2, s.x2));
         // Attention: x2 = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))).
         let mut go = vec![T::ZERO; d * qd];
         linear_dw(&dx, &s.y, &mut go, n, d, qd);
         linear_dx(&dx, w[li.o], &mut dy, n, qd, false);
-        for x in dv.iter_mut() {
-            *x = T::ZERO;
-        }
+        dqkv.par_chunks_mut(qkvd).for_each(|r| {
+            for x in r[qd + kvd..].iter_mut() {
+                *x = T::ZERO;
+            }
+        });
         {
             let (q, k, v, y, lse) = (&s.q, &s.k, &s.v, &s.y, &s.lse);
             let dy = &dy;
             let (dqp, dkp, dvp) = (
                 SendPtr(dq.as_mut_ptr()),
                 SendPtr(dk.as_mut_ptr()),
-                SendPtr(dv.as_mut_ptr()),
+                SendPtr(dqkv.as_mut_ptr()),
             );
             let n_rep = h / kv;
             (0..b * kv).into_par_iter().for_each_init(
@@ -840,7 +901,7 @@ pub(crate) fn backward<T: Real + 'static>(
                         for x in dkh.iter_mut() {
                             *x = T::ZERO;
                         }
-                        let dvh = { dvp }.0.add(bi * t * kvd + kh * hd);
+                        let dvh = { dvp }.0.add(bi * t * qkvd + qd + kvd + kh * hd);
                         for hh in kh * n_rep..(kh + 1) * n_rep {
                             let bh = bi * h + hh;
                             let qs = &q[bh * t * hd..][..t * hd];
@@ -876,7 +937,7 @@ pub(crate) fn backward<T: Real + 'static>(
                                     hd,
                                     rows,
                                     dvh,
-                                    kvd,
+                                    qkvd,
                                     true,
                                     tr(p.as_ptr(), kl),
                                     dyv,
@@ -926,28 +987,34 @@ pub(crate) fn backward<T: Real + 'static>(
             );
         }
         drop((s.q, s.k, s.lse, s.y));
-        rope_from_heads(&dq, &mut dql, &tape.cos, &tape.sin, dm, h);
-        rope_from_heads(&dk, &mut dkl, &tape.cos, &tape.sin, dm, kv);
-        if let Some([bq, bk, bv]) = li.bias {
-            for (bi, src, width) in [(bq, &dql, qd), (bk, &dkl, kvd), (bv, &dv, kvd)] {
-                let mut gb = vec![T::ZERO; width];
-                for r in src.chunks_exact(width) {
-                    for (a, b) in gb.iter_mut().zip(r) {
-                        *a += *b;
-                    }
-                }
-                grads[bi] = Some(gb);
-            }
+        // Rope backward of dq and dk into their columns of dqkv (dv is already there).
+        {
+            let (dq, dk, cos, sin) = (&dq, &dk, &tape.cos, &tape.sin);
+            dqkv.par_chunks_mut(qkvd).enumerate().for_each(|(row, r)| {
+                let (rq, rest) = r.split_at_mut(qd);
+                rope_bwd_row(dq, rq, cos, sin, row / t, row % t, t, h, hd);
+                rope_bwd_row(dk, &mut rest[..kvd], cos, sin, row / t, row % t, t, kv, hd);
+            });
         }
-        let mut gq = vec![T::ZERO; qd * d];
-        let mut gk = vec![T::ZERO; kvd * d];
-        let mut gv = vec![T::ZERO; kvd * d];
-        linear_dw(&dql, &s.xn1, &mut gq, n, qd, d);
-        linear_dw(&dkl, &s.xn1, &mut gk, n, kvd, d);
-        linear_dw(&dv, &s.xn1, &mut gv, n, kvd, d);
-        linear_dx(&dql, w[li.q], &mut dxn, n, d, false);
-        linear_dx(&dkl, w[li.k], &mut dxn, n, d, true);
-        linear_dx(&dv, w[li.v], &mut dxn, n, d, true);
+        if let Some([bq, bk, bv]) = li.bias {
+            let mut gb = vec![T::ZERO; qkvd];
+            for r in dqkv.chunks_exact(qkvd) {
+                for (a, b) in gb.iter_mut().zip(r) {
+                    *a += *b;
+                }
+            }
+            let gbv = gb.split_off(qd + kvd);
+            let gbk = gb.split_off(qd);
+            grads[bq] = Some(gb);
+            grads[bk] = Some(gbk);
+            grads[bv] = Some(gbv);
+        }
+        let mut gq = vec![T::ZERO; qkvd * d];
+        linear_dw(&dqkv, &s.xn1, &mut gq, n, qkvd, d);
+        let gv = gq.split_off((qd + kvd) * d);
+        let gk = gq.split_off(qd * d);
+        stack3(&mut wqkv, w[li.q], w[li.k], w[li.v]);
+        linear_dx(&dqkv, &wqkv, &mut dxn, n, d, false);
         let mut gin = vec![T::ZERO; d];
         rms_bwd_acc(&s.x, w[li.in_norm], &dxn, &mut dx, &mut gin, eps);
         for (i, g) in [
