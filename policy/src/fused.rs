@@ -364,7 +364,9 @@ kernel! {
 }
 
 kernel! {
-    fn rms_bwd_rows<T>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], eps: f64) {
+    /// RMSNorm backward over rows, accumulating into `dx` (`dx += d rms(x) / dx . g`) and
+    /// `dw` (a zeroed `dx` gets the plain gradient).
+    fn rms_bwd_acc_rows<T>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], eps: f64) {
         let d = w.len();
         let inv_d = T::from_f64(1.0 / d as f64);
         let eps = T::from_f64(eps);
@@ -376,7 +378,7 @@ kernel! {
             }
             let c = vdot(&gw, xr) * r * r * r * inv_d;
             for i in 0..d {
-                dxr[i] = gw[i] * r - xr[i] * c;
+                dxr[i] += gw[i] * r - xr[i] * c;
                 dw[i] += gr[i] * xr[i] * r;
             }
         }
@@ -409,7 +411,7 @@ fn rms_bwd<T: Real>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Ten
                     .zip(xs.par_chunks(rpt).zip(gs.par_chunks(rpt)))
                     .map(|(dx, (x, g))| {
                         let mut dw = vec![T::ZERO; d];
-                        rms_bwd_rows(x, ws, g, dx, &mut dw, eps);
+                        rms_bwd_acc_rows(x, ws, g, dx, &mut dw, eps);
                         dw
                     })
                     .reduce(

@@ -238,25 +238,31 @@ fn portable_block(x: &[f32], m: usize, w: &Mat, j0: usize, j1: usize, out: *mut 
     }
 }
 
+/// The dot-product register tiles of [`matmul_t`], generic over the SIMD width: `RW`
+/// weight rows x `RX` inputs per tile, one accumulator per pair, summed over `k` in the
+/// same order whatever the tile shape, so every output is the same whatever the batch.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
-mod avx512 {
-    use super::{Mat, MatData, TW, TX};
-    use std::arch::x86_64::*;
+mod tiles {
+    use super::TX;
 
-    #[inline(always)]
-    unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> __m512 {
-        if BF {
-            let h = _mm256_loadu_si256((p as *const u16).add(c) as *const __m256i);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        } else {
-            _mm512_loadu_ps((p as *const f32).add(c))
-        }
+    /// One SIMD width's operations (all `#[inline(always)]`: they are compiled with the
+    /// target features of the `block_t` that calls them).
+    pub(super) trait Lanes {
+        type V: Copy;
+        /// f32 lanes per vector.
+        const W: usize;
+        unsafe fn zero() -> Self::V;
+        /// `W` weights from element `c` of a row (f32, or bf16 widened when `BF`).
+        unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> Self::V;
+        unsafe fn load_x(p: *const f32) -> Self::V;
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// Fixed-order sum of the lanes.
+        unsafe fn sum(v: Self::V) -> f32;
     }
 
-    /// `RW` weight rows x `RX` inputs; every pair accumulated identically.
     #[inline(always)]
-    unsafe fn tile<const RW: usize, const RX: usize, const BF: bool>(
+    unsafe fn tile<L: Lanes, const RW: usize, const RX: usize, const BF: bool>(
         wp: [*const u8; RW],
         xp: [*const f32; RX],
         k: usize,
@@ -265,30 +271,30 @@ mod avx512 {
         i: usize,
         n: usize,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+        let mut acc = [[L::zero(); RX]; RW];
         let mut c = 0;
         while c < k {
-            let mut wv = [_mm512_setzero_ps(); RW];
+            let mut wv = [L::zero(); RW];
             for r in 0..RW {
-                wv[r] = load_w::<BF>(wp[r], c);
+                wv[r] = L::load_w::<BF>(wp[r], c);
             }
             for q in 0..RX {
-                let xv = _mm512_loadu_ps(xp[q].add(c));
+                let xv = L::load_x(xp[q].add(c));
                 for r in 0..RW {
-                    acc[r][q] = _mm512_fmadd_ps(wv[r], xv, acc[r][q]);
+                    acc[r][q] = L::fma(wv[r], xv, acc[r][q]);
                 }
             }
-            c += 16;
+            c += L::W;
         }
         for r in 0..RW {
             for q in 0..RX {
-                *out.add((i + q) * n + j + r) = _mm512_reduce_add_ps(acc[r][q]);
+                *out.add((i + q) * n + j + r) = L::sum(acc[r][q]);
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn rows_block<const RW: usize, const BF: bool>(
+    unsafe fn rows_block<L: Lanes, const RW: usize, const BF: bool>(
         x: &[f32],
         m: usize,
         k: usize,
@@ -300,27 +306,21 @@ mod avx512 {
         let xr = |i: usize| x.as_ptr().add(i * k);
         let mut i = 0;
         while i + TX <= m {
-            tile::<RW, TX, BF>(
-                wp,
-                [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
-                k,
-                out,
-                j,
-                i,
-                n,
-            );
+            tile::<L, RW, TX, BF>(wp, std::array::from_fn(|q| xr(i + q)), k, out, j, i, n);
             i += TX;
         }
         match m - i {
             0 => {}
-            1 => tile::<RW, 1, BF>(wp, [xr(i)], k, out, j, i, n),
-            2 => tile::<RW, 2, BF>(wp, [xr(i), xr(i + 1)], k, out, j, i, n),
-            _ => tile::<RW, 3, BF>(wp, [xr(i), xr(i + 1), xr(i + 2)], k, out, j, i, n),
+            1 => tile::<L, RW, 1, BF>(wp, [xr(i)], k, out, j, i, n),
+            2 => tile::<L, RW, 2, BF>(wp, [xr(i), xr(i + 1)], k, out, j, i, n),
+            _ => tile::<L, RW, 3, BF>(wp, [xr(i), xr(i + 1), xr(i + 2)], k, out, j, i, n),
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block_t<const BF: bool>(
+    /// Columns `j0..j1` of `y`, `RW` weight rows at a time (then one by one); weights of
+    /// `elem` bytes each (4: f32, 2: bf16 with `BF`).
+    #[inline(always)]
+    pub(super) unsafe fn block_body<L: Lanes, const RW: usize, const BF: bool>(
         x: &[f32],
         m: usize,
         base: *const u8,
@@ -333,13 +333,76 @@ mod avx512 {
     ) {
         let wr = |j: usize| base.add(j * k * elem);
         let mut j = j0;
-        while j + TW <= j1 {
-            rows_block::<TW, BF>(x, m, k, [wr(j), wr(j + 1), wr(j + 2), wr(j + 3)], out, j, n);
-            j += TW;
+        while j + RW <= j1 {
+            rows_block::<L, RW, BF>(x, m, k, std::array::from_fn(|r| wr(j + r)), out, j, n);
+            j += RW;
         }
         while j < j1 {
-            rows_block::<1, BF>(x, m, k, [wr(j)], out, j, n);
+            rows_block::<L, 1, BF>(x, m, k, [wr(j)], out, j, n);
             j += 1;
+        }
+    }
+
+    /// The f32 / bf16-weight entry of one ISA's module.
+    #[inline(always)]
+    pub(super) unsafe fn block_mat<L: Lanes, const RW: usize>(
+        x: &[f32],
+        m: usize,
+        w: &super::Mat,
+        j0: usize,
+        j1: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        match &w.data {
+            super::MatData::F32(v) => {
+                block_body::<L, RW, false>(x, m, v.as_ptr() as *const u8, 4, w.k, j0, j1, out, n)
+            }
+            super::MatData::Bf16(v) => {
+                block_body::<L, RW, true>(x, m, v.as_ptr() as *const u8, 2, w.k, j0, j1, out, n)
+            }
+        }
+    }
+}
+
+/// The AVX-512 path of [`matmul_t`]: 4 weight rows x 4 inputs per tile (16 accumulators of
+/// 16 lanes), and the AVX512-BF16 `vdpbf16ps` tiles for bf16 inputs and weights.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+mod avx512 {
+    use super::tiles::{block_mat, Lanes};
+    use super::{Mat, TW, TX};
+    use std::arch::x86_64::*;
+
+    struct Avx512;
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const W: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> __m512 {
+            if BF {
+                let h = _mm256_loadu_si256((p as *const u16).add(c) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            } else {
+                _mm512_loadu_ps((p as *const f32).add(c))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
         }
     }
 
@@ -445,6 +508,7 @@ mod avx512 {
     ///
     /// # Safety
     /// avx512f must be available, `w.k % 16 == 0`, and `out` must point to `[m, n]`.
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block(
         x: &[f32],
         m: usize,
@@ -454,133 +518,50 @@ mod avx512 {
         out: *mut f32,
         n: usize,
     ) {
-        match &w.data {
-            MatData::F32(v) => {
-                block_t::<false>(x, m, v.as_ptr() as *const u8, 4, w.k, j0, j1, out, n)
-            }
-            MatData::Bf16(v) => {
-                block_t::<true>(x, m, v.as_ptr() as *const u8, 2, w.k, j0, j1, out, n)
-            }
-        }
+        block_mat::<Avx512, TW>(x, m, w, j0, j1, out, n)
     }
 }
 
 /// The AVX2 + FMA path of [`matmul_t`] (CPUs without AVX-512): 3 weight rows x 4 inputs
-/// per register tile (12 accumulators of 8 lanes), the same tile structure as the
-/// AVX-512 path, so every output is accumulated in the same order whatever the batch.
+/// per tile (12 accumulators of 8 lanes, which with the loads fills the 16 registers).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 mod avx2 {
-    use super::{Mat, MatData};
+    use super::tiles::{block_mat, Lanes};
+    use super::Mat;
     use std::arch::x86_64::*;
 
-    const RWT: usize = 3;
-    const RXT: usize = 4;
+    struct Avx2;
 
-    #[inline(always)]
-    unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> __m256 {
-        if BF {
-            let h = _mm_loadu_si128((p as *const u16).add(c) as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        } else {
-            _mm256_loadu_ps((p as *const f32).add(c))
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const W: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
         }
-    }
-
-    /// Fixed-order sum of the 8 lanes.
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
-    #[inline(always)]
-    unsafe fn tile<const RW: usize, const RX: usize, const BF: bool>(
-        wp: [*const u8; RW],
-        xp: [*const f32; RX],
-        k: usize,
-        out: *mut f32,
-        j: usize,
-        i: usize,
-        n: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); RX]; RW];
-        let mut c = 0;
-        while c < k {
-            let mut wv = [_mm256_setzero_ps(); RW];
-            for r in 0..RW {
-                wv[r] = load_w::<BF>(wp[r], c);
-            }
-            for q in 0..RX {
-                let xv = _mm256_loadu_ps(xp[q].add(c));
-                for r in 0..RW {
-                    acc[r][q] = _mm256_fmadd_ps(wv[r], xv, acc[r][q]);
-                }
-            }
-            c += 8;
-        }
-        for r in 0..RW {
-            for q in 0..RX {
-                *out.add((i + q) * n + j + r) = hsum(acc[r][q]);
+        #[inline(always)]
+        unsafe fn load_w<const BF: bool>(p: *const u8, c: usize) -> __m256 {
+            if BF {
+                let h = _mm_loadu_si128((p as *const u16).add(c) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            } else {
+                _mm256_loadu_ps((p as *const f32).add(c))
             }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn rows_block<const RW: usize, const BF: bool>(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        wp: [*const u8; RW],
-        out: *mut f32,
-        j: usize,
-        n: usize,
-    ) {
-        let xr = |i: usize| x.as_ptr().add(i * k);
-        let mut i = 0;
-        while i + RXT <= m {
-            tile::<RW, RXT, BF>(
-                wp,
-                [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)],
-                k,
-                out,
-                j,
-                i,
-                n,
-            );
-            i += RXT;
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
         }
-        match m - i {
-            0 => {}
-            1 => tile::<RW, 1, BF>(wp, [xr(i)], k, out, j, i, n),
-            2 => tile::<RW, 2, BF>(wp, [xr(i), xr(i + 1)], k, out, j, i, n),
-            _ => tile::<RW, 3, BF>(wp, [xr(i), xr(i + 1), xr(i + 2)], k, out, j, i, n),
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
         }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_t<const BF: bool>(
-        x: &[f32],
-        m: usize,
-        base: *const u8,
-        elem: usize,
-        k: usize,
-        j0: usize,
-        j1: usize,
-        out: *mut f32,
-        n: usize,
-    ) {
-        let wr = |j: usize| base.add(j * k * elem);
-        let mut j = j0;
-        while j + RWT <= j1 {
-            rows_block::<RWT, BF>(x, m, k, [wr(j), wr(j + 1), wr(j + 2)], out, j, n);
-            j += RWT;
-        }
-        while j < j1 {
-            rows_block::<1, BF>(x, m, k, [wr(j)], out, j, n);
-            j += 1;
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
         }
     }
 
@@ -588,6 +569,7 @@ mod avx2 {
     ///
     /// # Safety
     /// avx2 and fma must be available, `w.k % 8 == 0`, and `out` must point to `[m, n]`.
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn block(
         x: &[f32],
         m: usize,
@@ -597,14 +579,7 @@ mod avx2 {
         out: *mut f32,
         n: usize,
     ) {
-        match &w.data {
-            MatData::F32(v) => {
-                block_t::<false>(x, m, v.as_ptr() as *const u8, 4, w.k, j0, j1, out, n)
-            }
-            MatData::Bf16(v) => {
-                block_t::<true>(x, m, v.as_ptr() as *const u8, 2, w.k, j0, j1, out, n)
-            }
-        }
+        block_mat::<Avx2, 3>(x, m, w, j0, j1, out, n)
     }
 }
 

@@ -34,34 +34,13 @@ use rayon::prelude::*;
 
 use super::{
     attn_ds_rows, causal_probs_rows, causal_softmax_rows, cpu_slice, cpu_tier, lp_bwd_rows,
-    lp_fwd_rows, rms_fwd_rows, rope_bwd_row, rows_per_task, swiglu_bwd_chunk, swiglu_fwd_chunk,
-    vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
+    lp_fwd_rows, rms_bwd_acc_rows, rms_fwd_rows, rope_bwd_row, rows_per_task, swiglu_bwd_chunk,
+    swiglu_fwd_chunk, vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
 };
 use crate::config::ModelConfig;
 
 /// Query rows per attention block.
 const BQ: usize = 64;
-
-kernel! {
-    /// RMSNorm backward over rows, accumulating into `dx` (`dx += d rms(x) / dx . g`) and `dw`.
-    fn rms_bwd_acc_rows<T>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], eps: f64) {
-        let d = w.len();
-        let inv_d = T::from_f64(1.0 / d as f64);
-        let eps = T::from_f64(eps);
-        let mut gw = vec![T::ZERO; d];
-        for ((xr, gr), dxr) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
-            let r = T::ONE / (vdot(xr, xr) * inv_d + eps).sqrt_();
-            for i in 0..d {
-                gw[i] = gr[i] * w[i];
-            }
-            let c = vdot(&gw, xr) * r * r * r * inv_d;
-            for i in 0..d {
-                dxr[i] += gw[i] * r - xr[i] * c;
-                dw[i] += gr[i] * xr[i] * r;
-            }
-        }
-    }
-}
 
 kernel! {
     /// One (sequence, head) block `[T, hd]` of the roped heads, read from token rows of
