@@ -399,30 +399,39 @@ fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     out
 }
 
+/// `dx += rms'(x)^T g`, `dw += ...` (row-parallel, per-task partial `dw` summed).
+fn rms_bwd_acc<T: Real>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], eps: f64) {
+    let d = w.len();
+    let c = rows_per_task(d) * d;
+    let part = dx
+        .par_chunks_mut(c)
+        .zip(x.par_chunks(c).zip(g.par_chunks(c)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![T::ZERO; d];
+            rms_bwd_acc_rows(x, w, g, dx, &mut dw, eps);
+            dw
+        })
+        .reduce(
+            || vec![T::ZERO; d],
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(&b) {
+                    *a += *b;
+                }
+                a
+            },
+        );
+    for (a, b) in dw.iter_mut().zip(&part) {
+        *a += *b;
+    }
+}
+
 fn rms_bwd<T: Real>(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let (dx, dw) = with_slice::<T, _>(x, |xs| {
         with_slice::<T, _>(w, |ws| {
             with_slice::<T, _>(g, |gs| {
-                let d = ws.len();
                 let mut dx = vec![T::ZERO; xs.len()];
-                let rpt = rows_per_task(d) * d;
-                let dw = dx
-                    .par_chunks_mut(rpt)
-                    .zip(xs.par_chunks(rpt).zip(gs.par_chunks(rpt)))
-                    .map(|(dx, (x, g))| {
-                        let mut dw = vec![T::ZERO; d];
-                        rms_bwd_acc_rows(x, ws, g, dx, &mut dw, eps);
-                        dw
-                    })
-                    .reduce(
-                        || vec![T::ZERO; d],
-                        |mut a, b| {
-                            for (a, b) in a.iter_mut().zip(&b) {
-                                *a += *b;
-                            }
-                            a
-                        },
-                    );
+                let mut dw = vec![T::ZERO; ws.len()];
+                rms_bwd_acc(xs, ws, gs, &mut dx, &mut dw, eps);
                 (dx, dw)
             })
         })

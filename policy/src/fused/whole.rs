@@ -34,8 +34,8 @@ use rayon::prelude::*;
 
 use super::{
     attn_ds_rows, causal_probs_rows, causal_softmax_rows, cpu_slice, cpu_tier, lp_bwd_rows,
-    lp_fwd_rows, rms_bwd_acc_rows, rms_fwd_rows, rope_bwd_row, rows_per_task, swiglu_bwd_chunk,
-    swiglu_fwd_chunk, vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
+    lp_fwd_rows, rms_bwd_acc, rms_bwd_acc_rows, rms_fwd_rows, rope_bwd_row, rows_per_task,
+    swiglu_bwd_chunk, swiglu_fwd_chunk, vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
 };
 use crate::config::ModelConfig;
 
@@ -216,32 +216,6 @@ fn rms<T: Real>(x: &[T], w: &[T], eps: f64, out: &mut [T]) {
     out.par_chunks_mut(c)
         .zip(x.par_chunks(c))
         .for_each(|(o, x)| rms_fwd_rows(x, w, o, eps));
-}
-
-/// `dx += rms'(x)^T g`, `dw += ...` (row-parallel, per-task partial `dw` summed).
-fn rms_bwd_acc<T: Real>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], eps: f64) {
-    let d = w.len();
-    let c = rows_per_task(d) * d;
-    let part = dx
-        .par_chunks_mut(c)
-        .zip(x.par_chunks(c).zip(g.par_chunks(c)))
-        .map(|(dx, (x, g))| {
-            let mut dw = vec![T::ZERO; d];
-            rms_bwd_acc_rows(x, w, g, dx, &mut dw, eps);
-            dw
-        })
-        .reduce(
-            || vec![T::ZERO; d],
-            |mut a, b| {
-                for (a, b) in a.iter_mut().zip(&b) {
-                    *a += *b;
-                }
-                a
-            },
-        );
-    for (a, b) in dw.iter_mut().zip(&part) {
-        *a += *b;
-    }
 }
 
 /// Indices into the model's parameter list of the tensors one layer uses.
