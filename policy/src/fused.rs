@@ -496,11 +496,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------
 
 kernel! {
-    /// One (batch, head) block of the output: rows `t` of `hd`.
-    fn rope_fwd_block<T>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], bi: usize, hh: usize, t: usize, h: usize, hd: usize) {
+    /// One (sequence, head) block `[T, hd]` of the roped heads, read from token rows of
+    /// stride `ld` whose heads start at column `off`.
+    fn rope_fwd_block_ld<T>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], bi: usize, hh: usize, t: usize, ld: usize, off: usize, hd: usize) {
         let half = hd / 2;
         for i in 0..t {
-            let src = &x[(bi * t + i) * h * hd + hh * hd..][..hd];
+            let src = &x[(bi * t + i) * ld + off + hh * hd..][..hd];
             let dst = &mut out[i * hd..(i + 1) * hd];
             let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
             let (x1, x2) = src.split_at(half);
@@ -553,9 +554,9 @@ impl Rope {
         let mut out = vec![T::ZERO; x.len()];
         with_slice::<T, _>(&self.cos, |cos| {
             with_slice::<T, _>(&self.sin, |sin| {
-                out.par_chunks_mut(t * hd)
-                    .enumerate()
-                    .for_each(|(blk, o)| rope_fwd_block(x, o, cos, sin, blk / h, blk % h, t, h, hd))
+                out.par_chunks_mut(t * hd).enumerate().for_each(|(blk, o)| {
+                    rope_fwd_block_ld(x, o, cos, sin, blk / h, blk % h, t, h * hd, 0, hd)
+                })
             })
         })??;
         Ok(out)

@@ -33,33 +33,14 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{
-    attn_ds_rows, causal_probs_rows, causal_softmax_rows, cpu_slice, cpu_tier, lp_bwd_rows,
-    lp_fwd_rows, rms_bwd_acc, rms_bwd_acc_rows, rms_fwd_rows, rope_bwd_row, rows_per_task,
+    attn_ds_rows, causal_probs_rows, causal_softmax_rows, cpu_slice, lp_bwd_rows, lp_fwd_rows,
+    rms_bwd_acc, rms_bwd_acc_rows, rms_fwd_rows, rope_bwd_row, rope_fwd_block_ld, rows_per_task,
     swiglu_bwd_chunk, swiglu_fwd_chunk, vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
 };
 use crate::config::ModelConfig;
 
 /// Query rows per attention block.
 const BQ: usize = 64;
-
-kernel! {
-    /// One (sequence, head) block `[T, hd]` of the roped heads, read from token rows of
-    /// stride `ld` whose heads start at column `off`.
-    fn rope_fwd_block_ld<T>(x: &[T], out: &mut [T], cos: &[T], sin: &[T], bi: usize, hh: usize, t: usize, ld: usize, off: usize, hd: usize) {
-        let half = hd / 2;
-        for i in 0..t {
-            let src = &x[(bi * t + i) * ld + off + hh * hd..][..hd];
-            let dst = &mut out[i * hd..(i + 1) * hd];
-            let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
-            let (x1, x2) = src.split_at(half);
-            let (d1, d2) = dst.split_at_mut(half);
-            for j in 0..half {
-                d1[j] = x1[j] * c[j] - x2[j] * s[j];
-                d2[j] = x2[j] * c[j] + x1[j] * s[j];
-            }
-        }
-    }
-}
 
 /// A raw pointer handed to rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
