@@ -3,7 +3,8 @@
 //! writing HF checkpoints ([`save_hf_checkpoint`]), the tokenizer and the model's
 //! real Jinja chat template (minijinja), the [`Sampler`] returning per-token log-probs and
 //! entropies (on CPU over the continuous-batching [`engine`] and its [`kernels`]), the
-//! differentiable [`TrainableModel`] (every op has a backward; fused CPU ops in [`fused`]),
+//! differentiable [`TrainableModel`] (every op has a backward; fused CPU ops and the
+//! hand-written whole-model training pass in [`fused`]),
 //! a fused in-place [`AdamW`], and gradient-norm utilities.
 
 pub mod adamw;

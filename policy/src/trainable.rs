@@ -7,6 +7,11 @@
 //! arithmetic, exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select,
 //! silu), with response log-probs computed chunk-wise over rows (512 at a time).
 //! [`TrainableModel::set_fused`] switches paths.
+//!
+//! Training goes through [`TrainableModel::forward_train`] and [`TrainForward::param_grads`]:
+//! on the CPU that is the hand-written whole-model pass (`fused/whole.rs`, no candle
+//! autograd for the model; [`TrainableModel::set_whole`] turns it off), elsewhere the
+//! graph of the forward above.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
