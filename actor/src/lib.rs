@@ -235,6 +235,8 @@ async fn run_actor(
                     Ok(payload) => {
                         let w = tokio::task::block_in_place(|| -> Result<()> {
                             let w = Weights::from_safetensors_bytes(&payload, &device)?;
+                            // Parsed: free the payload before the engine builds its copy.
+                            drop(payload);
                             sampler.load_weights(&w)
                         });
                         match w {

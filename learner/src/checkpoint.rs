@@ -44,14 +44,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Name of the optimizer state's file in a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
 /// Writes a checkpoint under `dir` and points `dir/latest` at it; returns the checkpoint
-/// directory. `write_model` writes the model files (an HF checkpoint) into the directory it is
-/// given. A crash at any point leaves the previous `latest` intact.
+/// directory. `write_files` writes the model files (an HF checkpoint) and [`OPTIMIZER_FILE`]
+/// into the directory it is given. A crash at any point leaves the previous `latest` intact.
 pub fn save(
     dir: &Path,
     state: &TrainerState,
-    optimizer_safetensors: &[u8],
-    write_model: impl FnOnce(&Path) -> Result<()>,
+    write_files: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating checkpoint dir {}", dir.display()))?;
@@ -62,8 +64,14 @@ pub fn save(
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
-    write_model(&tmp).context("writing the model files of the checkpoint")?;
-    write_file(&tmp.join("optimizer.safetensors"), optimizer_safetensors)?;
+    write_files(&tmp).context("writing the model and optimizer files of the checkpoint")?;
+    for f in ["model.safetensors", OPTIMIZER_FILE] {
+        let written = tmp.join(f);
+        if !written.exists() {
+            bail!("the checkpoint writer wrote no {f}");
+        }
+        fs::File::open(&written)?.sync_all()?;
+    }
     write_file(
         &tmp.join("trainer_state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
@@ -97,7 +105,7 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>> {
     Ok(Some(Checkpoint {
         state,
         model_safetensors: read("model.safetensors")?,
-        optimizer_safetensors: read("optimizer.safetensors")?,
+        optimizer_safetensors: read(OPTIMIZER_FILE)?,
         config_json: String::from_utf8(read("config.json")?)?,
     }))
 }
@@ -114,6 +122,7 @@ mod tests {
             move |d: &Path| -> Result<()> {
                 fs::write(d.join("model.safetensors"), bytes)?;
                 fs::write(d.join("config.json"), "{}")?;
+                fs::write(d.join(OPTIMIZER_FILE), [4, 5])?;
                 Ok(())
             }
         };
@@ -124,9 +133,9 @@ mod tests {
             tokens_trained: 99,
             base_model: "tiny".into(),
         };
-        save(dir.path(), &state, &[4, 5], model(vec![1, 2, 3]))?;
+        save(dir.path(), &state, model(vec![1, 2, 3]))?;
         state.step = 6;
-        let path = save(dir.path(), &state, &[4, 5], model(vec![9]))?;
+        let path = save(dir.path(), &state, model(vec![9]))?;
         assert!(path.ends_with("step-00000006"));
         let back = load_latest(dir.path())?.expect("a checkpoint");
         assert_eq!(back.state, state);
@@ -134,6 +143,36 @@ mod tests {
         assert_eq!(back.optimizer_safetensors, vec![4, 5]);
         assert_eq!(back.config_json, "{}");
         assert!(dir.path().join("step-00000003/model.safetensors").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_checkpoint_without_optimizer_state_is_refused_and_latest_kept() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let state = TrainerState {
+            step: 1,
+            ..Default::default()
+        };
+        save(dir.path(), &state, |d| {
+            fs::write(d.join("model.safetensors"), [1])?;
+            fs::write(d.join("config.json"), "{}")?;
+            fs::write(d.join(OPTIMIZER_FILE), [2])?;
+            Ok(())
+        })?;
+        let later = TrainerState {
+            step: 2,
+            ..Default::default()
+        };
+        let err = save(dir.path(), &later, |d| {
+            fs::write(d.join("model.safetensors"), [3])?;
+            Ok(())
+        })
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("optimizer.safetensors"), "{err:#}");
+        let back = load_latest(dir.path())?.expect("the first checkpoint");
+        assert_eq!(back.state.step, 1);
+        assert_eq!(back.optimizer_safetensors, vec![2]);
         Ok(())
     }
 

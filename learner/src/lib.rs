@@ -411,11 +411,15 @@ async fn train_loop(
                         && state.step.is_multiple_of(args.checkpoint_every))
                 {
                     let path = tokio::task::block_in_place(|| -> Result<PathBuf> {
-                        let weights = trainer.model.weights()?;
-                        let optimizer = trainer.optimizer.state_to_safetensors()?;
+                        // Streamed to disk tensor by tensor from the parameters' and the
+                        // optimizer's own storage: no copy of either in memory.
+                        let weights = trainer.model.weights_view()?;
                         let config = trainer.model_config().clone();
-                        checkpoint::save(dir, state, &optimizer, |d| {
-                            hindsight_policy::save_hf_checkpoint(d, &config, &weights, tokenizer)
+                        checkpoint::save(dir, state, |d| {
+                            hindsight_policy::save_hf_checkpoint(d, &config, &weights, tokenizer)?;
+                            trainer
+                                .optimizer
+                                .save_state(&d.join(checkpoint::OPTIMIZER_FILE))
                         })
                     })?;
                     info!(path = %path.display(), "checkpoint written");

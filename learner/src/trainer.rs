@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use hindsight_policy::{AdamW, LoadedModel, ModelConfig, TrainableModel, Weights};
+use hindsight_policy::{AdamW, GradSums, LoadedModel, ModelConfig, TrainableModel, Weights};
 use hindsight_proto::v1::TrainingBatch;
 use serde::Serialize;
 
@@ -103,9 +103,10 @@ impl Trainer {
         self.model.config()
     }
 
-    /// Safetensors bytes of the current weights (what is published and checkpointed).
+    /// Safetensors bytes of the current weights (what is published): the one full-size
+    /// allocation, written from the parameters' own storage.
     pub fn export_weights(&self) -> Result<Vec<u8>> {
-        self.model.weights()?.to_safetensors_bytes()
+        self.model.weights_view()?.to_safetensors_bytes()
     }
 
     /// Replaces the current weights (resume from a checkpoint).
@@ -200,11 +201,10 @@ impl Trainer {
             .collect();
         let (mut mismatch_sum, mut mismatch_max, mut mismatch_n) = (0f64, 0f64, 0usize);
         let total_tokens: usize = lengths.iter().sum();
-        // Running sums of the parameters' gradients, detached. candle's backward leaves graph
-        // references in the gradients it returns (of parameters and of constant leaves such as
-        // masks), which would keep every micro-batch's activations alive until the step ends;
-        // keeping only detached parameter gradients frees each micro-batch's graph at once.
-        let mut acc: Vec<Option<Tensor>> = vec![None; self.model.vars().len()];
+        // Running sums of the parameters' gradients: the whole-model pass adds each
+        // micro-batch's gradients straight into them, and the candle-graph paths keep detached
+        // sums, so no micro-batch's graph outlives its backward.
+        let mut acc = GradSums::new(&self.model);
         let mut loss_sum = 0f64;
         let mut sums = PpoSums::default();
         for (c, chunk) in pairs.chunks(micro).enumerate() {
@@ -252,28 +252,11 @@ impl Trainer {
             sums.kl_sum += s.kl_sum;
             let g = loss.backward()?;
             drop((loss, logp, mask));
-            let param_grads = fw
-                .param_grads(&self.model, &g)
+            fw.accumulate(&self.model, &g, &mut acc)
                 .context("trainable backward")?;
             drop(g);
-            for (slot, grad) in acc.iter_mut().zip(param_grads) {
-                if let Some(grad) = grad {
-                    *slot = Some(match slot.take() {
-                        Some(sum) => (sum + grad)?.detach(),
-                        None => grad,
-                    });
-                }
-            }
         }
-        ensure!(acc.iter().any(Option::is_some), "no gradient computed");
-        // A gradient store holding only the parameters' gradients (the backward of a constant
-        // is the cheap way to get an empty one).
-        let mut grads = Tensor::zeros((), candle_core::DType::F32, &self.device)?.backward()?;
-        for (slot, (_, var)) in acc.into_iter().zip(self.model.vars()) {
-            if let Some(grad) = slot {
-                grads.insert(var.as_tensor(), grad);
-            }
-        }
+        let grads = acc.into_grad_store(&self.model)?;
         let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
         ensure!(
             norm.is_finite(),

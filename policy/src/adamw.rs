@@ -10,7 +10,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::weights::{f32_from_safetensors, f32_safetensors_bytes};
+use crate::weights::{f32_from_safetensors, safetensors_bytes, safetensors_to_file, SaveView};
 
 const CHUNK: usize = 1 << 14;
 
@@ -220,19 +220,32 @@ impl AdamW {
     /// Serialises step, hyper-parameters (metadata key `adamw`, JSON) and first/second moments
     /// (`m.{name}`, `v.{name}` tensors) as safetensors.
     pub fn state_to_safetensors(&self) -> anyhow::Result<Vec<u8>> {
+        safetensors_bytes(self.state_views(), Some(self.state_metadata()))
+    }
+
+    /// [`AdamW::state_to_safetensors`] streamed straight into the file `path`, without
+    /// a copy of the moments in memory.
+    pub fn save_state(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        safetensors_to_file(self.state_views(), Some(self.state_metadata()), path)
+    }
+
+    /// The moments as borrowed views (`m.{name}`, `v.{name}`).
+    fn state_views(&self) -> Vec<(String, SaveView<'_>)> {
         let mut items = Vec::with_capacity(self.state.len() * 2);
         for (n, (m, v)) in &self.state {
-            items.push((format!("m.{n}"), vec![m.len()], m.clone()));
-            items.push((format!("v.{n}"), vec![v.len()], v.clone()));
+            items.push((format!("m.{n}"), SaveView::Slice(vec![m.len()], m)));
+            items.push((format!("v.{n}"), SaveView::Slice(vec![v.len()], v)));
         }
-        // One metadata key so the serialised bytes are deterministic.
+        items
+    }
+
+    /// One metadata key, so the serialised bytes are deterministic.
+    fn state_metadata(&self) -> HashMap<String, String> {
         let info = serde_json::json!({
             "step": self.step, "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
             "eps": self.eps, "weight_decay": self.weight_decay, "decay_1d": self.decay_1d,
         });
-        let mut meta = HashMap::new();
-        meta.insert("adamw".to_string(), info.to_string());
-        f32_safetensors_bytes(&items, Some(meta))
+        HashMap::from([("adamw".to_string(), info.to_string())])
     }
 
     /// Restores step and moments saved by [`AdamW::state_to_safetensors`]

@@ -9,14 +9,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use crate::config::{ModelConfig, SpecialTokenIds};
 use crate::template::SpecialTokens;
 use crate::tokenizer::ChatTokenizer;
-use crate::weights::{view_to_f32, Weights};
+use crate::weights::{safetensors_to_file, view_to_f32, SaveView, Weights};
 
 /// Storage dtype of the written safetensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -200,38 +200,21 @@ pub fn tokenizer_from_hf_dir(dir: &Path) -> anyhow::Result<ChatTokenizer> {
     ChatTokenizer::with_special_tokens(tok, template, special, &extra, model_max_length)
 }
 
-/// Writes `bytes` to `path` via a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!(
+/// The temporary name `path` is written under before it is renamed into place.
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension(format!(
         "{}.tmp-{}",
         path.extension().and_then(|e| e.to_str()).unwrap_or(""),
         std::process::id()
-    ));
+    ))
+}
+
+/// Writes `bytes` to `path` via a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = tmp_path(path);
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
-}
-
-fn tensor_bytes(t: &Tensor, dtype: SaveDtype) -> anyhow::Result<(safetensors::Dtype, Vec<u8>)> {
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(match dtype {
-        SaveDtype::F32 => (
-            safetensors::Dtype::F32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        SaveDtype::Bf16 => (
-            safetensors::Dtype::BF16,
-            v.iter()
-                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                .collect(),
-        ),
-        SaveDtype::F16 => (
-            safetensors::Dtype::F16,
-            v.iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect(),
-        ),
-    })
 }
 
 /// Writes a Hugging Face checkpoint into `dir` (created if needed): f32
@@ -274,26 +257,24 @@ pub fn save_hf_checkpoint_with(
         } else {
             format!("model-{:05}-of-{:05}.safetensors", si + 1, shards)
         };
-        let data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = chunk
-            .iter()
-            .map(|(n, shape)| {
-                let (dt, b) = tensor_bytes(weights.get(n)?, opts.dtype)?;
-                Ok((n.clone(), shape.clone(), dt, b))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = data
-            .iter()
-            .map(|(n, s, dt, b)| {
-                total += b.len();
-                weight_map.insert(n.clone(), json!(file));
-                safetensors::tensor::TensorView::new(*dt, s.clone(), b)
-                    .map(|v| (n.as_str(), v))
-                    .map_err(|e| anyhow::anyhow!("safetensors view {n}: {e}"))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let bytes = safetensors::serialize(views, Some(meta.clone()))
-            .map_err(|e| anyhow::anyhow!("safetensors serialize: {e}"))?;
-        write_atomic(&dir.join(&file), &bytes)?;
+        let stored = match opts.dtype {
+            SaveDtype::F32 => safetensors::Dtype::F32,
+            SaveDtype::Bf16 => safetensors::Dtype::BF16,
+            SaveDtype::F16 => safetensors::Dtype::F16,
+        };
+        let mut views = Vec::with_capacity(chunk.len());
+        for (n, shape) in chunk {
+            let t = weights.get(n)?; // shapes checked by `validate` above
+            total += shape.iter().product::<usize>() * stored.bitsize() / 8;
+            weight_map.insert(n.clone(), json!(file));
+            views.push((n.clone(), SaveView::Tensor(t.clone(), stored)));
+        }
+        // Streamed to a temporary file (one tensor in memory at a time), then renamed.
+        let path = dir.join(&file);
+        let tmp = tmp_path(&path);
+        safetensors_to_file(views, Some(meta.clone()), &tmp)?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming into {}", path.display()))?;
     }
     if shards > 1 {
         let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});

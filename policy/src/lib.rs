@@ -42,5 +42,5 @@ pub use load::{
 pub use sampler::{Generation, Sampler, SamplingParams};
 pub use template::{ChatTemplate, SpecialTokens};
 pub use tokenizer::ChatTokenizer;
-pub use trainable::TrainableModel;
+pub use trainable::{GradSums, TrainForward, TrainableModel};
 pub use weights::Weights;

@@ -120,6 +120,17 @@ impl TrainableModel {
         Ok(Weights { tensors })
     }
 
+    /// The current parameters as f32 [`Weights`] that share the parameters' storage (no copy
+    /// for f32 parameters). They change with the next optimizer step: serialise them before
+    /// that. [`TrainableModel::weights`] makes a copy.
+    pub fn weights_view(&self) -> anyhow::Result<Weights> {
+        let mut tensors = std::collections::BTreeMap::new();
+        for (n, v) in &self.vars {
+            tensors.insert(n.clone(), v.as_tensor().detach().to_dtype(DType::F32)?);
+        }
+        Ok(Weights { tensors })
+    }
+
     /// Overwrites the parameters in place from `weights` (e.g. to resume).
     pub fn set_weights(&self, weights: &Weights) -> anyhow::Result<()> {
         for (n, v) in &self.vars {
@@ -535,31 +546,134 @@ impl TrainForward {
         model: &TrainableModel,
         grads: &GradStore,
     ) -> anyhow::Result<Vec<Option<Tensor>>> {
+        let mut sums = GradSums::new(model);
+        self.accumulate(model, grads, &mut sums)?;
+        sums.into_tensors(model)
+    }
+
+    /// Adds the parameters' gradients of the loss whose backward is `grads` to `sums`
+    /// (gradient accumulation over micro-batches). The whole-model pass writes straight
+    /// into the running sums, so accumulating costs no second set of gradients.
+    pub fn accumulate(
+        self,
+        model: &TrainableModel,
+        grads: &GradStore,
+        sums: &mut GradSums,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            sums.tensors.len() == model.vars.len(),
+            "gradient sums for {} parameters, the model has {}",
+            sums.tensors.len(),
+            model.vars.len()
+        );
         match self.kind {
-            TrainKind::Graph => Ok(model
-                .vars
-                .iter()
-                .map(|(_, v)| grads.get(v.as_tensor()).map(Tensor::detach))
-                .collect()),
+            TrainKind::Graph => {
+                for (slot, (_, v)) in sums.tensors.iter_mut().zip(&model.vars) {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(sum) => (sum + g)?.detach(),
+                            None => g.detach(),
+                        });
+                    }
+                }
+            }
             TrainKind::Whole { leaf, tape, slots } => {
                 let Some(dl) = grads.get(leaf.as_tensor()) else {
-                    return Ok(vec![None; model.vars.len()]);
+                    return Ok(());
                 };
                 let dl = dl.flatten_all()?;
-                let out = match *tape {
+                match *tape {
                     WholeTape::F32(tape) => {
                         let dl = dl.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                         let dlp: Vec<f32> = slots.iter().map(|&i| dl[i]).collect();
-                        fused::whole::backward(&model.config, &model.vars, &model.pix, tape, &dlp)?
+                        sums.f32.resize_with(model.vars.len(), Vec::new);
+                        fused::whole::backward(
+                            &model.config,
+                            &model.vars,
+                            &model.pix,
+                            tape,
+                            &dlp,
+                            &mut sums.f32,
+                        )?;
                     }
                     WholeTape::F64(tape) => {
                         let dl = dl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                         let dlp: Vec<f64> = slots.iter().map(|&i| dl[i]).collect();
-                        fused::whole::backward(&model.config, &model.vars, &model.pix, tape, &dlp)?
+                        sums.f64.resize_with(model.vars.len(), Vec::new);
+                        fused::whole::backward(
+                            &model.config,
+                            &model.vars,
+                            &model.pix,
+                            tape,
+                            &dlp,
+                            &mut sums.f64,
+                        )?;
                     }
-                };
-                Ok(out.into_iter().map(Some).collect())
+                }
             }
         }
+        Ok(())
+    }
+}
+
+/// Parameter gradients summed over micro-batches ([`TrainForward::accumulate`]), in
+/// [`TrainableModel::vars`] order.
+pub struct GradSums {
+    /// Sums kept as tensors (the candle-autograd paths).
+    tensors: Vec<Option<Tensor>>,
+    /// Sums the whole-model pass writes in place (empty = none yet), by parameter dtype.
+    f32: Vec<Vec<f32>>,
+    f64: Vec<Vec<f64>>,
+}
+
+impl GradSums {
+    /// No gradient yet for any parameter of `model`.
+    pub fn new(model: &TrainableModel) -> Self {
+        Self {
+            tensors: vec![None; model.vars.len()],
+            f32: Vec::new(),
+            f64: Vec::new(),
+        }
+    }
+
+    /// The sums as detached tensors shaped like the parameters; `None` where no micro-batch
+    /// gave the parameter a gradient.
+    pub fn into_tensors(self, model: &TrainableModel) -> anyhow::Result<Vec<Option<Tensor>>> {
+        fn add(sum: Option<Tensor>, g: Tensor) -> anyhow::Result<Tensor> {
+            Ok(match sum {
+                Some(s) => (s + g)?.detach(),
+                None => g,
+            })
+        }
+        let mut out = self.tensors;
+        let shape = |i: usize| model.vars[i].1.as_tensor().shape().clone();
+        for (i, g) in self.f32.into_iter().enumerate() {
+            if !g.is_empty() {
+                let t = Tensor::from_vec(g, shape(i), &Device::Cpu)?;
+                out[i] = Some(add(out[i].take(), t)?);
+            }
+        }
+        for (i, g) in self.f64.into_iter().enumerate() {
+            if !g.is_empty() {
+                let t = Tensor::from_vec(g, shape(i), &Device::Cpu)?;
+                out[i] = Some(add(out[i].take(), t)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sums as a candle [`GradStore`] keyed by the parameters (what the optimizer and
+    /// [`crate::grad_norm`] take).
+    pub fn into_grad_store(self, model: &TrainableModel) -> anyhow::Result<GradStore> {
+        let tensors = self.into_tensors(model)?;
+        anyhow::ensure!(tensors.iter().any(Option::is_some), "no gradient computed");
+        // The backward of a constant is the way to get an empty store.
+        let mut store = Tensor::zeros((), DType::F32, &Device::Cpu)?.backward()?;
+        for (g, (_, v)) in tensors.into_iter().zip(&model.vars) {
+            if let Some(g) = g {
+                store.insert(v.as_tensor(), g);
+            }
+        }
+        Ok(store)
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -15,31 +15,106 @@ pub struct Weights {
     pub tensors: BTreeMap<String, Tensor>,
 }
 
-/// Serialises `(name, shape, f32 data)` triples into a safetensors buffer.
-pub(crate) fn f32_safetensors_bytes(
-    items: &[(String, Vec<usize>, Vec<f32>)],
+/// One tensor handed to a safetensors writer, turned into bytes only when the writer reaches
+/// it: an f32 slice is written as is (no copy), a tensor is converted to the stored dtype
+/// then. Writing a whole model this way holds at most one tensor's bytes beside the output,
+/// not a second copy of the model.
+pub(crate) enum SaveView<'a> {
+    /// f32 values, stored as f32.
+    Slice(Vec<usize>, &'a [f32]),
+    /// A tensor, stored as the given dtype (F32, BF16 or F16).
+    Tensor(Tensor, safetensors::Dtype),
+}
+
+impl SaveView<'_> {
+    /// `t` as f32 bytes.
+    pub(crate) fn f32(t: &Tensor) -> SaveView<'static> {
+        SaveView::Tensor(t.clone(), safetensors::Dtype::F32)
+    }
+}
+
+/// Little-endian bytes of `t` (any float dtype, any device) stored as `dtype`.
+pub(crate) fn tensor_bytes(t: &Tensor, dtype: safetensors::Dtype) -> anyhow::Result<Vec<u8>> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(match dtype {
+        safetensors::Dtype::F32 => f32_bytes(&v).into_owned(),
+        safetensors::Dtype::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        safetensors::Dtype::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        other => bail!("cannot store a tensor as {other:?}"),
+    })
+}
+
+/// The little-endian bytes of `v`: borrowed on little-endian targets.
+fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and every bit pattern is a valid u8; u8 has alignment 1,
+        // and the length covers exactly the same bytes.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v))
+        })
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+impl safetensors::View for SaveView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            SaveView::Slice(..) => safetensors::Dtype::F32,
+            SaveView::Tensor(_, d) => *d,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            SaveView::Slice(s, _) => s,
+            SaveView::Tensor(t, _) => t.dims(),
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            SaveView::Slice(_, v) => f32_bytes(v),
+            // The View trait cannot fail; a tensor that cannot be read (a device error) is a
+            // bug of the caller, which validated the tensors beforehand.
+            SaveView::Tensor(t, d) => std::borrow::Cow::Owned(
+                tensor_bytes(t, *d).expect("reading a tensor to serialise it"),
+            ),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        let n: usize = self.shape().iter().product();
+        n * self.dtype().bitsize() / 8
+    }
+}
+
+/// Serialises named tensors into one safetensors buffer (the only full-size allocation).
+pub(crate) fn safetensors_bytes<'a>(
+    items: impl IntoIterator<Item = (String, SaveView<'a>)>,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> anyhow::Result<Vec<u8>> {
-    let bytes: Vec<(&str, &[usize], Vec<u8>)> = items
-        .iter()
-        .map(|(n, s, d)| {
-            let mut b = Vec::with_capacity(d.len() * 4);
-            for x in d {
-                b.extend_from_slice(&x.to_le_bytes());
-            }
-            (n.as_str(), s.as_slice(), b)
-        })
-        .collect();
-    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.to_vec(), b)
-                .map(|v| (*n, v))
-                .map_err(|e| anyhow::anyhow!("safetensors view {n}: {e}"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    safetensors::serialize(views, metadata)
+    safetensors::serialize(items, metadata)
         .map_err(|e| anyhow::anyhow!("safetensors serialize: {e}"))
+}
+
+/// Streams named tensors into a safetensors file at `path` (one tensor in memory at a time).
+pub(crate) fn safetensors_to_file<'a>(
+    items: impl IntoIterator<Item = (String, SaveView<'a>)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    safetensors::serialize_to_file(items, metadata, path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `name -> (shape, f32 data)`.
@@ -85,17 +160,22 @@ pub(crate) fn view_to_f32(
 }
 
 impl Weights {
-    /// Serialises all tensors (as f32) into a safetensors buffer.
+    /// Serialises all tensors (as f32) into a safetensors buffer, converting one tensor at a
+    /// time (no second copy of the model).
     pub fn to_safetensors_bytes(&self) -> anyhow::Result<Vec<u8>> {
-        let items = self
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok((n.clone(), t.dims().to_vec(), data))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        f32_safetensors_bytes(&items, None)
+        for (n, t) in &self.tensors {
+            ensure!(
+                t.dtype().is_float(),
+                "tensor {n} has dtype {:?}, not a float",
+                t.dtype()
+            );
+        }
+        safetensors_bytes(
+            self.tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), SaveView::f32(t))),
+            None,
+        )
     }
 
     /// Parses a safetensors buffer (f32/f16/bf16/f64 tensors) into f32 tensors on `device`.

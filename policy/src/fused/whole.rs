@@ -28,7 +28,7 @@
 //! Same maths as the op-by-op path (tests compare the two, and both with finite
 //! differences). f32 and f64.
 
-use candle_core::{bail, Result, Storage, Tensor, Var};
+use candle_core::{bail, Result, Storage, Var};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -173,9 +173,25 @@ fn linear_dx<T: Real + 'static>(dy: &[T], w: &[T], dx: &mut [T], n: usize, k: us
 }
 
 /// `dw[o, k] = dy[n, o]^T x[n, k]`.
-fn linear_dw<T: Real + 'static>(dy: &[T], x: &[T], dw: &mut [T], n: usize, o: usize, k: usize) {
-    debug_assert!(dy.len() >= n * o && x.len() >= n * k && dw.len() >= o * k);
-    // SAFETY: as in `linear`.
+/// `dw[o, k] += dy[n, o]^T x[n, k]`, `dy` with row stride `ldy` (so `dy` may be a block of
+/// columns of a wider matrix).
+#[allow(clippy::too_many_arguments)]
+fn linear_dw<T: Real + 'static>(
+    dy: &[T],
+    ldy: usize,
+    x: &[T],
+    dw: &mut [T],
+    n: usize,
+    o: usize,
+    k: usize,
+) {
+    assert!(
+        ldy >= o
+            && (n == 0 || dy.len() >= (n - 1) * ldy + o)
+            && x.len() >= n * k
+            && dw.len() >= o * k
+    );
+    // SAFETY: as in `linear`; the assertion bounds every element read and written.
     unsafe {
         mm(
             o,
@@ -183,8 +199,8 @@ fn linear_dw<T: Real + 'static>(dy: &[T], x: &[T], dw: &mut [T], n: usize, o: us
             n,
             dw.as_mut_ptr(),
             k,
-            false,
-            tr(dy.as_ptr(), o),
+            true,
+            tr(dy.as_ptr(), ldy),
             rm(x.as_ptr(), k),
             par(),
         )
@@ -675,15 +691,33 @@ pub(crate) fn forward<T: Real + 'static>(
     ))
 }
 
+/// The gradient buffers of one backward: allocated on first use.
+struct GradBufs<'a, T> {
+    bufs: &'a mut [Vec<T>],
+    sizes: Vec<usize>,
+}
+
+impl<T: Real> GradBufs<'_, T> {
+    fn get(&mut self, i: usize) -> &mut [T] {
+        let g = &mut self.bufs[i];
+        if g.is_empty() {
+            *g = vec![T::ZERO; self.sizes[i]];
+        }
+        g
+    }
+}
+
 /// The backward of [`forward`] for `dlp` (the loss gradient of each scored row's
-/// log-prob): one gradient per parameter, in `vars` order.
+/// log-prob): adds every parameter's gradient into `grads` (in `vars` order; an empty
+/// buffer counts as zeros), so micro-batches accumulate without a second set of gradients.
 pub(crate) fn backward<T: Real + 'static>(
     cfg: &ModelConfig,
     vars: &[(String, Var)],
     ix: &ParamIx,
     mut tape: Tape<T>,
     dlp: &[T],
-) -> Result<Vec<Tensor>> {
+    grads: &mut [Vec<T>],
+) -> Result<()> {
     let dm = Dims::new(cfg, tape.b, tape.t);
     let Dims {
         b,
@@ -704,12 +738,29 @@ pub(crate) fn backward<T: Real + 'static>(
     }
     let guards = Guards::new(vars);
     let w = guards.slices::<T>()?;
-    let mut grads: Vec<Option<Vec<T>>> = vec![None; ix.count];
+    if grads.len() != ix.count {
+        bail!(
+            "whole-model backward: {} gradient buffers for {} parameters",
+            grads.len(),
+            ix.count
+        )
+    }
+    // Every parameter's gradient buffer, summed into; an empty one is allocated (zeros) when
+    // the backward reaches its parameter, as the activations before it are being freed.
+    let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+    for ((g, &len), (name, _)) in grads.iter().zip(&sizes).zip(vars) {
+        if !g.is_empty() && g.len() != len {
+            bail!(
+                "whole-model backward: gradient buffer of {} for {name} ({len} values)",
+                g.len()
+            )
+        }
+    }
+    let mut grads = GradBufs { bufs: grads, sizes };
     let (qd, kvd) = (h * hd, kv * hd);
 
     // Vocabulary projection: dh [m, D], and the head's gradient chunk by chunk.
     let head = w[ix.lm_head];
-    let mut dhead = vec![T::ZERO; vocab * d];
     let mut dh = vec![T::ZERO; m * d];
     let inv_t = tape.inv_t;
     let coef: Vec<T> = dlp.iter().map(|&g| g * T::from_f64(inv_t)).collect();
@@ -732,14 +783,15 @@ pub(crate) fn backward<T: Real + 'static>(
             .zip(coef.par_chunks(rpt).zip(tape.targets.par_chunks(rpt)))
             .for_each(|((z, lse), (c, tt))| lp_bwd_rows(z, lse, c, tt, v0, len, inv_t));
         linear_dx(&z, hw, &mut dh, m, d, v0 > 0);
-        linear_dw(&z, &tape.hs, &mut dhead[v0 * d..(v0 + len) * d], m, len, d);
+        let dhead = &mut grads.get(ix.lm_head)[v0 * d..(v0 + len) * d];
+        linear_dw(&z, len, &tape.hs, dhead, m, len, d);
         v0 += len;
     }
     drop(kept);
     // Final norm (scored rows only; the others get no gradient).
     let mut dx = vec![T::ZERO; n * d];
-    let mut dnorm = vec![T::ZERO; d];
     {
+        let dnorm = grads.get(ix.norm);
         let wn = w[ix.norm];
         let xl = &tape.x_last;
         for (k, &r) in tape.rows.iter().enumerate() {
@@ -749,13 +801,12 @@ pub(crate) fn backward<T: Real + 'static>(
                 wn,
                 &dh[k * d..][..d],
                 &mut dx[r * d..][..d],
-                &mut dnorm,
+                dnorm,
                 eps,
             );
         }
     }
     drop(dh);
-    grads[ix.norm] = Some(dnorm);
     // Scratch reused by every layer.
     let mut da = vec![T::ZERO; n * inter];
     let mut dgu = vec![T::ZERO; n * 2 * inter];
@@ -771,8 +822,7 @@ pub(crate) fn backward<T: Real + 'static>(
     let mut wqkv = vec![T::ZERO; qkvd * d];
     for (li, s) in ix.layers.iter().zip(std::mem::take(&mut tape.layers)).rev() {
         // MLP: x_out = x2 + down(silu(g) * u).
-        let mut gdown = vec![T::ZERO; d * inter];
-        linear_dw(&dx, &s.a, &mut gdown, n, d, inter);
+        linear_dw(&dx, d, &s.a, grads.get(li.down), n, d, inter);
         linear_dx(&dx, w[li.down], &mut da, n, inter, false);
         let rpt = rows_per_task(2 * inter);
         dgu.par_chunks_mut(rpt * 2 * inter)
@@ -789,17 +839,16 @@ pub(crate) fn backward<T: Real + 'static>(
                     swiglu_bwd_chunk(g, u, da, dg, du);
                 }
             });
-        let mut ggate = vec![T::ZERO; 2 * inter * d];
-        linear_dw(&dgu, &s.xn2, &mut ggate, n, 2 * inter, d);
-        let gup = ggate.split_off(inter * d);
+        let gi = 2 * inter;
+        linear_dw(&dgu, gi, &s.xn2, grads.get(li.gate), n, inter, d);
+        linear_dw(&dgu[inter..], gi, &s.xn2, grads.get(li.up), n, inter, d);
         stack(&mut wgu, w[li.gate], w[li.up]);
         linear_dx(&dgu, &wgu, &mut dxn, n, d, false);
-        let mut gpost = vec![T::ZERO; d];
-        rms_bwd_acc(&s.x2, w[li.post_norm], &dxn, &mut dx, &mut gpost, eps);
+        let gpost = grads.get(li.post_norm);
+        rms_bwd_acc(&s.x2, w[li.post_norm], &dxn, &mut dx, gpost, eps);
         drop((s.a, s.gu, s.xn2, s.x2));
         // Attention: x2 = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-        let mut go = vec![T::ZERO; d * qd];
-        linear_dw(&dx, &s.y, &mut go, n, d, qd);
+        linear_dw(&dx, d, &s.y, grads.get(li.o), n, d, qd);
         linear_dx(&dx, w[li.o], &mut dy, n, qd, false);
         dqkv.par_chunks_mut(qkvd).for_each(|r| {
             for x in r[qd + kvd..].iter_mut() {
@@ -930,65 +979,35 @@ pub(crate) fn backward<T: Real + 'static>(
                 rope_bwd_row(dk, &mut rest[..kvd], cos, sin, row / t, row % t, t, kv, hd);
             });
         }
-        if let Some([bq, bk, bv]) = li.bias {
-            let mut gb = vec![T::ZERO; qkvd];
-            for r in dqkv.chunks_exact(qkvd) {
-                for (a, b) in gb.iter_mut().zip(r) {
-                    *a += *b;
+        // q, k and v: column blocks [0, qd), [qd, qd + kvd), [qd + kvd, qkvd) of dqkv.
+        let blocks = [(li.q, 0, qd), (li.k, qd, kvd), (li.v, qd + kvd, kvd)];
+        if let Some(bias) = li.bias {
+            for ((_, c0, len), bi) in blocks.iter().zip(bias) {
+                let gb = grads.get(bi);
+                for r in dqkv.chunks_exact(qkvd) {
+                    for (a, b) in gb.iter_mut().zip(&r[*c0..c0 + len]) {
+                        *a += *b;
+                    }
                 }
             }
-            let gbv = gb.split_off(qd + kvd);
-            let gbk = gb.split_off(qd);
-            grads[bq] = Some(gb);
-            grads[bk] = Some(gbk);
-            grads[bv] = Some(gbv);
         }
-        let mut gq = vec![T::ZERO; qkvd * d];
-        linear_dw(&dqkv, &s.xn1, &mut gq, n, qkvd, d);
-        let gv = gq.split_off((qd + kvd) * d);
-        let gk = gq.split_off(qd * d);
+        for (i, c0, len) in blocks {
+            linear_dw(&dqkv[c0..], qkvd, &s.xn1, grads.get(i), n, len, d);
+        }
         stack3(&mut wqkv, w[li.q], w[li.k], w[li.v]);
         linear_dx(&dqkv, &wqkv, &mut dxn, n, d, false);
-        let mut gin = vec![T::ZERO; d];
-        rms_bwd_acc(&s.x, w[li.in_norm], &dxn, &mut dx, &mut gin, eps);
-        for (i, g) in [
-            (li.down, gdown),
-            (li.gate, ggate),
-            (li.up, gup),
-            (li.post_norm, gpost),
-            (li.o, go),
-            (li.q, gq),
-            (li.k, gk),
-            (li.v, gv),
-            (li.in_norm, gin),
-        ] {
-            grads[i] = Some(g);
-        }
+        let gin = grads.get(li.in_norm);
+        rms_bwd_acc(&s.x, w[li.in_norm], &dxn, &mut dx, gin, eps);
     }
     // Embedding rows (tied: on top of the head's gradient).
-    let mut demb = if ix.embed == ix.lm_head {
-        dhead
-    } else {
-        grads[ix.lm_head] = Some(dhead);
-        vec![T::ZERO; vocab * d]
-    };
+    let demb = grads.get(ix.embed);
     for (r, &id) in tape.ids.iter().enumerate() {
         let dst = &mut demb[id as usize * d..][..d];
         for (a, b) in dst.iter_mut().zip(&dx[r * d..][..d]) {
             *a += *b;
         }
     }
-    grads[ix.embed] = Some(demb);
     drop(w);
     drop(guards);
-    grads
-        .into_iter()
-        .zip(vars)
-        .map(|(g, (name, v))| {
-            let Some(g) = g else {
-                bail!("whole-model backward: no gradient for {name}")
-            };
-            Tensor::from_vec(g, v.as_tensor().shape().clone(), &candle_core::Device::Cpu)
-        })
-        .collect()
+    Ok(())
 }

@@ -429,6 +429,60 @@ fn whole_pass_matches_autograd_for_every_parameter() {
     }
 }
 
+/// Gradient accumulation: micro-batches summed into one [`crate::GradSums`] (the whole-model
+/// pass writing into the running sums in place) give the gradient of the whole batch, as
+/// candle's autograd over the primitive ops computes it in one pass.
+#[test]
+fn accumulated_micro_batches_match_one_primitive_pass() {
+    use crate::{tiny_kind, GradSums, TinyKind, TrainableModel};
+    let pairs = whole_pairs();
+    let tm = tiny_kind(TinyKind::Qwen2, 5).unwrap();
+    let whole = TrainableModel::new(&tm.config, &tm.weights, &Device::Cpu).unwrap();
+    let mut prim = TrainableModel::new(&tm.config, &tm.weights, &Device::Cpu).unwrap();
+    prim.set_fused(false);
+    // Per-sequence loss weights, so each micro-batch's loss is its part of the batch loss.
+    let weight = |i: usize, len: usize| -> Tensor {
+        let v: Vec<f32> = (0..len)
+            .map(|j| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        Tensor::from_vec(v, (1, len), &Device::Cpu).unwrap()
+    };
+    let loss_of = |fw: &crate::TrainForward, first: usize| -> Tensor {
+        let (rows, width) = fw.logp.dims2().unwrap();
+        let w = Tensor::cat(
+            &(0..rows)
+                .map(|r| weight(first + r, width))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        // Padding columns differ between a micro-batch and the whole batch: the mask zeroes them.
+        ((&fw.logp * w).unwrap() * &fw.mask)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let mut sums = GradSums::new(&whole);
+    for (c, chunk) in pairs.chunks(2).enumerate() {
+        let fw = whole.forward_train(chunk, 0.9).unwrap();
+        let store = loss_of(&fw, c * 2).backward().unwrap();
+        fw.accumulate(&whole, &store, &mut sums).unwrap();
+    }
+    let got = sums.into_tensors(&whole).unwrap();
+    let fw = prim.forward_train(&pairs, 0.9).unwrap();
+    let store = loss_of(&fw, 0).backward().unwrap();
+    let want = fw.param_grads(&prim, &store).unwrap();
+    for ((name, _), (a, b)) in whole.vars().iter().zip(got.iter().zip(&want)) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(max_abs(a) > 0.0, "{name}: zero gradient");
+        let d = max_diff(a, b);
+        assert!(
+            d < 1e-4 * (1.0 + max_abs(b)),
+            "{name}: accumulated vs one pass {d}"
+        );
+    }
+}
+
 /// The whole-model pass in f64 against central finite differences of the loss, for
 /// elements of every kind of parameter (embedding, norms, q/k/v with biases, o, MLP,
 /// untied head).

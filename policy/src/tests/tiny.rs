@@ -639,11 +639,36 @@ fn adamw_state_round_trip() {
         let g = loss_of(&m1, &ps).backward().unwrap();
         o1.step(&g, m1.vars(), 1.0).unwrap();
     }
-    // Clone parameters and optimizer state into model 2.
-    m2.set_weights(&m1.weights().unwrap()).unwrap();
+    // The no-copy writers give the same bytes as the copying ones.
+    let copied = m1.weights().unwrap().to_safetensors_bytes().unwrap();
+    assert_eq!(
+        m1.weights_view().unwrap().to_safetensors_bytes().unwrap(),
+        copied
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("optimizer.safetensors");
+    o1.save_state(&state_file).unwrap();
+    let state = std::fs::read(&state_file).unwrap();
+    assert_eq!(state, o1.state_to_safetensors().unwrap());
+    // A view shares the parameters: it sees the next step, a copy does not.
+    let view = m1.weights_view().unwrap();
+    let kept = m1.weights().unwrap();
+    let g = loss_of(&m1, &ps).backward().unwrap();
+    o1.step(&g, m1.vars(), 1.0).unwrap();
+    assert_ne!(view.to_safetensors_bytes().unwrap(), copied);
+    assert_eq!(
+        view.to_safetensors_bytes().unwrap(),
+        m1.weights().unwrap().to_safetensors_bytes().unwrap()
+    );
+    assert_eq!(kept.to_safetensors_bytes().unwrap(), copied);
+    // Load model 2 from the state of model 1 before that step, then replay it on both.
+    m2.set_weights(&Weights::from_safetensors_bytes(&copied, &dev).unwrap())
+        .unwrap();
     let mut o2 = AdamW::new(m2.vars(), 1e-3, 0.1);
-    o2.load_state(&o1.state_to_safetensors().unwrap()).unwrap();
-    assert_eq!(o2.step_count(), 2);
+    o2.load_state(&state).unwrap();
+    let g2 = loss_of(&m2, &ps).backward().unwrap();
+    o2.step(&g2, m2.vars(), 1.0).unwrap();
+    assert_eq!(o2.step_count(), 3);
     let g1 = loss_of(&m1, &ps).backward().unwrap();
     let g2 = loss_of(&m2, &ps).backward().unwrap();
     o1.step(&g1, m1.vars(), 0.7).unwrap();
