@@ -167,8 +167,7 @@ mod tests {
             fs::write(d.join("model.safetensors"), [3])?;
             Ok(())
         })
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert!(err.to_string().contains("optimizer.safetensors"), "{err:#}");
         let back = load_latest(dir.path())?.expect("the first checkpoint");
         assert_eq!(back.state.step, 1);

@@ -116,7 +116,8 @@ pub struct LearnerArgs {
     /// Append one JSON line of figures per step to this file.
     #[arg(long, env = "HINDSIGHT_STEP_LOG")]
     pub step_log: Option<PathBuf>,
-    /// Weight versions kept fetchable.
+    /// Weight versions kept fetchable (one fewer while the next is being written, so the new
+    /// payload never sits beside this many older ones).
     #[arg(long, env = "HINDSIGHT_KEEP_VERSIONS", default_value_t = 2)]
     pub keep_versions: usize,
     /// This learner's id (logs, replay bookkeeping).
@@ -367,6 +368,7 @@ async fn train_loop(
             let (stats, payload) =
                 tokio::task::block_in_place(|| -> Result<(StepStats, Vec<u8>)> {
                     let stats = trainer.train_step(&batch, step, state.policy_version)?;
+                    store.make_room();
                     let payload = trainer.export_weights()?;
                     Ok((stats, payload))
                 })?;

@@ -83,6 +83,18 @@ impl WeightStore {
         manifest
     }
 
+    /// Drops the oldest versions so that the next [`WeightStore::publish`] ends with at most
+    /// `keep` (and the newest is kept whatever `keep` is). Called before the next payload is
+    /// built, so that payload never sits in memory beside `keep` older ones. A fetch already
+    /// streaming an evicted version finishes (it holds the payload); a new one for it gets
+    /// `NOT_FOUND` and moves to the newest.
+    pub fn make_room(&self) {
+        let mut inner = self.inner.lock().expect("weight store lock");
+        while inner.len() > (self.keep - 1).max(1) {
+            inner.pop_front();
+        }
+    }
+
     pub fn latest_version(&self) -> u64 {
         *self.latest.borrow()
     }
@@ -179,8 +191,27 @@ mod tests {
         assert_eq!(m1.chunk_sha256[2], sha256_hex(b"89"));
         assert_eq!(m1.sha256, sha256_hex(b"0123456789"));
         store.publish(2, 2, b"abc".to_vec());
+        store.make_room();
+        assert!(store.get(1).is_none(), "room made for version 3");
+        assert_eq!(store.get(2).unwrap().manifest.version, 2);
         store.publish(3, 3, b"def".to_vec());
         assert!(store.get(1).is_none());
+        assert_eq!(store.get(2).unwrap().manifest.version, 2);
+        store.make_room();
+        store.make_room();
+        assert_eq!(
+            store.get(0).unwrap().manifest.version,
+            3,
+            "the newest always stays"
+        );
+        let one = WeightStore::new(1, 4);
+        one.publish(7, 7, b"x".to_vec());
+        one.make_room();
+        assert_eq!(
+            one.get(0).unwrap().manifest.version,
+            7,
+            "keep 1 keeps the newest"
+        );
         assert_eq!(store.get(0).unwrap().manifest.version, 3);
         let err = store
             .fetch(Request::new(FetchWeightsRequest {
