@@ -116,8 +116,8 @@ pub struct LearnerArgs {
     /// Append one JSON line of figures per step to this file.
     #[arg(long, env = "HINDSIGHT_STEP_LOG")]
     pub step_log: Option<PathBuf>,
-    /// Weight versions kept fetchable (one fewer while the next is being written, so the new
-    /// payload never sits beside this many older ones).
+    /// Weight versions kept fetchable (one fewer while a step trains and the next version is
+    /// written, so that peak never meets this many payloads).
     #[arg(long, env = "HINDSIGHT_KEEP_VERSIONS", default_value_t = 2)]
     pub keep_versions: usize,
     /// This learner's id (logs, replay bookkeeping).
@@ -367,8 +367,10 @@ async fn train_loop(
             // CPU-heavy: keep it off the async workers.
             let (stats, payload) =
                 tokio::task::block_in_place(|| -> Result<(StepStats, Vec<u8>)> {
-                    let stats = trainer.train_step(&batch, step, state.policy_version)?;
+                    // Older versions go now, not after the step: a step's peak memory
+                    // (gradients, activations) then never meets keep_versions payloads.
                     store.make_room();
+                    let stats = trainer.train_step(&batch, step, state.policy_version)?;
                     let payload = trainer.export_weights()?;
                     Ok((stats, payload))
                 })?;

@@ -84,8 +84,8 @@ impl WeightStore {
     }
 
     /// Drops the oldest versions so that the next [`WeightStore::publish`] ends with at most
-    /// `keep` (and the newest is kept whatever `keep` is). Called before the next payload is
-    /// built, so that payload never sits in memory beside `keep` older ones. A fetch already
+    /// `keep` (and the newest is kept whatever `keep` is). The learner calls it before each
+    /// step, so the step's peak memory and the next payload never meet `keep` older ones. A fetch already
     /// streaming an evicted version finishes (it holds the payload); a new one for it gets
     /// `NOT_FOUND` and moves to the newest.
     pub fn make_room(&self) {
