@@ -8,7 +8,8 @@
 //! silu), with response log-probs computed chunk-wise over rows (512 at a time).
 //! [`TrainableModel::set_fused`] switches paths.
 //!
-//! Training goes through [`TrainableModel::forward_train`] and [`TrainForward::param_grads`]:
+//! Training goes through [`TrainableModel::forward_train`] and [`TrainForward::param_grads`]
+//! (or [`TrainForward::accumulate`] into [`GradSums`] over micro-batches):
 //! on the CPU that is the hand-written whole-model pass (`fused/whole.rs`, no candle
 //! autograd for the model; [`TrainableModel::set_whole`] turns it off), elsewhere the
 //! graph of the forward above.
