@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hindsight_policy::{Device, Sampler, SamplingParams, Weights};
+use hindsight_policy::{Device, Sampler, SamplingParams};
 use hindsight_proto::v1::health_server::{Health, HealthServer};
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::weights_client::WeightsClient;
@@ -233,12 +233,7 @@ async fn run_actor(
                 let started = Instant::now();
                 match weights::fetch(&mut weights, &manifest).await {
                     Ok(payload) => {
-                        let w = tokio::task::block_in_place(|| -> Result<()> {
-                            let w = Weights::from_safetensors_bytes(&payload, &device)?;
-                            // Parsed: free the payload before the engine builds its copy.
-                            drop(payload);
-                            sampler.load_weights(&w)
-                        });
+                        let w = tokio::task::block_in_place(|| sampler.load_safetensors(payload));
                         match w {
                             Ok(()) => {
                                 version.store(manifest.version, Ordering::Relaxed);
@@ -254,10 +249,18 @@ async fn run_actor(
                                     "weights updated"
                                 );
                             }
-                            Err(e) => warn!(
+                            // Checked before anything was freed: the old weights stay.
+                            Err(e) if sampler.has_weights() => warn!(
                                 error = format!("{e:#}"),
                                 "could not load weights; keeping the current version"
                             ),
+                            // Failed part-way (out of memory): nothing left to generate with.
+                            Err(e) => {
+                                return Err(e.context(format!(
+                                    "loading weights version {}",
+                                    manifest.version
+                                )))
+                            }
                         }
                     }
                     Err(e) => warn!(

@@ -92,6 +92,8 @@ pub struct Sampler {
     max_prefill_tokens: usize,
 }
 
+const NO_WEIGHTS: &str = "the sampler holds no weights: the last weight swap failed part-way";
+
 /// Default number of sequences generated at once.
 pub const DEFAULT_MAX_BATCH: usize = 32;
 /// Default prompt-token budget of one engine step.
@@ -182,6 +184,28 @@ impl Sampler {
     /// The model config.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Swaps in a weight version sent as safetensors bytes (same config), never holding
+    /// two full weight sets: the buffer is checked first (an error then leaves the current
+    /// weights in place), and on the CPU the current engine is freed before the buffer is
+    /// parsed and the buffer before the new engine is built. Peak: buffer + parsed weights,
+    /// or parsed weights + engine. Should building fail after that (out of memory), the
+    /// sampler has no weights ([`Sampler::has_weights`]) and refuses to generate.
+    pub fn load_safetensors(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        Weights::validate_safetensors(&bytes, &self.config)?;
+        if self.device.is_cpu() {
+            self.engine = None;
+        }
+        let weights = Weights::from_safetensors_bytes(&bytes, &self.device)?;
+        drop(bytes);
+        self.load_weights(&weights)
+    }
+
+    /// Whether the sampler holds weights (false only after a failed
+    /// [`Sampler::load_safetensors`]).
+    pub fn has_weights(&self) -> bool {
+        !self.device.is_cpu() || self.engine.is_some()
     }
 
     /// Swaps in a new weight version (same config).
@@ -353,6 +377,7 @@ impl Sampler {
     /// Full-sequence forward without cache: logits `[T, vocab]` (f32).
     pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Tensor> {
         anyhow::ensure!(!tokens.is_empty(), "logits: empty token sequence");
+        anyhow::ensure!(self.has_weights(), "{NO_WEIGHTS}");
         let t = tokens.len();
         if let Some(e) = &self.engine {
             let v = e.logits(tokens)?;
@@ -407,6 +432,7 @@ impl Sampler {
         next: &mut dyn FnMut() -> Option<(usize, Vec<u32>)>,
         done: &mut dyn FnMut(usize, Generation) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        anyhow::ensure!(self.has_weights(), "{NO_WEIGHTS}");
         if let Some(e) = &self.engine {
             return e.generate_stream(
                 params,

@@ -189,6 +189,36 @@ impl Weights {
         Ok(Self { tensors })
     }
 
+    /// Checks, without copying anything, that a safetensors buffer holds every tensor
+    /// `config` needs with the right shape and a float dtype [`Weights::from_safetensors_bytes`]
+    /// reads: after this, parsing it can only fail for lack of memory.
+    pub fn validate_safetensors(bytes: &[u8], config: &ModelConfig) -> anyhow::Result<()> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+        for (name, shape) in config.parameter_shapes() {
+            let view = st
+                .tensor(&name)
+                .map_err(|_| anyhow::anyhow!("missing weight tensor {name}"))?;
+            ensure!(
+                view.shape() == shape.as_slice(),
+                "tensor {name}: shape {:?}, expected {shape:?}",
+                view.shape()
+            );
+            ensure!(
+                matches!(
+                    view.dtype(),
+                    safetensors::Dtype::F32
+                        | safetensors::Dtype::F64
+                        | safetensors::Dtype::F16
+                        | safetensors::Dtype::BF16
+                ),
+                "tensor {name}: unsupported safetensors dtype {:?}",
+                view.dtype()
+            );
+        }
+        Ok(())
+    }
+
     /// Total number of scalar parameters.
     pub fn num_parameters(&self) -> usize {
         self.tensors.values().map(|t| t.elem_count()).sum()

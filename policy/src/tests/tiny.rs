@@ -255,6 +255,78 @@ fn prompts(tm: &LoadedModel) -> Vec<Vec<u32>> {
     ]
 }
 
+/// A weight swap from safetensors bytes: a bad buffer (garbage, a missing tensor, a wrong
+/// shape, an unreadable dtype) is refused before anything changes, and the sampler goes on
+/// generating with its weights; a good one gives exactly what a sampler built from those
+/// weights generates.
+#[test]
+fn weight_swap_from_bytes_checks_first_then_replaces() {
+    let (tm, mut s) = sampler();
+    let ps = prompts(&tm);
+    let params = SamplingParams {
+        max_new_tokens: 12,
+        seed: 3,
+        ..Default::default()
+    };
+    let before = s.generate(&ps, &params).unwrap();
+    let other = tiny(8).unwrap();
+    let mut missing = other.weights.clone();
+    missing.tensors.remove("model.norm.weight");
+    let mut misshapen = other.weights.clone();
+    misshapen.tensors.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let mut ints = std::collections::HashMap::new();
+    for (n, t) in &other.weights.tensors {
+        let v = vec![0u8; t.elem_count() * 4];
+        ints.insert(n.clone(), (t.dims().to_vec(), v));
+    }
+    let int_bytes = safetensors::serialize(
+        ints.iter().map(|(n, (shape, v))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I32, shape.clone(), v)
+                    .unwrap(),
+            )
+        }),
+        None,
+    )
+    .unwrap();
+    for (what, bytes, needle) in [
+        ("garbage", b"not safetensors".to_vec(), "safetensors"),
+        (
+            "missing",
+            missing.to_safetensors_bytes().unwrap(),
+            "missing weight tensor model.norm.weight",
+        ),
+        (
+            "misshapen",
+            misshapen.to_safetensors_bytes().unwrap(),
+            "shape [3]",
+        ),
+        ("ints", int_bytes, "unsupported safetensors dtype"),
+    ] {
+        let err = s.load_safetensors(bytes).expect_err(what);
+        assert!(format!("{err:#}").contains(needle), "{what}: {err:#}");
+        assert!(s.has_weights(), "{what}: weights kept");
+        assert_eq!(s.generate(&ps, &params).unwrap(), before, "{what}");
+    }
+    s.load_safetensors(other.weights.to_safetensors_bytes().unwrap())
+        .unwrap();
+    assert!(s.has_weights());
+    let mut fresh = Sampler::new(
+        &other.config,
+        &other.weights,
+        tm.tokenizer.stop_token_ids(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = fresh.generate(&ps, &params).unwrap();
+    assert_ne!(want, before, "different weights generate differently");
+    assert_eq!(s.generate(&ps, &params).unwrap(), want);
+}
+
 #[test]
 fn sampling_shapes_and_values() {
     let (tm, mut s) = sampler();
