@@ -1,7 +1,8 @@
-//! Fused AdamW: decoupled weight decay + bias correction, updating each f32
+//! Fused AdamW: decoupled weight decay + bias correction, updating each f32 CPU
 //! parameter in place in a single pass over raw slices (rayon over chunks) via a
-//! candle in-place op; plus global gradient L2 norm for clipping, and optimizer
-//! state (de)serialisation for checkpoints.
+//! candle in-place op, and any other parameter (CUDA, bf16) with tensor ops on its own
+//! device, moments kept there (no host round trip); plus global gradient L2 norm for
+//! clipping, and optimizer state (de)serialisation for checkpoints.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -129,19 +130,90 @@ pub struct AdamW {
     /// Also decay 1-D parameters (RMSNorm weights). Default false (HF Trainer convention).
     pub decay_1d: bool,
     step: u64,
-    state: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    state: BTreeMap<String, Moments>,
+    /// Tests: update CPU f32 parameters with the tensor-op path too.
+    tensor_ops: bool,
+}
+
+/// One parameter's first and second moments (f32, flattened): host vectors for the fused CPU
+/// kernel, tensors on the parameter's device for the tensor-op path. They move to where their
+/// parameter is updated on first use (a resumed state arrives on the host).
+enum Moments {
+    Host(Vec<f32>, Vec<f32>),
+    Device(Tensor, Tensor),
+}
+
+impl Moments {
+    fn len(&self) -> usize {
+        match self {
+            Moments::Host(m, _) => m.len(),
+            Moments::Device(m, _) => m.elem_count(),
+        }
+    }
+
+    fn zeros(var: &Var, on_device: bool) -> anyhow::Result<Self> {
+        let n = var.elem_count();
+        Ok(if on_device {
+            let z = Tensor::zeros(n, DType::F32, var.device())?;
+            Moments::Device(z.clone(), z)
+        } else {
+            Moments::Host(vec![0f32; n], vec![0f32; n])
+        })
+    }
+
+    fn host(&mut self) -> anyhow::Result<(&mut Vec<f32>, &mut Vec<f32>)> {
+        if let Moments::Device(m, v) = self {
+            *self = Moments::Host(m.to_vec1::<f32>()?, v.to_vec1::<f32>()?);
+        }
+        match self {
+            Moments::Host(m, v) => Ok((m, v)),
+            Moments::Device(..) => unreachable!("moved to the host above"),
+        }
+    }
+
+    fn device(
+        &mut self,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<(&mut Tensor, &mut Tensor)> {
+        match self {
+            Moments::Host(m, v) => {
+                let to = |x: &mut Vec<f32>| {
+                    let n = x.len();
+                    Tensor::from_vec(std::mem::take(x), n, &candle_core::Device::Cpu)
+                        .and_then(|t| t.to_device(device))
+                };
+                let (m, v) = (to(m)?, to(v)?);
+                *self = Moments::Device(m, v);
+            }
+            Moments::Device(m, v) if !m.device().same_device(device) => {
+                let (m2, v2) = (m.to_device(device)?, v.to_device(device)?);
+                *self = Moments::Device(m2, v2);
+            }
+            Moments::Device(..) => {}
+        }
+        match self {
+            Moments::Device(m, v) => Ok((m, v)),
+            Moments::Host(..) => unreachable!("moved to the device above"),
+        }
+    }
+}
+
+/// The CPU kernel applies to contiguous f32 CPU parameters.
+fn kernel_path(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
 
 impl AdamW {
     /// Betas 0.9/0.999, eps 1e-8; zero moments for every var.
     pub fn new(vars: &[(String, Var)], lr: f64, weight_decay: f64) -> Self {
+        // Host zeros cannot fail; a device allocation that fails here is retried (and its
+        // error reported) at the first step.
         let state = vars
             .iter()
-            .map(|(n, v)| {
-                (
-                    n.clone(),
-                    (vec![0f32; v.elem_count()], vec![0f32; v.elem_count()]),
-                )
+            .filter_map(|(n, v)| {
+                Moments::zeros(v, !kernel_path(v.as_tensor()))
+                    .ok()
+                    .map(|m| (n.clone(), m))
             })
             .collect();
         Self {
@@ -153,7 +225,14 @@ impl AdamW {
             decay_1d: false,
             step: 0,
             state,
+            tensor_ops: false,
         }
+    }
+
+    /// Tests: run the tensor-op path (the one CUDA and bf16 parameters take) on CPU too.
+    #[cfg(test)]
+    pub(crate) fn use_tensor_ops(&mut self) {
+        self.tensor_ops = true;
     }
 
     /// Number of steps taken.
@@ -177,11 +256,15 @@ impl AdamW {
                 continue;
             };
             let n = var.elem_count();
-            let (m, v) = self
-                .state
-                .entry(name.clone())
-                .or_insert_with(|| (vec![0f32; n], vec![0f32; n]));
-            anyhow::ensure!(m.len() == n, "adamw: state size mismatch for {name}");
+            let pt = var.as_tensor();
+            let on_kernel = kernel_path(pt) && !self.tensor_ops;
+            let moments = match self.state.entry(name.clone()) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(Moments::zeros(var, !on_kernel)?)
+                }
+            };
+            anyhow::ensure!(moments.len() == n, "adamw: state size mismatch for {name}");
             let decay = if var.rank() >= 2 || self.decay_1d {
                 self.weight_decay
             } else {
@@ -197,8 +280,8 @@ impl AdamW {
                 bc2_sqrt: bc2.sqrt() as f32,
                 grad_scale,
             };
-            let pt = var.as_tensor();
-            if pt.device().is_cpu() && pt.dtype() == DType::F32 && pt.is_contiguous() {
+            if on_kernel {
+                let (m, v) = moments.host()?;
                 let g = g.to_dtype(DType::F32)?.contiguous()?;
                 let kernel = AdamWKernel {
                     hyper,
@@ -206,12 +289,24 @@ impl AdamW {
                 };
                 pt.inplace_op2(&g, &kernel)?;
             } else {
-                // Generic path (GPU / non-f32): same math on host copies.
-                let mut p = pt.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                hyper.update(&mut p, &g, m, v);
-                let new = Tensor::from_vec(p, pt.shape(), pt.device())?.to_dtype(pt.dtype())?;
-                var.set(&new)?;
+                // The same math with tensor ops on the parameter's device, in f32.
+                let (m, v) = moments.device(pt.device())?;
+                let h = hyper;
+                let g = g.to_dtype(DType::F32)?.flatten_all()?;
+                let g = g.affine(h.grad_scale as f64, 0.0)?;
+                let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+                let m_new = (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+                let v_new = (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+                let denom = v_new
+                    .sqrt()?
+                    .affine(1.0 / h.bc2_sqrt as f64, h.eps as f64)?;
+                let keep = 1.0 - h.lr as f64 * h.decay as f64;
+                let step_size = h.lr as f64 / h.bc1 as f64;
+                let p = pt.to_dtype(DType::F32)?.flatten_all()?;
+                let p_new = (p.affine(keep, 0.0)? - (m_new.affine(step_size, 0.0)? / denom)?)?;
+                var.set(&p_new.reshape(pt.shape())?.to_dtype(pt.dtype())?)?;
+                *m = m_new;
+                *v = v_new;
             }
         }
         Ok(())
@@ -232,9 +327,18 @@ impl AdamW {
     /// The moments as borrowed views (`m.{name}`, `v.{name}`).
     fn state_views(&self) -> Vec<(String, SaveView<'_>)> {
         let mut items = Vec::with_capacity(self.state.len() * 2);
-        for (n, (m, v)) in &self.state {
-            items.push((format!("m.{n}"), SaveView::Slice(vec![m.len()], m)));
-            items.push((format!("v.{n}"), SaveView::Slice(vec![v.len()], v)));
+        for (n, moments) in &self.state {
+            match moments {
+                Moments::Host(m, v) => {
+                    items.push((format!("m.{n}"), SaveView::Slice(vec![m.len()], m)));
+                    items.push((format!("v.{n}"), SaveView::Slice(vec![v.len()], v)));
+                }
+                // Copied to the host one tensor at a time, as the writer reaches it.
+                Moments::Device(m, v) => {
+                    items.push((format!("m.{n}"), SaveView::f32(m)));
+                    items.push((format!("v.{n}"), SaveView::f32(v)));
+                }
+            }
         }
         items
     }
@@ -277,7 +381,10 @@ impl AdamW {
                 "optimizer state for {n}: m/v size mismatch"
             );
         }
-        self.state = state;
+        self.state = state
+            .into_iter()
+            .map(|(n, (m, v))| (n, Moments::Host(m, v)))
+            .collect();
         self.step = step;
         Ok(())
     }

@@ -635,6 +635,17 @@ fn ref_adamw(
 
 #[test]
 fn adamw_matches_hand_computed_update() {
+    adamw_matches_hand_computed(false);
+}
+
+/// The tensor-op path (CUDA and bf16 parameters take it; moments on the parameter's device)
+/// against the same hand-computed updates.
+#[test]
+fn adamw_tensor_op_path_matches_hand_computed_update() {
+    adamw_matches_hand_computed(true);
+}
+
+fn adamw_matches_hand_computed(tensor_ops: bool) {
     let dev = Device::Cpu;
     let w0 = vec![0.5f32, -1.0, 2.0, 0.25, -3.0, 1e-3];
     let c = vec![1.0f32, 1.0, -1.0, 0.0, 2.0, 0.5];
@@ -646,6 +657,9 @@ fn adamw_matches_hand_computed_update() {
     ];
     let (lr, wd) = (0.1, 0.01);
     let mut opt = AdamW::new(&vars, lr, wd);
+    if tensor_ops {
+        opt.use_tensor_ops();
+    }
     let ct = Tensor::from_vec(c.clone(), (2, 3), &dev).unwrap();
     let mut pw: Vec<f64> = w0.iter().map(|&x| x as f64).collect();
     let mut pn = vec![1.0f64, 2.0];
@@ -697,6 +711,72 @@ fn adamw_matches_hand_computed_update() {
     // Step 1 sanity: |update| == lr (Adam's first step is sign-like), plus decay.
     let first = 0.5 * (1.0 - lr * wd) - lr * (2.0 * (0.5 - 1.0) / (2.0f64 * 0.5).abs());
     assert!((first - (0.5 * (1.0 - 0.001) + 0.1)).abs() < 1e-12);
+}
+
+/// Whole-model AdamW steps on the tensor-op path track the CPU kernel, and its moments
+/// (kept as tensors) save and resume on the kernel path.
+#[test]
+fn adamw_tensor_op_path_tracks_the_kernel_and_resumes_on_it() {
+    let tm = tiny(4).unwrap();
+    let dev = Device::Cpu;
+    let mk = TrainableModel::new(&tm.config, &tm.weights, &dev).unwrap();
+    let mt = TrainableModel::new(&tm.config, &tm.weights, &dev).unwrap();
+    let ps = pairs();
+    let mut ok = AdamW::new(mk.vars(), 1e-3, 0.1);
+    let mut ot = AdamW::new(mt.vars(), 1e-3, 0.1);
+    ot.use_tensor_ops();
+    let close = |a: &Weights, b: &Weights, what: &str| {
+        for (n, t) in &a.tensors {
+            let d = (t - &b.tensors[n])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-6, "{what} {n}: {d}");
+        }
+    };
+    for step in 0..3 {
+        let scale = if step == 1 { 0.5 } else { 1.0 };
+        let g = loss_of(&mk, &ps).backward().unwrap();
+        ok.step(&g, mk.vars(), scale).unwrap();
+        let g = loss_of(&mt, &ps).backward().unwrap();
+        ot.step(&g, mt.vars(), scale).unwrap();
+        close(&mk.weights().unwrap(), &mt.weights().unwrap(), "params");
+    }
+    assert!(
+        (mk.weights().unwrap().to_safetensors_bytes().unwrap()
+            != TrainableModel::new(&tm.config, &tm.weights, &dev)
+                .unwrap()
+                .weights()
+                .unwrap()
+                .to_safetensors_bytes()
+                .unwrap()),
+        "the steps moved the parameters"
+    );
+    // The tensor-path moments, saved, equal the kernel's within rounding.
+    let saved = |o: &AdamW| {
+        Weights::from_safetensors_bytes(&o.state_to_safetensors().unwrap(), &dev).unwrap()
+    };
+    let (sk, st) = (saved(&ok), saved(&ot));
+    assert_eq!(sk.tensors.len(), 2 * mk.vars().len());
+    close(&sk, &st, "moments");
+    // Resume the tensor-path state on the kernel path: the next step matches too.
+    let mut resumed = AdamW::new(mt.vars(), 1e-3, 0.1);
+    resumed
+        .load_state(&ot.state_to_safetensors().unwrap())
+        .unwrap();
+    assert_eq!(resumed.step_count(), 3);
+    let g = loss_of(&mk, &ps).backward().unwrap();
+    ok.step(&g, mk.vars(), 1.0).unwrap();
+    let g = loss_of(&mt, &ps).backward().unwrap();
+    resumed.step(&g, mt.vars(), 1.0).unwrap();
+    close(
+        &mk.weights().unwrap(),
+        &mt.weights().unwrap(),
+        "resumed params",
+    );
 }
 
 #[test]
