@@ -582,39 +582,30 @@ impl TrainForward {
                 let Some(dl) = grads.get(leaf.as_tensor()) else {
                     return Ok(());
                 };
-                let dl = dl.flatten_all()?;
                 match *tape {
-                    WholeTape::F32(tape) => {
-                        let dl = dl.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                        let dlp: Vec<f32> = slots.iter().map(|&i| dl[i]).collect();
-                        sums.f32.resize_with(model.vars.len(), Vec::new);
-                        fused::whole::backward(
-                            &model.config,
-                            &model.vars,
-                            &model.pix,
-                            tape,
-                            &dlp,
-                            &mut sums.f32,
-                        )?;
-                    }
-                    WholeTape::F64(tape) => {
-                        let dl = dl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                        let dlp: Vec<f64> = slots.iter().map(|&i| dl[i]).collect();
-                        sums.f64.resize_with(model.vars.len(), Vec::new);
-                        fused::whole::backward(
-                            &model.config,
-                            &model.vars,
-                            &model.pix,
-                            tape,
-                            &dlp,
-                            &mut sums.f64,
-                        )?;
-                    }
+                    WholeTape::F32(tape) => whole_backward(model, tape, dl, &slots, &mut sums.f32)?,
+                    WholeTape::F64(tape) => whole_backward(model, tape, dl, &slots, &mut sums.f64)?,
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Runs the whole-model backward of `tape` for the log-prob gradient `dl` (`[B, Tmax]`, of
+/// which `slots` are the scored positions), adding into `sums`.
+fn whole_backward<T: fused::Real + 'static>(
+    model: &TrainableModel,
+    tape: fused::whole::Tape<T>,
+    dl: &Tensor,
+    slots: &[usize],
+    sums: &mut Vec<Vec<T>>,
+) -> anyhow::Result<()> {
+    let dl = dl.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?;
+    let dlp: Vec<T> = slots.iter().map(|&i| dl[i]).collect();
+    sums.resize_with(model.vars.len(), Vec::new);
+    fused::whole::backward(&model.config, &model.vars, &model.pix, tape, &dlp, sums)?;
+    Ok(())
 }
 
 /// Parameter gradients summed over micro-batches ([`TrainForward::accumulate`]), in
