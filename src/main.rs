@@ -105,10 +105,19 @@ async fn shutdown_signal() {
 
 /// Keeps freed large buffers in the heap for reuse (glibc otherwise maps and unmaps every
 /// buffer over its mmap threshold: a page fault and a zeroed page per 4 KB each time). A
-/// learner step allocates and frees many such activation and gradient buffers.
-fn tune_allocator() {
+/// learner step allocates and frees many such activation and gradient buffers, so the
+/// learner (and `bench train`, which measures it) run with this. Other roles keep glibc's
+/// defaults: an actor's occasional model-sized buffers (a weight version arriving, its
+/// parsed tensors) then go back to the system when freed instead of staying in its heap.
+fn tune_allocator(command: &Command) {
+    let training = matches!(command, Command::Learner(_))
+        || matches!(command, Command::Bench(b) if matches!(b.what, bench::BenchWhat::Train(_)));
+    if !training {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
+    // SAFETY: mallopt only changes allocator parameters; called before any thread exists
+    // (argument parsing starts none).
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
@@ -116,8 +125,8 @@ fn tune_allocator() {
 }
 
 fn main() -> Result<()> {
-    tune_allocator();
     let cli = Cli::parse();
+    tune_allocator(&cli.command);
     if cli.threads > 0 {
         // candle's CPU kernels and rayon read this once, before any pool exists.
         std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
