@@ -631,26 +631,26 @@ impl GradSums {
     /// The sums as detached tensors shaped like the parameters; `None` where no micro-batch
     /// gave the parameter a gradient.
     pub fn into_tensors(self, model: &TrainableModel) -> anyhow::Result<Vec<Option<Tensor>>> {
-        fn add(sum: Option<Tensor>, g: Tensor) -> anyhow::Result<Tensor> {
-            Ok(match sum {
-                Some(s) => (s + g)?.detach(),
-                None => g,
-            })
+        /// Adds the in-place buffers (empty = none) to the tensor sums.
+        fn fold_in<T: candle_core::WithDType>(
+            out: &mut [Option<Tensor>],
+            bufs: Vec<Vec<T>>,
+            model: &TrainableModel,
+        ) -> anyhow::Result<()> {
+            for ((slot, g), (_, v)) in out.iter_mut().zip(bufs).zip(&model.vars) {
+                if !g.is_empty() {
+                    let g = Tensor::from_vec(g, v.as_tensor().shape(), &Device::Cpu)?;
+                    *slot = Some(match slot.take() {
+                        Some(sum) => (sum + g)?.detach(),
+                        None => g,
+                    });
+                }
+            }
+            Ok(())
         }
         let mut out = self.tensors;
-        let shape = |i: usize| model.vars[i].1.as_tensor().shape().clone();
-        for (i, g) in self.f32.into_iter().enumerate() {
-            if !g.is_empty() {
-                let t = Tensor::from_vec(g, shape(i), &Device::Cpu)?;
-                out[i] = Some(add(out[i].take(), t)?);
-            }
-        }
-        for (i, g) in self.f64.into_iter().enumerate() {
-            if !g.is_empty() {
-                let t = Tensor::from_vec(g, shape(i), &Device::Cpu)?;
-                out[i] = Some(add(out[i].take(), t)?);
-            }
-        }
+        fold_in(&mut out, self.f32, model)?;
+        fold_in(&mut out, self.f64, model)?;
         Ok(out)
     }
 

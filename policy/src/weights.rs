@@ -133,10 +133,21 @@ pub(crate) fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
 }
 
 /// Converts one safetensors tensor (f32/f64/f16/bf16) to f32 values.
+/// Refuses a tensor whose dtype [`view_to_f32`] cannot read (f32, f64, f16 and bf16 only).
+fn ensure_readable(name: &str, dtype: safetensors::Dtype) -> anyhow::Result<()> {
+    use safetensors::Dtype::{BF16, F16, F32, F64};
+    ensure!(
+        matches!(dtype, F32 | F64 | F16 | BF16),
+        "tensor {name}: unsupported safetensors dtype {dtype:?}"
+    );
+    Ok(())
+}
+
 pub(crate) fn view_to_f32(
     name: &str,
     view: &safetensors::tensor::TensorView<'_>,
 ) -> anyhow::Result<Vec<f32>> {
+    ensure_readable(name, view.dtype())?;
     let data = view.data();
     Ok(match view.dtype() {
         safetensors::Dtype::F32 => data
@@ -190,11 +201,15 @@ impl Weights {
     }
 
     /// Checks, without copying anything, that a safetensors buffer holds every tensor
-    /// `config` needs with the right shape and a float dtype [`Weights::from_safetensors_bytes`]
-    /// reads: after this, parsing it can only fail for lack of memory.
+    /// `config` needs with the right shape, and only tensors of a float dtype
+    /// [`Weights::from_safetensors_bytes`] reads: after this, parsing it can only fail for
+    /// lack of memory.
     pub fn validate_safetensors(bytes: &[u8], config: &ModelConfig) -> anyhow::Result<()> {
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+        for (name, view) in st.tensors() {
+            ensure_readable(&name, view.dtype())?;
+        }
         for (name, shape) in config.parameter_shapes() {
             let view = st
                 .tensor(&name)
@@ -203,17 +218,6 @@ impl Weights {
                 view.shape() == shape.as_slice(),
                 "tensor {name}: shape {:?}, expected {shape:?}",
                 view.shape()
-            );
-            ensure!(
-                matches!(
-                    view.dtype(),
-                    safetensors::Dtype::F32
-                        | safetensors::Dtype::F64
-                        | safetensors::Dtype::F16
-                        | safetensors::Dtype::BF16
-                ),
-                "tensor {name}: unsupported safetensors dtype {:?}",
-                view.dtype()
             );
         }
         Ok(())

@@ -256,7 +256,7 @@ fn prompts(tm: &LoadedModel) -> Vec<Vec<u32>> {
 }
 
 /// A weight swap from safetensors bytes: a bad buffer (garbage, a missing tensor, a wrong
-/// shape, an unreadable dtype) is refused before anything changes, and the sampler goes on
+/// shape, an unreadable dtype, an extra unreadable tensor) is refused before anything changes, and the sampler goes on
 /// generating with its weights; a good one gives exactly what a sampler built from those
 /// weights generates.
 #[test]
@@ -282,17 +282,41 @@ fn weight_swap_from_bytes_checks_first_then_replaces() {
         let v = vec![0u8; t.elem_count() * 4];
         ints.insert(n.clone(), (t.dims().to_vec(), v));
     }
-    let int_bytes = safetensors::serialize(
-        ints.iter().map(|(n, (shape, v))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::I32, shape.clone(), v)
-                    .unwrap(),
-            )
-        }),
-        None,
-    )
-    .unwrap();
+    let as_st =
+        |ints: &std::collections::HashMap<String, (Vec<usize>, Vec<u8>)>, floats: &Weights| {
+            let f32_views: Vec<(String, Vec<usize>, Vec<u8>)> = floats
+                .tensors
+                .iter()
+                .map(|(n, t)| {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let b = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    (n.clone(), t.dims().to_vec(), b)
+                })
+                .collect();
+            let views =
+                ints.iter()
+                    .map(|(n, (shape, v))| (n.clone(), safetensors::Dtype::I32, shape.clone(), v))
+                    .chain(f32_views.iter().map(|(n, shape, b)| {
+                        (n.clone(), safetensors::Dtype::F32, shape.clone(), b)
+                    }))
+                    .map(|(n, dt, shape, b)| {
+                        (
+                            n,
+                            safetensors::tensor::TensorView::new(dt, shape, b).unwrap(),
+                        )
+                    });
+            safetensors::serialize(views, None).unwrap()
+        };
+    let int_bytes = as_st(
+        &ints,
+        &Weights {
+            tensors: Default::default(),
+        },
+    );
+    // Every tensor the model needs is fine, but one more cannot be read: refused up front too.
+    let extra =
+        std::collections::HashMap::from([("extra.step".to_string(), (vec![1], vec![0u8; 4]))]);
+    let extra_bytes = as_st(&extra, &other.weights);
     for (what, bytes, needle) in [
         ("garbage", b"not safetensors".to_vec(), "safetensors"),
         (
@@ -306,6 +330,11 @@ fn weight_swap_from_bytes_checks_first_then_replaces() {
             "shape [3]",
         ),
         ("ints", int_bytes, "unsupported safetensors dtype"),
+        (
+            "extra",
+            extra_bytes,
+            "tensor extra.step: unsupported safetensors dtype",
+        ),
     ] {
         let err = s.load_safetensors(bytes).expect_err(what);
         assert!(format!("{err:#}").contains(needle), "{what}: {err:#}");
