@@ -224,6 +224,8 @@ async fn run_actor(
     let mut stream: Option<RolloutStream> = None;
     let mut accepted_groups = 0u64;
     let mut batch_no = 0u64;
+    let mut paused_since: Option<Instant> = None;
+    let mut lease_failures = 0u32;
 
     while !*stop_rx.borrow() {
         // 1. Newer weights? Swap them in between generation batches.
@@ -283,11 +285,47 @@ async fn run_actor(
             })
             .await
         {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                warn!(error = %e, "LeasePrompts failed; retrying");
+            Ok(r) => {
+                if let Some(since) = paused_since.take() {
+                    info!(
+                        paused_secs = format!("{:.1}", since.elapsed().as_secs_f64()),
+                        "replay server takes work again"
+                    );
+                    ::metrics::gauge!(metrics::LEASE_BACKOFF).set(0.0);
+                }
+                lease_failures = 0;
+                r.into_inner()
+            }
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                // Back-pressure: enough work waits for the learner. Wait as told.
+                let wait_ms = e
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(500)
+                    .clamp(10, 10_000);
+                if paused_since.is_none() {
+                    info!(
+                        reason = e.message(),
+                        "replay server is full; backing off until the learner catches up"
+                    );
+                    paused_since = Some(Instant::now());
+                    ::metrics::gauge!(metrics::LEASE_BACKOFF).set(1.0);
+                }
+                ::metrics::counter!(metrics::LEASE_BACKOFF_SECONDS).increment(wait_ms);
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+                    _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {},
+                    _ = stop_rx.wait_for(|s| *s) => {},
+                }
+                continue;
+            }
+            Err(e) => {
+                lease_failures += 1;
+                let wait = Duration::from_millis(200 * (1u64 << lease_failures.min(5)));
+                warn!(code = ?e.code(), error = e.message(), retry_in_ms = wait.as_millis() as u64, "LeasePrompts failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {},
                     _ = stop_rx.wait_for(|s| *s) => {},
                 }
                 continue;
@@ -361,13 +399,13 @@ async fn run_actor(
         for (p, gens) in lease.prompts.iter().zip(generations.chunks(per_prompt)) {
             let mut responses = Vec::with_capacity(per_prompt);
             for g in gens {
-                let text = tokenizer.decode(&g.token_ids, true).unwrap_or_default();
+                // No text: the server decodes the tokens itself (the reward follows them).
                 responses.push(RolloutResponse {
                     token_ids: g.token_ids.clone(),
                     logprobs: g.logprobs.clone(),
                     entropies: g.entropies.clone(),
                     finished: g.finished,
-                    text,
+                    text: String::new(),
                 });
             }
             groups.push(RolloutGroup {
@@ -407,6 +445,7 @@ async fn run_actor(
                         acked += 1;
                         if ack.accepted {
                             accepted_groups += 1;
+                            tracing::debug!(lease_id = %ack.lease_id, group_seq = ack.group_seq, "group accepted");
                             ::metrics::counter!(metrics::ROLLOUT_GROUPS).increment(1);
                         } else {
                             ::metrics::counter!(metrics::REJECTED_GROUPS).increment(1);

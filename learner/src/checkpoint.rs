@@ -21,7 +21,7 @@ pub struct TrainerState {
     pub step: u64,
     /// Newest published weight version.
     pub policy_version: u64,
-    /// Data cursor: the last training batch acknowledged to the replay server.
+    /// Data cursor: every training batch up to this id is in these weights (and none after).
     pub last_batch_id: u64,
     /// Response tokens trained on so far.
     pub tokens_trained: u64,

@@ -28,8 +28,8 @@ use hindsight_proto::v1::health_server::{Health, HealthServer};
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::weights_server::WeightsServer;
 use hindsight_proto::v1::{
-    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest, HealthCheckRequest,
-    HealthCheckResponse,
+    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest,
+    CommitBatchesRequest, HealthCheckRequest, HealthCheckResponse, RegisterLearnerRequest,
 };
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -129,6 +129,9 @@ pub struct LearnerArgs {
     /// After --max-steps, keep serving weights and health until stopped (used by `hindsight up`).
     #[arg(long, env = "HINDSIGHT_LINGER", default_value_t = false)]
     pub linger: bool,
+    /// Batches the replay server sends ahead of this learner's acks.
+    #[arg(long, env = "HINDSIGHT_PREFETCH", default_value_t = 2)]
+    pub prefetch: u32,
     /// Number of learner ranks (only 1 is supported for now).
     #[arg(long, env = "HINDSIGHT_WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
@@ -231,10 +234,14 @@ pub async fn run(
             info!(
                 step = state.step,
                 policy_version = state.policy_version,
+                trained_through_batch = state.last_batch_id,
                 "resumed from checkpoint"
             );
-            // Actors start from the base model: publish the resumed weights at once.
-            store.publish(state.policy_version, state.step, ckpt.model_safetensors);
+            // Steps after the checkpoint were undone with the weights that took them: the
+            // step log keeps the history of the weights that exist.
+            if let Some(path) = &args.step_log {
+                truncate_step_log(path, state.step)?;
+            }
         } else {
             info!(dir = %dir.display(), "no checkpoint to resume from; starting fresh");
         }
@@ -312,6 +319,138 @@ pub async fn run(
     result
 }
 
+/// Keeps the lines of the step log at `path` whose step is at most `step` (atomically).
+fn truncate_step_log(path: &std::path::Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let dropped = text.lines().count() - kept.len();
+    if dropped == 0 {
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    info!(path = %path.display(), dropped, "step log: dropped the steps after the checkpoint");
+    Ok(())
+}
+
+/// Whether a failed call is worth retrying (the server restarting, the network) rather
+/// than a refusal that retrying cannot fix.
+fn transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
+    )
+}
+
+/// Exponential back-off between reconnection attempts (200 ms doubling to 5 s).
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(200))
+    }
+
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(200);
+    }
+
+    /// Sleeps (or returns false at once when stopped).
+    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+}
+
+/// What the training loop works with besides the trainer.
+struct Loop<'a> {
+    args: &'a LearnerArgs,
+    step_tx: &'a watch::Sender<u64>,
+    step_log: &'a mut Option<std::fs::File>,
+    tokenizer: &'a hindsight_policy::ChatTokenizer,
+    /// Every batch up to this id is covered by the newest durable checkpoint.
+    committed: u64,
+    /// The step of the newest checkpoint.
+    checkpointed_step: u64,
+}
+
+impl Loop<'_> {
+    fn checkpoint(&mut self, trainer: &mut Trainer, state: &TrainerState) -> Result<bool> {
+        let Some(dir) = &self.args.checkpoint_dir else {
+            return Ok(false);
+        };
+        let tokenizer = self.tokenizer;
+        let path = tokio::task::block_in_place(|| -> Result<PathBuf> {
+            // Streamed to disk tensor by tensor from the parameters' and the optimizer's own
+            // storage: no copy of either in memory.
+            let weights = trainer.model.weights_view()?;
+            let config = trainer.model_config().clone();
+            checkpoint::save(dir, state, |d| {
+                hindsight_policy::save_hf_checkpoint(d, &config, &weights, tokenizer)?;
+                trainer
+                    .optimizer
+                    .save_state(&d.join(checkpoint::OPTIMIZER_FILE))
+            })
+        })?;
+        self.committed = state.last_batch_id;
+        self.checkpointed_step = state.step;
+        info!(path = %path.display(), step = state.step, through_batch = state.last_batch_id, "checkpoint written");
+        Ok(true)
+    }
+}
+
+/// Tells the replay server that the newest checkpoint covers every batch up to `through`
+/// (best effort: a lost commit is repeated by the next RegisterLearner).
+async fn commit(
+    client: &mut ReplayClient<tonic::transport::Channel>,
+    args: &LearnerArgs,
+    incarnation: &str,
+    state: &TrainerState,
+) {
+    let req = CommitBatchesRequest {
+        learner_id: args.learner_id.clone(),
+        incarnation: incarnation.to_owned(),
+        through_batch_id: state.last_batch_id,
+        learner_step: state.step,
+        policy_version: state.policy_version,
+    };
+    match tokio::time::timeout(Duration::from_secs(10), client.commit_batches(req)).await {
+        Ok(Ok(_)) => info!(
+            through_batch = state.last_batch_id,
+            "checkpoint committed to the replay server"
+        ),
+        Ok(Err(e)) => warn!(error = %e, "CommitBatches failed; the next registration repeats it"),
+        Err(_) => warn!("CommitBatches timed out; the next registration repeats it"),
+    }
+}
+
+/// The learner's side of the exactly-once protocol (ARCHITECTURE.md): register, stream the
+/// batches after the ones in the weights, train, publish, ack, checkpoint and commit; on any
+/// break, back off and register again from where the weights are.
 #[allow(clippy::too_many_arguments)]
 async fn train_loop(
     args: &LearnerArgs,
@@ -323,46 +462,114 @@ async fn train_loop(
     mut stop: watch::Receiver<bool>,
     tokenizer: &hindsight_policy::ChatTokenizer,
 ) -> Result<()> {
-    let mut client = connect_replay(&args.replay).await?;
-    'outer: loop {
-        if args.max_steps > 0 && state.step >= args.max_steps {
-            info!(step = state.step, "reached --max-steps");
-            break;
+    let mut lp = Loop {
+        args,
+        step_tx,
+        step_log,
+        tokenizer,
+        committed: state.last_batch_id,
+        checkpointed_step: state.step,
+    };
+    let mut backoff = Backoff::new();
+    let mut client = tokio::select! {
+        c = connect_replay(&args.replay) => c?,
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    };
+    let mut incarnation = String::new();
+    let done = |state: &TrainerState| args.max_steps > 0 && state.step >= args.max_steps;
+    'session: while !*stop.borrow() && !done(state) {
+        let registered = client
+            .register_learner(RegisterLearnerRequest {
+                learner_id: args.learner_id.clone(),
+                learner_step: state.step,
+                policy_version: state.policy_version,
+                committed_through_batch_id: lp.committed,
+                trained_through_batch_id: state.last_batch_id,
+            })
+            .await;
+        let reg = match registered {
+            Ok(r) => r.into_inner(),
+            Err(e) if transient(&e) => {
+                warn!(code = ?e.code(), error = %e.message(), "replay server not answering RegisterLearner; retrying");
+                if !backoff.wait(&mut stop).await {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => bail!("the replay server refused this learner: {}", e.message()),
+        };
+        incarnation = reg.incarnation;
+        if reg.policy_version != state.policy_version
+            || store.latest_version() != reg.policy_version
+        {
+            if reg.policy_version != state.policy_version {
+                info!(
+                    from = state.policy_version,
+                    to = reg.policy_version,
+                    "resumed weights are published under a fresh version (versions are never reused)"
+                );
+            }
+            state.policy_version = reg.policy_version;
+            if state.policy_version > 0 {
+                let payload = tokio::task::block_in_place(|| trainer.export_weights())?;
+                store.publish(state.policy_version, state.step, payload);
+            }
         }
+        info!(%incarnation, step = state.step, policy_version = state.policy_version,
+            trained_through = state.last_batch_id, "registered with the replay server");
         let request = BatchStreamRequest {
             learner_id: args.learner_id.clone(),
             rank: args.rank,
             world_size: args.world_size,
+            incarnation: incarnation.clone(),
+            trained_through_batch_id: state.last_batch_id,
+            prefetch: args.prefetch,
         };
-        let mut stream = tokio::select! {
-            r = client.stream_batches(request) => match r {
-                Ok(s) => s.into_inner(),
-                Err(e) => {
-                    warn!(error = %e, "StreamBatches failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            },
+        let opened = tokio::select! {
+            r = client.stream_batches(request) => r,
             _ = stop.wait_for(|s| *s) => break,
+        };
+        let mut stream = match opened {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                warn!(code = ?e.code(), error = %e.message(), "StreamBatches failed; registering again");
+                if !backoff.wait(&mut stop).await {
+                    break;
+                }
+                continue;
+            }
         };
         loop {
             let next = tokio::select! {
                 b = stream.next() => b,
-                _ = stop.wait_for(|s| *s) => break 'outer,
+                _ = stop.wait_for(|s| *s) => break 'session,
             };
             let batch = match next {
                 Some(Ok(b)) => b,
                 Some(Err(e)) => {
-                    warn!(error = %e, "batch stream broke; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue 'outer;
+                    warn!(code = ?e.code(), error = %e.message(), "batch stream broke; registering again");
+                    if !backoff.wait(&mut stop).await {
+                        break 'session;
+                    }
+                    continue 'session;
                 }
                 None => {
-                    warn!("batch stream ended; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue 'outer;
+                    warn!("batch stream ended; registering again");
+                    if !backoff.wait(&mut stop).await {
+                        break 'session;
+                    }
+                    continue 'session;
                 }
             };
+            backoff.reset();
+            if batch.batch_id <= state.last_batch_id {
+                warn!(
+                    batch_id = batch.batch_id,
+                    trained_through = state.last_batch_id,
+                    "skipping a batch already in the weights"
+                );
+                continue;
+            }
             let step = state.step + 1;
             // CPU-heavy: keep it off the async workers.
             let (stats, payload) =
@@ -380,17 +587,16 @@ async fn train_loop(
             state.tokens_trained += stats.response_tokens as u64;
             let mut stats = stats;
             stats.policy_version = state.policy_version;
+            let mut seqs: Vec<u64> = batch
+                .samples
+                .iter()
+                .filter_map(|s| s.provenance.as_ref().map(|p| p.group_seq))
+                .collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            stats.group_seqs = seqs;
             store.publish(state.policy_version, state.step, payload);
-            client
-                .ack_batch(AckBatchRequest {
-                    learner_id: args.learner_id.clone(),
-                    batch_id: batch.batch_id,
-                    learner_step: state.step,
-                    policy_version: state.policy_version,
-                })
-                .await
-                .context("AckBatch")?;
-            step_tx.send_replace(state.step);
+            lp.step_tx.send_replace(state.step);
             record_metrics(&stats);
             info!(
                 step = state.step,
@@ -404,36 +610,47 @@ async fn train_loop(
                 policy_version = state.policy_version,
                 "step done"
             );
-            if let Some(f) = step_log.as_mut() {
+            if let Some(f) = lp.step_log.as_mut() {
                 writeln!(f, "{}", serde_json::to_string(&stats)?)?;
                 f.flush()?;
             }
-            let last = args.max_steps > 0 && state.step >= args.max_steps;
-            if let Some(dir) = &args.checkpoint_dir {
-                if last
-                    || (args.checkpoint_every > 0
-                        && state.step.is_multiple_of(args.checkpoint_every))
-                {
-                    let path = tokio::task::block_in_place(|| -> Result<PathBuf> {
-                        // Streamed to disk tensor by tensor from the parameters' and the
-                        // optimizer's own storage: no copy of either in memory.
-                        let weights = trainer.model.weights_view()?;
-                        let config = trainer.model_config().clone();
-                        checkpoint::save(dir, state, |d| {
-                            hindsight_policy::save_hf_checkpoint(d, &config, &weights, tokenizer)?;
-                            trainer
-                                .optimizer
-                                .save_state(&d.join(checkpoint::OPTIMIZER_FILE))
-                        })
-                    })?;
-                    info!(path = %path.display(), "checkpoint written");
+            let acked = client
+                .ack_batch(AckBatchRequest {
+                    learner_id: args.learner_id.clone(),
+                    batch_id: batch.batch_id,
+                    learner_step: state.step,
+                    policy_version: state.policy_version,
+                    incarnation: incarnation.clone(),
+                })
+                .await;
+            let last = done(state);
+            if last
+                || (args.checkpoint_every > 0 && state.step.is_multiple_of(args.checkpoint_every))
+            {
+                if lp.checkpoint(trainer, state)? && acked.is_ok() {
+                    commit(&mut client, args, &incarnation, state).await;
                 }
+            }
+            if let Err(e) = acked {
+                // The weights hold the step either way; registering again tells the server.
+                warn!(code = ?e.code(), error = %e.message(), "AckBatch failed; registering again");
+                if !backoff.wait(&mut stop).await {
+                    break 'session;
+                }
+                continue 'session;
             }
             if last {
                 info!(step = state.step, "reached --max-steps");
-                break 'outer;
+                break 'session;
             }
         }
+    }
+    // Stopping (SIGTERM) or done: the steps since the last checkpoint are not thrown away.
+    if state.step > lp.checkpointed_step
+        && lp.checkpoint(trainer, state)?
+        && !incarnation.is_empty()
+    {
+        commit(&mut client, args, &incarnation, state).await;
     }
     Ok(())
 }

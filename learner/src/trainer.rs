@@ -56,6 +56,8 @@ pub struct StepStats {
     /// trained (same policy version). `None` when the batch has no such sample.
     pub logprob_mismatch_mean: Option<f64>,
     pub logprob_mismatch_max: Option<f64>,
+    /// The replay server's sequence numbers of the groups trained on in this step.
+    pub group_seqs: Vec<u64>,
 }
 
 /// The trainable policy, the frozen reference (optional) and the optimizer.
@@ -297,6 +299,7 @@ impl Trainer {
             train_tokens_per_second: (total_tokens + prompt_tokens) as f64 / secs.max(1e-9),
             logprob_mismatch_mean: (mismatch_n > 0).then(|| mismatch_sum / mismatch_n as f64),
             logprob_mismatch_max: (mismatch_n > 0).then_some(mismatch_max),
+            group_seqs: Vec::new(),
         })
     }
 }

@@ -92,6 +92,8 @@ fn provenance(group: &ScoredGroup, response: usize, kept: Vec<String>) -> Proven
             .map(|s| s.verdicts.clone())
             .unwrap_or_default(),
         instruction_ids: group.entry.instruction_ids.clone(),
+        group_seq: group.seq,
+        lease_id: group.group.lease_id.clone(),
     }
 }
 
@@ -247,7 +249,12 @@ mod tests {
                         .collect(),
                     generation_ms: 0,
                 };
-                score_group(g as u64, Arc::clone(&entry), group)
+                ScoredGroup {
+                    seq: g as u64,
+                    scores: score_group(&entry, &group, &ByteCodec),
+                    entry: Arc::clone(&entry),
+                    group,
+                }
             })
             .collect()
     }

@@ -100,6 +100,8 @@ fn write_batch(out: &mut impl std::io::Write, logged: &LoggedBatch) -> std::io::
             "sample_index": i,
             "group_index": s.group_index,
             "prompt_id": p.prompt_id,
+            "group_seq": p.group_seq,
+            "lease_id": p.lease_id,
             "actor_id": p.actor_id,
             "policy_version": p.policy_version,
             "response_index": p.response_index,

@@ -17,6 +17,9 @@ pub trait PromptCodec: Send + Sync {
     fn encode_chat(&self, instruction: &str) -> anyhow::Result<Vec<u32>>;
     /// Number of token ids; every response token must be below it.
     fn vocab_size(&self) -> usize;
+    /// The text of a response's token ids, special tokens skipped (what the actor's user
+    /// would read, and what the verifiers judge). Never fails: undecodable ids become U+FFFD.
+    fn decode(&self, ids: &[u32]) -> String;
 }
 
 impl PromptCodec for hindsight_policy::ChatTokenizer {
@@ -26,6 +29,12 @@ impl PromptCodec for hindsight_policy::ChatTokenizer {
 
     fn vocab_size(&self) -> usize {
         hindsight_policy::ChatTokenizer::vocab_size(self)
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        // Ids are checked against the vocabulary before this runs; an error here would be a
+        // tokenizer bug, and an empty text fails every constraint (never a false reward).
+        hindsight_policy::ChatTokenizer::decode(self, ids, true).unwrap_or_default()
     }
 }
 
@@ -59,5 +68,9 @@ impl PromptCodec for ByteCodec {
 
     fn vocab_size(&self) -> usize {
         256
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned()
     }
 }

@@ -65,13 +65,29 @@ pub struct ReplayArgs {
     /// Groups generated more than this many policy versions ago are dropped.
     #[arg(long, env = "HINDSIGHT_REPLAY_MAX_STALENESS", default_value_t = 4)]
     pub max_staleness: u64,
-    /// Back-pressure: batches' worth of work (leased, waiting or unacked) buffered at most.
+    /// Back-pressure: batches' worth of groups waiting for the learner (leased, waiting for a
+    /// batch, or in a batch not trained yet); at the bound leases are refused with
+    /// RESOURCE_EXHAUSTED and a retry delay. Waiting groups live in the log, not in memory.
     #[arg(
         long,
-        env = "HINDSIGHT_REPLAY_MAX_BUFFERED_BATCHES",
-        default_value_t = 2
+        env = "HINDSIGHT_REPLAY_MAX_PENDING_BATCHES",
+        default_value_t = 4
     )]
-    pub max_buffered_batches: u32,
+    pub max_pending_batches: u32,
+    /// Back-pressure: log bytes of groups waiting for the learner.
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_MAX_PENDING_BYTES",
+        default_value_t = 1 << 30
+    )]
+    pub max_pending_bytes: u64,
+    /// Size after which the write-ahead log starts a new segment file.
+    #[arg(
+        long,
+        env = "HINDSIGHT_REPLAY_SEGMENT_BYTES",
+        default_value_t = crate::wal::DEFAULT_SEGMENT_BYTES
+    )]
+    pub segment_bytes: u64,
     /// A prompt lease not completed, renewed or released within this time is re-queued.
     #[arg(
         long,
@@ -88,7 +104,8 @@ pub struct ReplayArgs {
     /// Longest response the actors generate, in tokens.
     #[arg(long, env = "HINDSIGHT_REPLAY_MAX_NEW_TOKENS", default_value_t = 256)]
     pub max_new_tokens: u32,
-    /// Directory of the write-ahead log; without it accepted groups live in memory only.
+    /// Directory of the write-ahead log. Without it the log lives in a temporary directory
+    /// that is removed at exit (nothing survives a restart).
     #[arg(long, env = "HINDSIGHT_REPLAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Append every sample of every batch built to this JSONL file (provenance, verdicts,
@@ -117,7 +134,9 @@ impl Default for ReplayArgs {
             lambda0: 2.0,
             eta: 0.05,
             max_staleness: 4,
-            max_buffered_batches: 2,
+            max_pending_batches: 4,
+            max_pending_bytes: 1 << 30,
+            segment_bytes: crate::wal::DEFAULT_SEGMENT_BYTES,
             lease_timeout_ms: 120_000,
             temperature: 1.0,
             top_p: 1.0,
@@ -147,8 +166,14 @@ impl ReplayArgs {
         if self.prompts_per_batch == 0 {
             bail!("--prompts-per-batch must be at least 1");
         }
-        if self.max_buffered_batches == 0 {
-            bail!("--max-buffered-batches must be at least 1");
+        if self.max_pending_batches == 0 {
+            bail!("--max-pending-batches must be at least 1");
+        }
+        if self.max_pending_bytes == 0 {
+            bail!("--max-pending-bytes must be at least 1");
+        }
+        if self.segment_bytes < 4096 {
+            bail!("--segment-bytes must be at least 4096");
         }
         if self.lease_timeout_ms == 0 {
             bail!("--lease-timeout-ms must be at least 1");

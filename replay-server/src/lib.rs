@@ -10,8 +10,10 @@
 
 pub mod assembly;
 pub mod batch_log;
+pub mod batches;
 pub mod codec;
 pub mod config;
+pub mod error;
 pub mod metrics;
 pub mod prompts;
 pub mod rollout;
@@ -20,10 +22,11 @@ pub mod state;
 pub mod wal;
 
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use hindsight_proto::v1::health_server::HealthServer;
 use hindsight_proto::v1::replay_server::ReplayServer;
 use tokio::net::TcpListener;
@@ -37,8 +40,8 @@ pub use config::{Hindsight, ReplayArgs};
 
 use prompts::PromptSet;
 use service::{HealthService, ReplayService, Shared};
-use state::{Settings, State};
-use wal::{Recovered, Wal};
+use state::{Settings, State, WaitingGroup};
+use wal::{Entry, LogState, SeqList, Wal};
 
 /// Binds `args.listen` and serves until `shutdown` resolves.
 pub async fn run(
@@ -68,6 +71,89 @@ pub async fn serve(
     serve_with_codec(args, codec, listener, shutdown).await
 }
 
+/// Rebuilds the state from the log's fold: waiting groups and batch compositions are read
+/// back once to recompute their verdicts (memory keeps the index only). A waiting group
+/// whose prompt left the prompt set is dropped (logged); a batch that cannot be rebuilt
+/// exactly is a start-up error, since a learner may have trained it.
+fn recover(
+    state: &mut State,
+    prompts: &PromptSet,
+    log: &LogState,
+    wal: &Wal,
+    codec: &Arc<dyn PromptCodec>,
+    responses: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let index = |seq: u64, meta: wal::GroupMeta| -> Result<WaitingGroup, String> {
+        let logged = wal::read_group(wal.dir(), meta.location)
+            .map_err(|e| format!("cannot read group {seq} back: {e}"))?;
+        let group = logged
+            .group
+            .ok_or_else(|| format!("group {seq} has no payload"))?;
+        let entry = prompts.by_id(&group.prompt_id).cloned().ok_or_else(|| {
+            format!(
+                "prompt {:?} is not in the prompt set any more",
+                group.prompt_id
+            )
+        })?;
+        if group.responses.len() != responses {
+            return Err(format!(
+                "group {seq} has {} responses, the server now expects {responses}",
+                group.responses.len()
+            ));
+        }
+        let scores = rollout::score_group(&entry, &group, codec.as_ref());
+        Ok(WaitingGroup {
+            seq,
+            entry,
+            location: meta.location,
+            policy_version: group.policy_version,
+            scores,
+        })
+    };
+    for record in log.batches.values() {
+        let mut groups = Vec::with_capacity(record.seqs.len());
+        for seq in &record.seqs {
+            let Some(meta) = log.groups.get(seq) else {
+                bail!(
+                    "batch {} names group {seq}, which the log does not have",
+                    record.batch_id
+                );
+            };
+            groups.push(index(*seq, *meta).map_err(|why| {
+                anyhow::anyhow!(
+                    "batch {} cannot be rebuilt as it was served ({why}); restart with the \
+                     settings and prompts it was built with",
+                    record.batch_id
+                )
+            })?);
+        }
+        state.restore_batch(record.clone(), groups);
+    }
+    let mut dropped = Vec::new();
+    for (seq, meta) in log.waiting() {
+        match index(seq, meta) {
+            Ok(group) => state.restore_waiting(group),
+            Err(why) => {
+                warn!(seq, %why, "dropping a logged group");
+                dropped.push(seq);
+            }
+        }
+    }
+    Ok(dropped)
+}
+
+/// The highest batch id in an existing batch log (so re-served batches are not logged twice).
+fn batch_log_high_water(path: &Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["batch_id"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 /// [`serve`] with a given prompt codec (tests may use a trivial one).
 pub async fn serve_with_codec(
     args: ReplayArgs,
@@ -91,63 +177,92 @@ pub async fn serve_with_codec(
     };
     let prompts = Arc::new(load.await.context("prompt loading task failed")??);
 
-    let (wal, recovered) = match args.data_dir.clone() {
-        Some(dir) => {
-            let (wal, recovered) = tokio::task::spawn_blocking(move || Wal::open(&dir))
-                .await
-                .context("write-ahead log task failed")?
-                .context("opening the write-ahead log")?;
-            (Some(wal), recovered)
+    // Without --data-dir the log lives in a temporary directory removed at exit.
+    let (dir, _temp) = match args.data_dir.clone() {
+        Some(dir) => (dir, None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("hindsight-replay-")
+                .tempdir()
+                .context("creating a temporary write-ahead log directory")?;
+            warn!(dir = %temp.path().display(), "no --data-dir: the write-ahead log is temporary; nothing survives a restart");
+            (temp.path().to_owned(), Some(temp))
         }
-        None => (None, Recovered::default()),
+    };
+    let segment_bytes = args.segment_bytes;
+    let started = std::time::Instant::now();
+    let (wal, log) = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || Wal::start(&dir, segment_bytes))
+            .await
+            .context("write-ahead log task failed")?
+            .context("opening the write-ahead log")?
     };
 
     let instance = format!("{:08x}", rand::random::<u32>());
+    let settings = Settings::from_args(&args);
+    let responses = settings.responses;
     let mut state = State::new(
-        Settings::from_args(&args),
+        settings,
         prompts.clone(),
-        codec,
+        codec.clone(),
         instance.clone(),
-        recovered.progress,
-        recovered.next_seq,
+        &log,
     );
-    if let Some(path) = args.batch_log.clone() {
-        let log = tokio::task::spawn_blocking(move || batch_log::BatchLog::open(&path))
+    let (state, dropped) = {
+        let (wal, codec, prompts) = (wal.clone(), codec.clone(), prompts.clone());
+        tokio::task::spawn_blocking(move || {
+            recover(&mut state, &prompts, &log, &wal, &codec, responses).map(|d| (state, d))
+        })
+        .await
+        .context("recovery task failed")??
+    };
+    if !dropped.is_empty() {
+        wal.write(vec![Entry::Dropped(SeqList { seqs: dropped })])
+            .await
+            .context("updating the write-ahead log")?;
+    }
+    let batch_log = match args.batch_log.clone() {
+        Some(path) => {
+            let opened = tokio::task::spawn_blocking(move || {
+                let high = batch_log_high_water(&path);
+                batch_log::BatchLog::open(&path).map(|log| (log, high))
+            })
             .await
             .context("batch log task failed")??;
-        state.set_batch_log(log);
-    }
-    let restored = recovered.groups.len();
-    let mut dropped = Vec::new();
-    for (seq, group) in recovered.groups {
-        if let Err(why) = state.restore_group(seq, group) {
-            warn!(role = "replay-server", seq, %why, "dropping a logged group");
-            dropped.push(seq);
+            Some(opened)
         }
-    }
-    dropped.extend(state.build_batches());
-    let mut wal = wal;
-    if let Some(w) = wal.as_mut() {
-        if !dropped.is_empty() {
-            w.append_consumed(&dropped, state.progress())
-                .context("updating the write-ahead log")?;
-        }
-    }
-    let lease_timeout_ms = args.lease_timeout_ms;
-    info!(role = "replay-server", instance = %instance, prompts = prompts.len(), restored,
-        learner_step = state.progress().learner_step, hindsight = ?args.hindsight,
+        None => None,
+    };
+    let status = {
+        let mut state = state;
+        let s = state.status(service::now_ms());
+        (state, s)
+    };
+    let (state, summary) = status;
+    info!(instance = %instance, prompts = prompts.len(), waiting = summary.groups_waiting,
+        uncommitted_batches = summary.pending_batches, committed_through = summary.committed_through_batch_id,
+        recovery_seconds = started.elapsed().as_secs_f64(), hindsight = ?args.hindsight,
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "replay server ready");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
-    let shared = Shared::new(state, wal, format!("replay-{instance}"), shutdown_rx);
-    let reaper = tokio::spawn(service::reaper(shared.clone(), lease_timeout_ms));
+    let shared = Shared::new(
+        state,
+        wal.clone(),
+        codec,
+        args.temperature,
+        batch_log,
+        format!("replay-{instance}"),
+        shutdown_rx,
+    );
+    let reaper = tokio::spawn(service::reaper(shared.clone()));
 
     let signal = {
         let shutdown_tx = shutdown_tx.clone();
         async move {
             shutdown.await;
-            info!(role = "replay-server", "shutting down");
+            info!("shutting down");
             shutdown_tx.send_replace(true);
         }
     };
@@ -172,9 +287,15 @@ pub async fn serve_with_codec(
     shutdown_tx.send_replace(true);
     let _ = reaper.await;
     let log = shared.take_batch_log();
-    if let Some(mut log) = log {
-        let _ = tokio::task::spawn_blocking(move || log.close()).await;
-    }
-    info!(role = "replay-server", "stopped");
+    drop(shared);
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(mut log) = log {
+            log.close();
+        }
+        // Everything queued is written and fsynced before the process exits.
+        wal.close();
+    })
+    .await;
+    info!("stopped");
     result.context("replay gRPC server failed")
 }

@@ -44,6 +44,26 @@ pub const ACTOR_POLICY_VERSION: &str = "hindsight_actor_policy_version";
 pub const ACTORS_ACTIVE: &str = "hindsight_actors_active";
 /// Time to verify one rollout group (all its responses).
 pub const VERIFY_SECONDS: &str = "hindsight_verify_seconds";
+/// Time from receiving a rollout group to acknowledging it (verification + log fsync).
+pub const INGEST_SECONDS: &str = "hindsight_replay_ingest_seconds";
+/// Prompts handed out in leases.
+pub const PROMPTS_LEASED_TOTAL: &str = "hindsight_replay_prompts_leased_total";
+/// Batches decided and not yet covered by a learner checkpoint (kept in the log).
+pub const BATCHES_UNCOMMITTED: &str = "hindsight_replay_batches_uncommitted";
+/// Groups waiting for the learner (leased, waiting for a batch, or in an untrained batch).
+pub const PENDING_GROUPS: &str = "hindsight_replay_pending_groups";
+/// Log bytes of the groups waiting for the learner.
+pub const PENDING_BYTES: &str = "hindsight_replay_pending_bytes";
+/// 1 while the limiter refuses leases (back-pressure), else 0.
+pub const LEASES_PAUSED: &str = "hindsight_replay_leases_paused";
+/// Time leases spent paused by the limiter, in milliseconds.
+pub const LEASES_PAUSED_SECONDS_TOTAL: &str = "hindsight_replay_leases_paused_milliseconds_total";
+/// Newest batch id covered by a learner checkpoint.
+pub const COMMITTED_BATCH: &str = "hindsight_replay_committed_batch_id";
+/// Time to read a batch's groups back from the log and assemble it.
+pub const ASSEMBLE_SECONDS: &str = "hindsight_replay_batch_assembly_seconds";
+/// Requests refused by validation or the protocol, by `rpc`.
+pub const REQUESTS_REFUSED_TOTAL: &str = "hindsight_replay_requests_refused_total";
 
 /// Registers units and help texts of every replay-server metric.
 pub fn describe() {
@@ -127,5 +147,50 @@ pub fn describe() {
         VERIFY_SECONDS,
         Unit::Seconds,
         "Time to verify one rollout group"
+    );
+    describe_histogram!(
+        INGEST_SECONDS,
+        Unit::Seconds,
+        "Time from receiving a rollout group to acknowledging it (verification and fsync)"
+    );
+    describe_counter!(
+        PROMPTS_LEASED_TOTAL,
+        Unit::Count,
+        "Prompts handed out in leases"
+    );
+    describe_gauge!(
+        BATCHES_UNCOMMITTED,
+        Unit::Count,
+        "Batches not yet covered by a learner checkpoint"
+    );
+    describe_gauge!(
+        PENDING_GROUPS,
+        Unit::Count,
+        "Groups waiting for the learner (leased, waiting, or in an untrained batch)"
+    );
+    describe_gauge!(
+        PENDING_BYTES,
+        Unit::Bytes,
+        "Log bytes of the groups waiting for the learner"
+    );
+    describe_gauge!(LEASES_PAUSED, "1 while back-pressure refuses leases");
+    describe_counter!(
+        LEASES_PAUSED_SECONDS_TOTAL,
+        Unit::Milliseconds,
+        "Time leases spent paused by back-pressure"
+    );
+    describe_gauge!(
+        COMMITTED_BATCH,
+        "Newest batch id covered by a learner checkpoint"
+    );
+    describe_histogram!(
+        ASSEMBLE_SECONDS,
+        Unit::Seconds,
+        "Time to read a batch's groups back from the log and assemble it"
+    );
+    describe_counter!(
+        REQUESTS_REFUSED_TOTAL,
+        Unit::Count,
+        "Requests refused by validation or the protocol, by rpc"
     );
 }

@@ -124,11 +124,14 @@ impl PromptSet {
     }
 }
 
-/// Prompt indices still to lease in the current epoch; refilled with a new shuffled epoch
-/// when it runs dry.
+/// The prompt queue: prompts put back (expired or released leases, stale groups) first, then
+/// the current epoch's shuffled order from `position`; a new epoch starts when it runs dry.
+/// Its whole state is (epoch, position, requeued), which the write-ahead log persists.
 #[derive(Debug)]
 pub struct PromptQueue {
-    queue: VecDeque<usize>,
+    requeued: VecDeque<usize>,
+    order: Vec<usize>,
+    position: usize,
     len: usize,
     seed: u64,
     epoch: u64,
@@ -137,53 +140,82 @@ pub struct PromptQueue {
 impl PromptQueue {
     /// A queue over `len` prompts, starting at epoch 0.
     pub fn new(len: usize, seed: u64) -> Self {
-        let mut queue = Self {
-            queue: VecDeque::new(),
+        Self::restore(len, seed, 0, 0, Vec::new())
+    }
+
+    /// The queue at `epoch`, `position`, with `requeued` served first (indices out of range
+    /// are dropped: the prompt set shrank).
+    pub fn restore(
+        len: usize,
+        seed: u64,
+        epoch: u64,
+        position: usize,
+        requeued: Vec<usize>,
+    ) -> Self {
+        Self {
+            requeued: requeued.into_iter().filter(|&i| i < len).collect(),
+            order: epoch_order(len, seed, epoch),
+            position: position.min(len),
             len,
             seed,
-            epoch: 0,
-        };
-        queue.queue.extend(epoch_order(len, seed, 0));
-        queue
+            epoch,
+        }
     }
 
     /// Next prompt to lease (None only for an empty prompt set).
     pub fn pop(&mut self) -> Option<usize> {
-        if self.queue.is_empty() && self.len > 0 {
-            self.epoch += 1;
-            self.queue
-                .extend(epoch_order(self.len, self.seed, self.epoch));
+        if let Some(i) = self.requeued.pop_front() {
+            return Some(i);
         }
-        self.queue.pop_front()
+        if self.len == 0 {
+            return None;
+        }
+        if self.position >= self.order.len() {
+            self.epoch += 1;
+            self.order = epoch_order(self.len, self.seed, self.epoch);
+            self.position = 0;
+        }
+        let i = self.order.get(self.position).copied();
+        self.position += 1;
+        i
     }
 
     /// Puts a prompt back at the front (expired / released lease, stale group).
     pub fn requeue(&mut self, index: usize) {
-        self.queue.push_front(index);
+        self.requeued.push_front(index);
     }
 
-    /// Removes the first queued occurrence of `index`; false when it is not queued
-    /// (someone else leased it in the meantime).
+    /// Removes a put-back prompt; false when it is not waiting there (someone else leased it
+    /// in the meantime).
     pub fn take(&mut self, index: usize) -> bool {
-        match self.queue.iter().position(|&i| i == index) {
-            Some(pos) => self.queue.remove(pos).is_some(),
+        match self.requeued.iter().position(|&i| i == index) {
+            Some(pos) => self.requeued.remove(pos).is_some(),
             None => false,
         }
     }
 
-    /// Prompts queued in the current epoch.
+    /// Prompts queued in the current epoch (put back ones included).
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.requeued.len() + self.order.len().saturating_sub(self.position)
     }
 
-    /// True when the current epoch is used up (the next pop starts a new one).
+    /// True when nothing is queued (the next pop starts a new epoch).
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.len() == 0
     }
 
     /// The current epoch number.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// (epoch, position in its order, put-back prompts): everything needed to restore it.
+    pub fn snapshot(&self) -> (u64, usize, Vec<usize>) {
+        (
+            self.epoch,
+            self.position,
+            self.requeued.iter().copied().collect(),
+        )
     }
 }
 
@@ -236,5 +268,18 @@ mod tests {
         assert_eq!(q.pop(), Some(first[0]));
         assert!(next < 3);
         assert_eq!(PromptQueue::new(0, 1).pop(), None);
+    }
+
+    #[test]
+    fn a_restored_queue_continues_where_the_snapshot_was() {
+        let mut q = PromptQueue::new(10, 3);
+        let _ = (0..13).map(|_| q.pop()).collect::<Vec<_>>();
+        q.requeue(5);
+        let (epoch, position, requeued) = q.snapshot();
+        let mut back = PromptQueue::restore(10, 3, epoch, position, requeued);
+        let a: Vec<_> = (0..25).map(|_| q.pop()).collect();
+        let b: Vec<_> = (0..25).map(|_| back.pop()).collect();
+        assert_eq!(a, b);
+        assert_eq!(a[0], Some(5));
     }
 }

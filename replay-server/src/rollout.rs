@@ -1,15 +1,18 @@
 //! Rollout groups: structural validation and verification (scoring).
 //!
 //! [`validate_group`] checks everything about a group that does not depend on leases,
-//! without touching any state, so an invalid group changes nothing. [`score_group`] runs
-//! the constraint verifiers over every response and computes reward, constraint-level
-//! accuracy (CLA) and mean token entropy: the inputs of batch assembly.
+//! without touching any state, so an invalid group changes nothing. [`score_group`] decodes
+//! every response's token ids itself (the learner trains on the tokens, so the reward must
+//! follow them: the text an actor may send is ignored), runs the constraint verifiers and
+//! computes reward, constraint-level accuracy (CLA) and mean token entropy: the inputs of
+//! batch assembly.
 
 use std::sync::Arc;
 
 use hindsight_constraints::hir;
 use hindsight_proto::v1::RolloutGroup;
 
+use crate::codec::PromptCodec;
 use crate::prompts::PromptEntry;
 
 /// Largest response text accepted, in bytes.
@@ -18,6 +21,10 @@ pub const MAX_TEXT_BYTES: usize = 256 * 1024;
 pub const MAX_ACTOR_ID_BYTES: usize = 256;
 /// Largest behaviour log-prob accepted (a log-prob is <= 0; this allows rounding).
 pub const MAX_LOGPROB: f32 = 1e-3;
+/// Smallest behaviour log-prob accepted: a token of probability e^-40 (4e-18) is never
+/// sampled in practice, so a smaller value is a broken or hostile actor, and dividing by it
+/// would blow up the learner's importance ratio.
+pub const MIN_LOGPROB: f32 = -40.0;
 /// How far ahead of the newest version the server knows a group's version may be
 /// (the learner publishes weights before its AckBatch reaches the server).
 pub const VERSION_LEAD: u64 = 2;
@@ -85,7 +92,8 @@ pub fn validate_group(group: &RolloutGroup, limits: &Limits) -> Result<(), Strin
         }
         if r.text.len() > MAX_TEXT_BYTES {
             return Err(format!(
-                "response {i} text is longer than {MAX_TEXT_BYTES} bytes"
+                "response {i} text is longer than {MAX_TEXT_BYTES} bytes (the server ignores it; \
+                 leave it empty)"
             ));
         }
         if let Some((t, id)) = r
@@ -103,20 +111,22 @@ pub fn validate_group(group: &RolloutGroup, limits: &Limits) -> Result<(), Strin
             .logprobs
             .iter()
             .enumerate()
-            .find(|(_, lp)| !(lp.is_finite() && **lp <= MAX_LOGPROB))
+            .find(|(_, lp)| !(lp.is_finite() && (MIN_LOGPROB..=MAX_LOGPROB).contains(*lp)))
         {
             return Err(format!(
-                "response {i} token {t} has logprob {lp}: must be finite and <= 0"
+                "response {i} token {t} has logprob {lp}: must be finite, <= 0 and >= {MIN_LOGPROB}"
             ));
         }
+        // No distribution over the vocabulary has more entropy than the uniform one.
+        let max_entropy = (limits.vocab_size.max(1) as f32).ln() + 1e-3;
         if let Some((t, h)) = r
             .entropies
             .iter()
             .enumerate()
-            .find(|(_, h)| !(h.is_finite() && **h >= 0.0))
+            .find(|(_, h)| !(h.is_finite() && **h >= 0.0 && **h <= max_entropy))
         {
             return Err(format!(
-                "response {i} token {t} has entropy {h}: must be finite and >= 0"
+                "response {i} token {t} has entropy {h}: must be finite, >= 0 and <= ln(vocabulary size) = {max_entropy:.3}"
             ));
         }
     }
@@ -136,7 +146,7 @@ pub struct ResponseScore {
     pub mean_entropy: f64,
 }
 
-/// An accepted, verified group waiting for a batch.
+/// A group read back from the log with its scores: the input of batch assembly.
 #[derive(Debug, Clone)]
 pub struct ScoredGroup {
     /// Acceptance sequence number (the write-ahead log key).
@@ -149,13 +159,18 @@ pub struct ScoredGroup {
     pub scores: Vec<ResponseScore>,
 }
 
-/// Verifies every response of `group` against `entry`'s constraints.
-pub fn score_group(seq: u64, entry: Arc<PromptEntry>, group: RolloutGroup) -> ScoredGroup {
-    let scores = group
+/// Decodes and verifies every response of `group` against `entry`'s constraints.
+pub fn score_group(
+    entry: &PromptEntry,
+    group: &RolloutGroup,
+    codec: &dyn PromptCodec,
+) -> Vec<ResponseScore> {
+    group
         .responses
         .iter()
         .map(|r| {
-            let verdicts = entry.compiled.verify(&r.text);
+            let text = codec.decode(&r.token_ids);
+            let verdicts = entry.compiled.verify(&text);
             let mean_entropy = if r.entropies.is_empty() {
                 0.0
             } else {
@@ -168,11 +183,5 @@ pub fn score_group(seq: u64, entry: Arc<PromptEntry>, group: RolloutGroup) -> Sc
                 verdicts,
             }
         })
-        .collect();
-    ScoredGroup {
-        seq,
-        entry,
-        group,
-        scores,
-    }
+        .collect()
 }

@@ -1,11 +1,15 @@
-//! The gRPC services: `Replay` (leases, rollout ingest, batches) and `Health`.
+//! The gRPC services: `Replay` (leases, rollout ingest, exactly-once batch service) and
+//! `Health`, and the one mapping of domain errors to gRPC status codes.
 //!
-//! Handlers take the state lock only for short synchronous sections; verification and the
-//! write-ahead log run on the blocking pool between [`State::admit`] and
-//! [`State::commit`]. Streams watch the shutdown signal so graceful shutdown never waits
-//! on an idle learner or actor.
+//! Handlers take the state lock only for short synchronous sections. Verification runs on
+//! the blocking pool, log writes go to the write-ahead log's writer thread (group commit), and
+//! batch assembly (reading groups back from the log) runs in the batch stream's task: none of
+//! it under the lock that acks need. Records whose order matters in the log are handed to the
+//! writer while the lock is held; the wait for their fsync happens after it is released.
+//! Streams watch the shutdown signal so graceful shutdown never waits on an idle client.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,22 +17,27 @@ use hindsight_proto::v1::health_check_response::ServingStatus;
 use hindsight_proto::v1::health_server::Health;
 use hindsight_proto::v1::replay_server::Replay;
 use hindsight_proto::v1::{
-    AckBatchRequest, AckBatchResponse, BatchStreamRequest, HealthCheckRequest, HealthCheckResponse,
-    LeaseRequest, LeaseResponse, ReleaseLeasesRequest, ReleaseLeasesResponse, RenewLeasesRequest,
-    RenewLeasesResponse, ReplayStatusRequest, ReplayStatusResponse, RolloutAck, RolloutGroup,
-    TrainingBatch,
+    AckBatchRequest, AckBatchResponse, BatchStreamRequest, CommitBatchesRequest,
+    CommitBatchesResponse, HealthCheckRequest, HealthCheckResponse, LeaseRequest, LeaseResponse,
+    RegisterLearnerRequest, RegisterLearnerResponse, ReleaseLeasesRequest, ReleaseLeasesResponse,
+    RenewLeasesRequest, RenewLeasesResponse, ReplayStatusRequest, ReplayStatusResponse, RolloutAck,
+    RolloutGroup, TrainingBatch,
 };
-use metrics::histogram;
+use metrics::{counter, histogram};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn, Instrument as _};
 
+use crate::batch_log::{BatchLog, LoggedBatch};
+use crate::batches::assemble_from_log;
+use crate::codec::PromptCodec;
+use crate::error::{shown, ReplayError};
 use crate::metrics as m;
-use crate::rollout::{score_group, ScoredGroup};
-use crate::state::{Admission, State};
-use crate::wal::{Progress, Wal};
+use crate::rollout::score_group;
+use crate::state::{Admission, NextBatch, State, WaitingGroup, MAX_ID_BYTES, MAX_PREFETCH};
+use crate::wal::{Entry, GroupRecord, Wal};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -41,11 +50,43 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+impl From<ReplayError> for Status {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::Invalid(why) => Status::invalid_argument(why),
+            ReplayError::Conflict(why) => Status::failed_precondition(why),
+            ReplayError::Full {
+                reason,
+                retry_after_ms,
+            } => {
+                let mut status =
+                    Status::resource_exhausted(format!("{reason}; retry in {retry_after_ms} ms"));
+                if let Ok(v) = retry_after_ms.to_string().parse() {
+                    status.metadata_mut().insert("retry-after-ms", v);
+                }
+                status
+            }
+            ReplayError::Unavailable(why) => Status::unavailable(why),
+        }
+    }
+}
+
+/// Counts a refused request by RPC and converts the error.
+fn refused(rpc: &'static str, e: ReplayError) -> Status {
+    counter!(m::REQUESTS_REFUSED_TOTAL, "rpc" => rpc).increment(1);
+    Status::from(e)
+}
+
 /// State shared by every handler and background task.
 pub struct Shared {
     state: Mutex<State>,
-    wal: Option<Arc<Mutex<Wal>>>,
-    /// Bumped whenever a batch is built or acknowledged (wakes learner streams).
+    wal: Wal,
+    codec: Arc<dyn PromptCodec>,
+    temperature: f32,
+    batch_log: Mutex<Option<BatchLog>>,
+    /// Batches up to this id are in the batch log already (re-served ones are not logged twice).
+    batch_logged_through: AtomicU64,
+    /// Bumped whenever batches may be sendable (wakes learner streams).
     changes: watch::Sender<u64>,
     shutdown: watch::Receiver<bool>,
     instance_id: String,
@@ -54,15 +95,27 @@ pub struct Shared {
 
 impl Shared {
     /// Wraps the state; `shutdown` turns true when the server starts draining.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: State,
-        wal: Option<Wal>,
+        wal: Wal,
+        codec: Arc<dyn PromptCodec>,
+        temperature: f32,
+        batch_log: Option<(BatchLog, u64)>,
         instance_id: String,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
+        let (batch_log, logged) = match batch_log {
+            Some((log, through)) => (Some(log), through),
+            None => (None, 0),
+        };
         Arc::new(Self {
             state: Mutex::new(state),
-            wal: wal.map(|w| Arc::new(Mutex::new(w))),
+            wal,
+            codec,
+            temperature,
+            batch_log: Mutex::new(batch_log),
+            batch_logged_through: AtomicU64::new(logged),
             changes: watch::channel(0).0,
             shutdown,
             instance_id,
@@ -75,8 +128,8 @@ impl Shared {
     }
 
     /// Detaches the batch log at shutdown.
-    pub fn take_batch_log(&self) -> Option<crate::batch_log::BatchLog> {
-        self.state().take_batch_log()
+    pub fn take_batch_log(&self) -> Option<BatchLog> {
+        lock(&self.batch_log).take()
     }
 
     fn notify(&self) {
@@ -87,69 +140,203 @@ impl Shared {
         *self.shutdown.borrow()
     }
 
-    /// Marks `seqs` consumed in the write-ahead log (best effort: failing only means the
-    /// groups could be trained on again after a restart).
-    async fn log_consumed(&self, seqs: Vec<u64>, progress: Progress) {
-        let Some(wal) = self.wal.clone() else { return };
-        if seqs.is_empty() {
-            return;
-        }
-        let res =
-            tokio::task::spawn_blocking(move || lock(&wal).append_consumed(&seqs, progress)).await;
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(role = "replay-server", error = %e, "cannot log consumed groups"),
-            Err(e) => error!(role = "replay-server", error = %e, "write-ahead log task failed"),
-        }
-    }
-
-    /// Admits, verifies, persists and stores one group; the ack or the rejection.
+    /// Admits, verifies, persists and indexes one group; the ack or the rejection.
     async fn ingest(&self, group: RolloutGroup) -> Result<RolloutAck, Status> {
-        let admission = self.state().admit(&group, now_ms())?;
+        let started = Instant::now();
+        let admission = self
+            .state()
+            .admit(&group, now_ms())
+            .map_err(|e| refused("StreamRollouts", e))?;
         let ticket = match admission {
             Admission::Decline(ack) => return Ok(ack),
             Admission::Accept(ticket) => ticket,
         };
         let (seq, entry) = (ticket.seq, ticket.entry.clone());
-        let lease_id = group.lease_id.clone();
-        let wal = self.wal.clone();
-        let work = tokio::task::spawn_blocking(move || -> std::io::Result<ScoredGroup> {
+        let codec = self.codec.clone();
+        let verified = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let scored = score_group(seq, entry, group);
+            let scores = score_group(&entry, &group, codec.as_ref());
             histogram!(m::VERIFY_SECONDS).record(started.elapsed().as_secs_f64());
-            if let Some(wal) = wal {
-                lock(&wal).append_group(seq, &scored.group)?;
-            }
-            Ok(scored)
+            (scores, group)
         })
         .await;
-        let scored = match work {
-            Ok(Ok(scored)) => scored,
-            Ok(Err(e)) => {
+        let (scores, group) = match verified {
+            Ok(v) => v,
+            Err(e) => {
                 self.state().abort(ticket);
-                error!(role = "replay-server", error = %e, "cannot append to the write-ahead log");
+                error!(error = %e, "verification task failed");
+                return Err(Status::internal("verification failed"));
+            }
+        };
+        let (lease_id, actor_id, policy_version) = (
+            group.lease_id.clone(),
+            group.actor_id.clone(),
+            group.policy_version,
+        );
+        let record = Entry::Group(GroupRecord {
+            seq,
+            prompt_index: ticket.entry.index as u32,
+            group: Some(group),
+        });
+        let location = match self.wal.write(vec![record]).await {
+            Ok(locations) if locations.len() == 1 => locations[0],
+            Ok(_) => {
+                self.state().abort(ticket);
+                return Err(Status::internal("the write-ahead log answered oddly"));
+            }
+            Err(e) => {
+                self.state().abort(ticket);
+                error!(error = %e, "cannot append to the write-ahead log");
                 return Err(Status::unavailable(format!(
                     "cannot persist the group: {e}"
                 )));
             }
-            Err(e) => {
-                self.state().abort(ticket);
-                error!(role = "replay-server", error = %e, "verification task failed");
-                return Err(Status::internal("verification failed"));
-            }
         };
-        let (dropped, progress) = {
-            let mut state = self.state();
-            let dropped = state.commit(ticket, scored, now_ms());
-            (dropped, state.progress())
+        let waiting = WaitingGroup {
+            seq,
+            entry: ticket.entry.clone(),
+            location,
+            policy_version,
+            scores,
         };
+        self.state().commit(ticket, waiting, &actor_id, now_ms());
         self.notify();
-        self.log_consumed(dropped, progress).await;
+        histogram!(m::INGEST_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(RolloutAck {
             lease_id,
             accepted: true,
             reason: String::new(),
+            group_seq: seq,
         })
+    }
+
+    /// Writes a newly served batch to the batch log (once per batch id).
+    fn log_batch(&self, batch: &TrainingBatch, texts: Vec<Vec<String>>) {
+        let id = batch.batch_id;
+        if self.batch_logged_through.fetch_max(id, Ordering::SeqCst) >= id {
+            return;
+        }
+        if let Some(stats) = &batch.stats {
+            self.state().record_assembled(stats);
+            info!(
+                batch_id = id,
+                step = batch.step,
+                lambda = stats.lambda,
+                originals = stats.original_samples,
+                replays = stats.replay_samples,
+                shortfall = stats.replay_shortfall,
+                success_rate = stats.success_rate,
+                mean_cla = stats.mean_constraint_accuracy,
+                "batch built"
+            );
+        }
+        if let Some(log) = lock(&self.batch_log).as_ref() {
+            log.send(LoggedBatch {
+                batch: batch.clone(),
+                texts,
+            });
+        }
+    }
+
+    /// Serves batches after `trained_through` to a learner stream until it breaks.
+    async fn serve_batches(
+        self: Arc<Self>,
+        incarnation: String,
+        trained_through: u64,
+        prefetch: u32,
+        tx: mpsc::Sender<Result<TrainingBatch, Status>>,
+    ) {
+        let mut changes = self.changes.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        let mut sent_through = trained_through;
+        loop {
+            changes.borrow_and_update();
+            let next = {
+                let mut state = self.state();
+                let mut log_now = Vec::new();
+                let next = state.next_batch(&incarnation, sent_through, prefetch, &mut log_now);
+                if !log_now.is_empty() {
+                    // Stale drops: ordered with the state change, durable with the next fsync.
+                    drop(self.wal.submit(log_now));
+                }
+                next
+            };
+            let (record, groups, log) = match next {
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    break;
+                }
+                Ok(NextBatch::Wait) => {
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() { break },
+                        _ = tx.closed() => break,
+                        _ = shutting_down(&mut shutdown) => {
+                            let _ = tx.send(Err(Status::unavailable("replay server is shutting down"))).await;
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                Ok(NextBatch::Send {
+                    record,
+                    groups,
+                    log,
+                }) => (record, groups, log),
+            };
+            let id = record.batch_id;
+            if let Some(entry) = log {
+                // The composition is durable before the batch leaves: a restart serves the
+                // same batch under the same id.
+                if let Err(e) = self.wal.write(vec![entry]).await {
+                    error!(error = %e, batch_id = id, "cannot log a batch composition");
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "cannot persist batch {id}: {e}"
+                        ))))
+                        .await;
+                    break;
+                }
+                self.state().batch_durable(id);
+            }
+            let (dir, codec, temperature) = (
+                self.wal.dir().to_owned(),
+                self.codec.clone(),
+                self.temperature,
+            );
+            let assembled = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let served = assemble_from_log(&dir, &codec, &record, &groups, temperature);
+                histogram!(m::ASSEMBLE_SECONDS).record(started.elapsed().as_secs_f64());
+                served
+            })
+            .await;
+            let served = match assembled {
+                Ok(Ok(served)) => served,
+                Ok(Err(e)) => {
+                    error!(error = %e, batch_id = id, "cannot read a batch back from the log");
+                    let _ = tx
+                        .send(Err(Status::internal(format!(
+                            "cannot read batch {id}: {e}"
+                        ))))
+                        .await;
+                    break;
+                }
+                Err(e) => {
+                    error!(error = %e, "batch assembly task failed");
+                    let _ = tx
+                        .send(Err(Status::internal("batch assembly failed")))
+                        .await;
+                    break;
+                }
+            };
+            self.log_batch(&served.batch, served.texts);
+            self.state().sent(&incarnation, id);
+            if tx.send(Ok(served.batch)).await.is_err() {
+                break;
+            }
+            debug!(batch_id = id, "batch sent");
+            sent_through = id;
+        }
     }
 }
 
@@ -178,8 +365,17 @@ impl Replay for ReplayService {
         if self.shared.draining() {
             return Err(Status::unavailable("replay server is shutting down"));
         }
-        let resp = self.shared.state().lease(&req, now_ms())?;
-        debug!(role = "replay-server", actor_id = %req.actor_id, policy_version = req.policy_version,
+        let resp = {
+            let mut state = self.shared.state();
+            let resp = state
+                .lease(&req, now_ms())
+                .map_err(|e| refused("LeasePrompts", e))?;
+            // The queue's position, durable with the next fsync (a lost one only means a
+            // prompt generated twice after a crash, never a group lost or trained twice).
+            drop(self.shared.wal.submit(vec![state.queue_record()]));
+            resp
+        };
+        debug!(actor_id = %shown(&req.actor_id), policy_version = req.policy_version,
             leased = resp.prompts.len(), "lease");
         Ok(Response::new(resp))
     }
@@ -189,7 +385,12 @@ impl Replay for ReplayService {
         request: Request<RenewLeasesRequest>,
     ) -> Result<Response<RenewLeasesResponse>, Status> {
         let req = request.into_inner();
-        Ok(Response::new(self.shared.state().renew(&req, now_ms())))
+        let resp = self
+            .shared
+            .state()
+            .renew(&req, now_ms())
+            .map_err(|e| refused("RenewLeases", e))?;
+        Ok(Response::new(resp))
     }
 
     async fn release_leases(
@@ -197,8 +398,13 @@ impl Replay for ReplayService {
         request: Request<ReleaseLeasesRequest>,
     ) -> Result<Response<ReleaseLeasesResponse>, Status> {
         let req = request.into_inner();
-        let resp = self.shared.state().release(&req);
-        info!(role = "replay-server", actor_id = %req.actor_id, released = resp.released, "leases released");
+        let resp = self
+            .shared
+            .state()
+            .release(&req)
+            .map_err(|e| refused("ReleaseLeases", e))?;
+        info!(actor_id = %shown(&req.actor_id), released = resp.released, "leases released");
+        self.shared.notify();
         Ok(Response::new(resp))
     }
 
@@ -209,38 +415,81 @@ impl Replay for ReplayService {
         request: Request<Streaming<RolloutGroup>>,
     ) -> Result<Response<Self::StreamRolloutsStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(64);
         let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut shutdown = shared.shutdown.clone();
-            loop {
-                let next = tokio::select! {
-                    next = inbound.message() => next,
-                    _ = shutting_down(&mut shutdown) => {
-                        let _ = tx.send(Err(Status::unavailable("replay server is shutting down"))).await;
-                        break;
-                    }
-                };
-                match next {
-                    Ok(Some(group)) => match shared.ingest(group).await {
-                        Ok(ack) => {
-                            if tx.send(Ok(ack)).await.is_err() {
-                                break;
+        tokio::spawn(
+            async move {
+                let mut shutdown = shared.shutdown.clone();
+                // Groups of one stream are verified concurrently but acked in order.
+                let mut pending = std::collections::VecDeque::new();
+                loop {
+                    let next = tokio::select! {
+                        biased;
+                        done = async { pending.front_mut().expect("pending").await }, if !pending.is_empty() => {
+                            pending.pop_front();
+                            match done {
+                                Ok(Ok(ack)) => {
+                                    if tx.send(Ok(ack)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(Err(status)) => {
+                                    let _ = tx.send(Err(status)).await;
+                                    break;
+                                }
+                                Err(e) => {
+                                    error!(error = %e, "ingest task failed");
+                                    let _ = tx.send(Err(Status::internal("ingest failed"))).await;
+                                    break;
+                                }
                             }
+                            continue;
                         }
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
+                        next = inbound.message(), if pending.len() < 32 => next,
+                        _ = shutting_down(&mut shutdown) => {
+                            let _ = tx.send(Err(Status::unavailable("replay server is shutting down"))).await;
                             break;
                         }
-                    },
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!(role = "replay-server", %status, "rollout stream broke");
-                        break;
+                    };
+                    match next {
+                        Ok(Some(group)) => {
+                            let shared = shared.clone();
+                            let task: tokio::task::JoinHandle<Result<RolloutAck, Status>> =
+                                tokio::spawn(async move { shared.ingest(group).await });
+                            pending.push_back(task);
+                        }
+                        Ok(None) => {
+                            // Answer what is in flight, then end the stream.
+                            while let Some(task) = pending.pop_front() {
+                                let answer = match task.await {
+                                    Ok(a) => a,
+                                    Err(_) => Err(Status::internal("ingest failed")),
+                                };
+                                let failed = answer.is_err();
+                                if tx.send(answer).await.is_err() || failed {
+                                    break;
+                                }
+                            }
+                            break;
+                        }
+                        Err(status) => {
+                            // Undecodable or over-limit frames: say so, do not end with OK.
+                            warn!(code = ?status.code(), message = %status.message(), "rollout stream refused a message");
+                            counter!(m::REQUESTS_REFUSED_TOTAL, "rpc" => "StreamRollouts").increment(1);
+                            let code = match status.code() {
+                                tonic::Code::Internal | tonic::Code::Unknown => tonic::Code::InvalidArgument,
+                                other => other,
+                            };
+                            let _ = tx
+                                .send(Err(Status::new(code, format!("bad rollout stream message: {}", status.message()))))
+                                .await;
+                            break;
+                        }
                     }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -251,36 +500,37 @@ impl Replay for ReplayService {
         request: Request<BatchStreamRequest>,
     ) -> Result<Response<Self::StreamBatchesStream>, Status> {
         let req = request.into_inner();
-        info!(role = "replay-server", learner_id = %req.learner_id, rank = req.rank, "learner connected");
-        let (tx, rx) = mpsc::channel::<Result<TrainingBatch, Status>>(1);
+        if req.learner_id.len() > MAX_ID_BYTES || req.incarnation.len() > MAX_ID_BYTES {
+            return Err(refused(
+                "StreamBatches",
+                ReplayError::Invalid("learner_id or incarnation is too long".into()),
+            ));
+        }
+        if self.shared.draining() {
+            return Err(Status::unavailable("replay server is shutting down"));
+        }
+        let prefetch = match req.prefetch {
+            0 => 2,
+            p => p.min(MAX_PREFETCH),
+        };
+        self.shared
+            .state()
+            .open_stream(&req.incarnation, req.trained_through_batch_id)
+            .map_err(|e| refused("StreamBatches", e))?;
+        info!(learner_id = %shown(&req.learner_id), rank = req.rank, trained_through = req.trained_through_batch_id,
+            prefetch, "learner stream opened");
+        let (tx, rx) = mpsc::channel::<Result<TrainingBatch, Status>>(prefetch as usize);
         let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut changes = shared.changes.subscribe();
-            let mut shutdown = shared.shutdown.clone();
-            let mut last_sent: Option<u64> = None;
-            loop {
-                changes.borrow_and_update();
-                let next = shared.state().next_batch(last_sent);
-                if let Some(batch) = next {
-                    let id = batch.batch_id;
-                    if tx.send(Ok(batch)).await.is_err() {
-                        break;
-                    }
-                    debug!(role = "replay-server", learner_id = %req.learner_id, batch_id = id, "batch sent");
-                    last_sent = Some(id);
-                    continue;
-                }
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { break },
-                    _ = tx.closed() => break,
-                    _ = shutting_down(&mut shutdown) => {
-                        let _ = tx.send(Err(Status::unavailable("replay server is shutting down"))).await;
-                        break;
-                    }
-                }
+        let learner_id = shown(&req.learner_id);
+        tokio::spawn(
+            async move {
+                shared
+                    .serve_batches(req.incarnation, req.trained_through_batch_id, prefetch, tx)
+                    .await;
+                info!(learner_id = %learner_id, "learner stream ended");
             }
-            info!(role = "replay-server", learner_id = %req.learner_id, "learner stream ended");
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -289,12 +539,65 @@ impl Replay for ReplayService {
         request: Request<AckBatchRequest>,
     ) -> Result<Response<AckBatchResponse>, Status> {
         let req = request.into_inner();
-        let outcome = self.shared.state().ack_batch(&req)?;
+        {
+            let mut state = self.shared.state();
+            state.ack_batch(&req).map_err(|e| refused("AckBatch", e))?;
+            drop(self.shared.wal.submit(vec![state.counters_record()]));
+        }
         self.shared.notify();
-        self.shared
-            .log_consumed(outcome.consumed, outcome.progress)
-            .await;
         Ok(Response::new(AckBatchResponse {}))
+    }
+
+    async fn register_learner(
+        &self,
+        request: Request<RegisterLearnerRequest>,
+    ) -> Result<Response<RegisterLearnerResponse>, Status> {
+        let req = request.into_inner();
+        let incarnation = format!("{:016x}", rand::random::<u64>());
+        let (resp, log) = self
+            .shared
+            .state()
+            .register_learner(&req, incarnation)
+            .map_err(|e| refused("RegisterLearner", e))?;
+        // The version counter and the orphans are durable before the learner publishes.
+        self.shared.wal.write(log).await.map_err(|e| {
+            error!(error = %e, "cannot log a learner registration");
+            Status::unavailable(format!("cannot persist the registration: {e}"))
+        })?;
+        self.shared.notify();
+        Ok(Response::new(resp))
+    }
+
+    async fn commit_batches(
+        &self,
+        request: Request<CommitBatchesRequest>,
+    ) -> Result<Response<CommitBatchesResponse>, Status> {
+        let req = request.into_inner();
+        let record = self
+            .shared
+            .state()
+            .commit_batches(&req)
+            .map_err(|e| refused("CommitBatches", e))?;
+        if let Some(record) = record {
+            self.shared.wal.write(vec![record]).await.map_err(|e| {
+                error!(error = %e, "cannot log a commit");
+                Status::unavailable(format!("cannot persist the commit: {e}"))
+            })?;
+            self.shared.state().apply_commit(req.through_batch_id);
+            info!(
+                through = req.through_batch_id,
+                "batches committed by a learner checkpoint"
+            );
+            self.shared.notify();
+        }
+        let committed = self
+            .shared
+            .state()
+            .status(now_ms())
+            .committed_through_batch_id;
+        Ok(Response::new(CommitBatchesResponse {
+            committed_through_batch_id: committed,
+        }))
     }
 
     async fn status(
@@ -350,8 +653,9 @@ async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|&down| down).await;
 }
 
-/// Re-queues expired leases and refreshes the actor gauge until shutdown.
-pub async fn reaper(shared: Arc<Shared>, lease_timeout_ms: u64) {
+/// Re-queues expired leases and refreshes the gauges until shutdown.
+pub async fn reaper(shared: Arc<Shared>) {
+    let lease_timeout_ms = shared.state().lease_timeout_ms();
     let period = Duration::from_millis((lease_timeout_ms / 4).clamp(10, 1000));
     let mut shutdown = shared.shutdown.clone();
     loop {
@@ -360,15 +664,15 @@ pub async fn reaper(shared: Arc<Shared>, lease_timeout_ms: u64) {
             _ = shutting_down(&mut shutdown) => break,
         }
         let now = now_ms();
-        let mut state = shared.state();
-        let expired = state.reap(now);
-        state.publish_actor_gauge(now);
-        drop(state);
+        let expired = {
+            let mut state = shared.state();
+            let expired = state.reap(now);
+            state.publish_actor_gauge(now);
+            expired
+        };
         if expired > 0 {
-            debug!(
-                role = "replay-server",
-                expired, "reaper re-queued expired leases"
-            );
+            debug!(expired, "reaper re-queued expired leases");
+            shared.notify();
         }
     }
 }

@@ -1,108 +1,279 @@
-//! The write-ahead log that makes accepted rollout groups durable.
+//! The write-ahead log: the replay server's only durable state, and where waiting work lives.
 //!
-//! With `--data-dir`, every accepted group is appended (protobuf-encoded, length-prefixed,
-//! CRC-32 checked) and fsynced *before* the actor gets its ack; every batch the learner
-//! acknowledges appends a "consumed" record naming its groups, so a restart brings back
-//! exactly the groups that were accepted but not yet trained on.
+//! Everything the exactly-once protocol (ARCHITECTURE.md, "Exactly-once training") needs to
+//! survive a crash is a record here: accepted groups (appended and fsynced *before* the actor's
+//! ack), batch compositions (fsynced before the batch is sent, so a batch keeps its id and
+//! content across restarts), commits (a learner checkpoint covers every batch up to an id: its
+//! groups are consumed), stale drops, the prompt queue's position, and learner registrations
+//! (the version counter and the orphaned version ranges).
 //!
-//! Layout: `DIR/wal-<20-digit segment number>.log`, each segment starting with an 8-byte
-//! magic and a checkpoint record (learner step, policy version, next ids). A new segment is
-//! started on every open and when the active one grows past its size limit; whole segments
-//! whose groups are all consumed are deleted (compaction). A torn frame at the end of the
-//! newest segment (a crash mid-append, never acked) is cut off; damage anywhere else stops
-//! start-up rather than silently losing acknowledged groups.
+//! Group payloads are not kept in memory: the server holds an index ([`GroupMeta`], with the
+//! frame's [`Location`]) and reads a group back ([`read_group`]) when it assembles a batch.
+//!
+//! One writer thread owns the files ([`Wal::start`]): callers hand it [`WalRecord`]s and wait
+//! for the reply; it writes everything that arrived meanwhile and covers it with one fsync
+//! (group commit), so the ack still follows the fsync while concurrent streams share it.
+//!
+//! Layout: `DIR/wal-<20-digit segment number>.log`, each segment an 8-byte magic followed by
+//! length-prefixed, CRC-32 checked protobuf frames. A segment starts with a header that
+//! re-states the small state ([`LogState`]: progress, queue, live batch compositions,
+//! orphans), so only the groups of older segments matter; whole segments of consumed groups
+//! are deleted oldest first. Recovery folds every record of every segment, in order, into a
+//! [`LogState`] ([`LogState::apply`] is the same fold the writer keeps up to date). A torn
+//! frame at the end of the newest segment (a crash mid-append, never acked) is cut off; damage
+//! anywhere else stops start-up rather than silently losing acknowledged groups.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use anyhow::{bail, Context as _};
 use hindsight_proto::v1::RolloutGroup;
 use prost::Message as _;
+use tokio::sync::oneshot;
 
-const MAGIC: &[u8; 8] = b"HSWAL001";
+const MAGIC: &[u8; 8] = b"HSWAL002";
 /// Default size after which a new segment is started.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest frame accepted when reading (a group is far smaller).
 const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
+/// Frame header: payload length and CRC-32, little endian.
+const FRAME_HEADER: usize = 8;
 
-const KIND_CHECKPOINT: u32 = 1;
-const KIND_GROUP: u32 = 2;
-const KIND_CONSUMED: u32 = 3;
+/// Where a frame lives: its segment and byte range (payload only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Location {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The composition of one batch: what a restart needs to assemble exactly the same batch.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BatchRecord {
+    #[prost(uint64, tag = "1")]
+    pub batch_id: u64,
+    /// Group sequence numbers, in window order.
+    #[prost(uint64, repeated, tag = "2")]
+    pub seqs: Vec<u64>,
+    /// The learner step s of the HiR schedule.
+    #[prost(uint64, tag = "3")]
+    pub step: u64,
+    #[prost(double, tag = "4")]
+    pub lambda: f64,
+    /// K, replays wanted.
+    #[prost(uint32, tag = "5")]
+    pub replays: u32,
+    /// The learner version at assembly (for the staleness statistic).
+    #[prost(uint64, tag = "6")]
+    pub learner_version: u64,
+}
+
+/// The prompt queue, as an absolute state (the newest record wins).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueueRecord {
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// Prompts of the current epoch's order already handed out.
+    #[prost(uint64, tag = "2")]
+    pub position: u64,
+    /// Prompts put back (expired, released, stale), served before the epoch order.
+    #[prost(uint32, repeated, tag = "3")]
+    pub requeued: Vec<u32>,
+    /// Prompts leased and not answered yet: re-queued first after a restart.
+    #[prost(uint32, repeated, tag = "4")]
+    pub outstanding: Vec<u32>,
+}
+
+/// A learner registration: the version counter and the versions no live weights descend from.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LearnerRecord {
+    /// Newest version any learner was told to publish (never reused).
+    #[prost(uint64, tag = "1")]
+    pub newest_version: u64,
+    /// Orphaned version ranges, inclusive: `[lo0, hi0, lo1, hi1, ...]`.
+    #[prost(uint64, repeated, tag = "2")]
+    pub orphans: Vec<u64>,
+    #[prost(uint64, tag = "3")]
+    pub learner_step: u64,
+}
 
 /// One log record.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct WalRecord {
-    /// 1 = checkpoint, 2 = accepted group, 3 = consumed groups.
-    #[prost(uint32, tag = "1")]
-    pub kind: u32,
-    /// Sequence number of the group (kind 2).
-    #[prost(uint64, tag = "2")]
+    #[prost(oneof = "Entry", tags = "1, 2, 3, 4, 5, 6, 7")]
+    pub entry: Option<Entry>,
+}
+
+/// What a record says.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Entry {
+    /// An accepted group (durable before its ack).
+    #[prost(message, tag = "1")]
+    Group(GroupRecord),
+    /// A batch composition (durable before the batch is sent).
+    #[prost(message, tag = "2")]
+    Batch(BatchRecord),
+    /// A learner checkpoint covers every batch up to this id.
+    #[prost(uint64, tag = "3")]
+    Commit(u64),
+    /// Groups dropped by the staleness bound (their prompts re-queued).
+    #[prost(message, tag = "4")]
+    Dropped(SeqList),
+    #[prost(message, tag = "5")]
+    Queue(QueueRecord),
+    #[prost(message, tag = "6")]
+    Learner(LearnerRecord),
+    /// Segment header: the counters (the rest of the header is ordinary records).
+    #[prost(message, tag = "7")]
+    Counters(Counters),
+}
+
+/// An accepted group and the prompt it answers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupRecord {
+    #[prost(uint64, tag = "1")]
     pub seq: u64,
-    /// The accepted group (kind 2).
+    #[prost(uint32, tag = "2")]
+    pub prompt_index: u32,
     #[prost(message, optional, tag = "3")]
     pub group: Option<RolloutGroup>,
-    /// Sequence numbers of groups trained on or dropped (kind 3).
-    #[prost(uint64, repeated, tag = "4")]
-    pub consumed: Vec<u64>,
-    /// Learner progress (kinds 1 and 3).
-    #[prost(uint64, tag = "5")]
-    pub learner_step: u64,
-    #[prost(uint64, tag = "6")]
-    pub policy_version: u64,
-    #[prost(uint64, tag = "7")]
-    pub next_batch_id: u64,
-    #[prost(uint64, tag = "8")]
+}
+
+/// A list of group sequence numbers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SeqList {
+    #[prost(uint64, repeated, tag = "1")]
+    pub seqs: Vec<u64>,
+}
+
+/// Counters that only grow.
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct Counters {
+    #[prost(uint64, tag = "1")]
     pub next_seq: u64,
-}
-
-/// Learner progress persisted with consumed / checkpoint records.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    pub learner_step: u64,
-    pub policy_version: u64,
+    #[prost(uint64, tag = "2")]
     pub next_batch_id: u64,
+    #[prost(uint64, tag = "3")]
+    pub committed_through: u64,
+    /// Steps and version of the newest learner ack (informational; the learner is the truth).
+    #[prost(uint64, tag = "4")]
+    pub learner_step: u64,
+    #[prost(uint64, tag = "5")]
+    pub policy_version: u64,
 }
 
-impl Progress {
-    /// Field-wise maximum (every field only ever grows; appends may race).
-    pub fn max_with(self, other: Progress) -> Progress {
-        Progress {
-            learner_step: self.learner_step.max(other.learner_step),
-            policy_version: self.policy_version.max(other.policy_version),
-            next_batch_id: self.next_batch_id.max(other.next_batch_id),
-        }
+impl Counters {
+    fn merge(&mut self, other: &Counters) {
+        self.next_seq = self.next_seq.max(other.next_seq);
+        self.next_batch_id = self.next_batch_id.max(other.next_batch_id);
+        self.committed_through = self.committed_through.max(other.committed_through);
+        self.learner_step = self.learner_step.max(other.learner_step);
+        self.policy_version = self.policy_version.max(other.policy_version);
     }
 }
 
-/// What a restart finds in the log.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    /// Accepted, not consumed groups, by sequence number.
-    pub groups: Vec<(u64, RolloutGroup)>,
-    /// Last persisted learner progress.
-    pub progress: Progress,
-    /// First unused group sequence number.
-    pub next_seq: u64,
+/// A group in the log: where its frame is and which prompt it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupMeta {
+    pub location: Location,
+    pub prompt_index: u32,
 }
 
-/// The write-ahead log (one writer; wrap it in a mutex).
-#[derive(Debug)]
-pub struct Wal {
-    dir: PathBuf,
-    segment_bytes: u64,
-    active: File,
-    active_id: u64,
-    active_len: u64,
-    /// Live (unconsumed) group count per segment.
-    segments: BTreeMap<u64, usize>,
-    /// Segment of each live group.
-    live: HashMap<u64, u64>,
-    progress: Progress,
-    next_seq: u64,
-    /// Set when a failed append could not be rolled back: no more appends.
-    broken: bool,
+/// The log's meaning: the fold of every record, in order.
+#[derive(Debug, Clone, Default)]
+pub struct LogState {
+    /// Live (not consumed) groups.
+    pub groups: BTreeMap<u64, GroupMeta>,
+    /// Live (not committed) batch compositions.
+    pub batches: BTreeMap<u64, BatchRecord>,
+    pub counters: Counters,
+    pub queue: Option<QueueRecord>,
+    pub learner: LearnerRecord,
+}
+
+impl LogState {
+    /// Applies one record (idempotent for every record a segment header re-states).
+    pub fn apply(&mut self, entry: &Entry, location: Location) {
+        match entry {
+            Entry::Group(g) => {
+                self.groups.insert(
+                    g.seq,
+                    GroupMeta {
+                        location,
+                        prompt_index: g.prompt_index,
+                    },
+                );
+                self.counters.next_seq = self.counters.next_seq.max(g.seq + 1);
+                if let Some(q) = self.queue.as_mut() {
+                    // Answered: no longer outstanding (at most one occurrence).
+                    if let Some(i) = q.outstanding.iter().position(|&p| p == g.prompt_index) {
+                        q.outstanding.swap_remove(i);
+                    }
+                }
+            }
+            Entry::Batch(b) => {
+                if b.batch_id > self.counters.committed_through {
+                    self.batches.insert(b.batch_id, b.clone());
+                }
+                self.counters.next_batch_id = self.counters.next_batch_id.max(b.batch_id + 1);
+            }
+            Entry::Commit(through) => {
+                let through = *through;
+                self.counters.committed_through = self.counters.committed_through.max(through);
+                let done: Vec<u64> = self.batches.range(..=through).map(|(&id, _)| id).collect();
+                for id in done {
+                    if let Some(b) = self.batches.remove(&id) {
+                        for seq in &b.seqs {
+                            self.groups.remove(seq);
+                        }
+                    }
+                }
+            }
+            Entry::Dropped(list) => {
+                for seq in &list.seqs {
+                    self.groups.remove(seq);
+                }
+            }
+            Entry::Queue(q) => self.queue = Some(q.clone()),
+            Entry::Learner(l) => {
+                if l.newest_version >= self.learner.newest_version {
+                    self.learner = l.clone();
+                }
+            }
+            Entry::Counters(c) => self.counters.merge(c),
+        }
+    }
+
+    /// Groups accepted and not in any live batch, by sequence number.
+    pub fn waiting(&self) -> Vec<(u64, GroupMeta)> {
+        let claimed: BTreeSet<u64> = self
+            .batches
+            .values()
+            .flat_map(|b| b.seqs.iter().copied())
+            .collect();
+        self.groups
+            .iter()
+            .filter(|(seq, _)| !claimed.contains(seq))
+            .map(|(&s, &m)| (s, m))
+            .collect()
+    }
+
+    /// The records that re-state this state at the start of a segment.
+    fn header(&self) -> Vec<Entry> {
+        let mut out = vec![
+            Entry::Counters(self.counters),
+            Entry::Learner(self.learner.clone()),
+        ];
+        if let Some(q) = &self.queue {
+            out.push(Entry::Queue(q.clone()));
+        }
+        out.extend(self.batches.values().cloned().map(Entry::Batch));
+        out
+    }
 }
 
 /// CRC-32 (IEEE 802.3, reflected), bitwise with a small table.
@@ -149,18 +320,24 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn frame(record: &WalRecord) -> Vec<u8> {
-    let payload = record.encode_to_vec();
-    let mut buf = Vec::with_capacity(payload.len() + 8);
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc32(&payload).to_le_bytes());
-    buf.extend_from_slice(&payload);
-    buf
+/// Appends the frame of `entry` to `buf`; returns the payload's offset within `buf` and length.
+/// (A `WalRecord` holds only the oneof, so its encoding is the oneof's: no copy of the entry.)
+fn push_frame(buf: &mut Vec<u8>, entry: &Entry) -> (usize, u32) {
+    let len = entry.encoded_len();
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    let at = buf.len();
+    entry.encode(buf);
+    let crc = crc32(&buf[at..]);
+    buf[at - 4..at].copy_from_slice(&crc.to_le_bytes());
+    (at, len as u32)
 }
 
-/// Reads the records of one segment. Returns them and the byte length of the valid
-/// prefix; `Err` describes the first damaged frame (with the records before it).
-fn read_segment(path: &Path) -> anyhow::Result<(Vec<WalRecord>, u64, Option<String>)> {
+/// The records of one segment with their locations, the byte length of the valid prefix, and
+/// a description of the first damaged frame if any.
+type SegmentRead = (Vec<(Entry, Location)>, u64, Option<String>);
+
+fn read_segment(path: &Path, id: u64) -> anyhow::Result<SegmentRead> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -170,14 +347,14 @@ fn read_segment(path: &Path) -> anyhow::Result<(Vec<WalRecord>, u64, Option<Stri
     }
     if &bytes[..MAGIC.len()] != MAGIC {
         bail!(
-            "{} is not a Hindsight write-ahead log segment",
+            "{} is not a Hindsight write-ahead log segment (or one of an older format)",
             path.display()
         );
     }
     let mut records = Vec::new();
     let mut pos = MAGIC.len();
     while pos < bytes.len() {
-        let Some(header) = bytes.get(pos..pos + 8) else {
+        let Some(header) = bytes.get(pos..pos + FRAME_HEADER) else {
             return Ok((
                 records,
                 pos as u64,
@@ -193,7 +370,8 @@ fn read_segment(path: &Path) -> anyhow::Result<(Vec<WalRecord>, u64, Option<Stri
                 Some(format!("implausible frame length at byte {pos}")),
             ));
         }
-        let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
+        let start = pos + FRAME_HEADER;
+        let Some(payload) = bytes.get(start..start + len) else {
             return Ok((
                 records,
                 pos as u64,
@@ -208,7 +386,17 @@ fn read_segment(path: &Path) -> anyhow::Result<(Vec<WalRecord>, u64, Option<Stri
             ));
         }
         match WalRecord::decode(payload) {
-            Ok(record) => records.push(record),
+            Ok(WalRecord { entry: Some(entry) }) => records.push((
+                entry,
+                Location {
+                    segment: id,
+                    offset: start as u64,
+                    len: len as u32,
+                },
+            )),
+            Ok(WalRecord { entry: None }) => {
+                tracing::warn!(segment = %path.display(), pos, "skipping an unknown write-ahead log record")
+            }
             Err(e) => {
                 return Ok((
                     records,
@@ -217,19 +405,246 @@ fn read_segment(path: &Path) -> anyhow::Result<(Vec<WalRecord>, u64, Option<Stri
                 ))
             }
         }
-        pos += 8 + len;
+        pos = start + len;
     }
     Ok((records, pos as u64, None))
 }
 
-impl Wal {
-    /// Opens (creating) the log in `dir`, replays it and starts a fresh segment.
-    pub fn open(dir: &Path) -> anyhow::Result<(Self, Recovered)> {
-        Self::open_with(dir, DEFAULT_SEGMENT_BYTES)
+/// Reads the group at `location` back from the log in `dir`.
+pub fn read_group(dir: &Path, location: Location) -> io::Result<GroupRecord> {
+    let path = segment_path(dir, location.segment);
+    let file = File::open(&path)?;
+    let mut payload = vec![0u8; location.len as usize];
+    read_exact_at(&file, &mut payload, location.offset)?;
+    match WalRecord::decode(payload.as_slice()) {
+        Ok(WalRecord {
+            entry: Some(Entry::Group(g)),
+        }) => Ok(g),
+        Ok(_) => Err(io::Error::other(format!(
+            "{}@{} is not a group record",
+            path.display(),
+            location.offset
+        ))),
+        Err(e) => Err(io::Error::other(format!(
+            "{}@{}: {e}",
+            path.display(),
+            location.offset
+        ))),
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
+}
+
+/// What a write returns: the location of each record written, in order.
+pub type Written = io::Result<Vec<Location>>;
+
+struct Job {
+    entries: Vec<Entry>,
+    reply: oneshot::Sender<Written>,
+}
+
+/// The segment files, owned by the writer thread.
+struct Segments {
+    dir: PathBuf,
+    segment_bytes: u64,
+    active: File,
+    active_id: u64,
+    active_len: u64,
+    /// Live group count per segment.
+    live: BTreeMap<u64, usize>,
+    state: LogState,
+    /// Set when a failed append could not be rolled back: no more appends.
+    broken: bool,
+}
+
+impl Segments {
+    fn create_segment(dir: &Path, id: u64, state: &LogState) -> io::Result<(File, u64)> {
+        let path = segment_path(dir, id);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        let mut buf = MAGIC.to_vec();
+        for entry in state.header() {
+            push_frame(&mut buf, &entry);
+        }
+        file.write_all(&buf)?;
+        file.sync_all()?;
+        sync_dir(dir)?;
+        Ok((file, buf.len() as u64))
     }
 
-    /// [`Wal::open`] with a custom segment size (tests use tiny segments).
-    pub fn open_with(dir: &Path, segment_bytes: u64) -> anyhow::Result<(Self, Recovered)> {
+    /// Writes `jobs` in order with one fsync and answers each.
+    fn write_jobs(&mut self, jobs: Vec<Job>) {
+        let mut buf = Vec::new();
+        let mut placed: Vec<Vec<(usize, u32)>> = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            placed.push(
+                job.entries
+                    .iter()
+                    .map(|e| push_frame(&mut buf, e))
+                    .collect(),
+            );
+        }
+        let result = self.append(&buf);
+        let base = self.active_len - if result.is_ok() { buf.len() as u64 } else { 0 };
+        for (job, spots) in jobs.into_iter().zip(placed) {
+            let answer = match &result {
+                Ok(()) => {
+                    let locations: Vec<Location> = spots
+                        .iter()
+                        .map(|&(at, len)| Location {
+                            segment: self.active_id,
+                            offset: base + at as u64,
+                            len,
+                        })
+                        .collect();
+                    for (entry, &loc) in job.entries.iter().zip(&locations) {
+                        self.note(entry, loc);
+                    }
+                    Ok(locations)
+                }
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            let _ = job.reply.send(answer);
+        }
+        if result.is_ok() {
+            if let Err(e) = self.maybe_rotate().and_then(|()| self.compact()) {
+                tracing::error!(error = %e, "write-ahead log rotation or compaction failed");
+            }
+        }
+    }
+
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other(
+                "the write-ahead log is unusable after a failed write",
+            ));
+        }
+        let written = self
+            .active
+            .write_all(buf)
+            .and_then(|()| self.active.sync_data());
+        if let Err(e) = written {
+            // Roll a partial write back, so later frames stay readable.
+            if self
+                .active
+                .set_len(self.active_len)
+                .and_then(|()| self.active.sync_data())
+                .is_err()
+            {
+                self.broken = true;
+            }
+            return Err(e);
+        }
+        self.active_len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Keeps the fold and the per-segment live counts up to date.
+    fn note(&mut self, entry: &Entry, location: Location) {
+        let before: BTreeSet<u64> = match entry {
+            Entry::Commit(_) | Entry::Dropped(_) => self.state.groups.keys().copied().collect(),
+            _ => BTreeSet::new(),
+        };
+        self.state.apply(entry, location);
+        match entry {
+            Entry::Group(_) => *self.live.entry(location.segment).or_insert(0) += 1,
+            Entry::Commit(_) | Entry::Dropped(_) => {
+                for seq in before {
+                    if !self.state.groups.contains_key(&seq) {
+                        self.forget(seq);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forget(&mut self, _seq: u64) {
+        // Recount lazily: the group's segment is known only through the state, which no longer
+        // has it; recompute the per-segment counts from the live groups (cheap: an index walk).
+        self.live.clear();
+        for meta in self.state.groups.values() {
+            *self.live.entry(meta.location.segment).or_insert(0) += 1;
+        }
+    }
+
+    fn maybe_rotate(&mut self) -> io::Result<()> {
+        if self.active_len < self.segment_bytes {
+            return Ok(());
+        }
+        let id = self.active_id + 1;
+        let (file, len) = Self::create_segment(&self.dir, id, &self.state)?;
+        self.active = file;
+        self.active_id = id;
+        self.active_len = len;
+        Ok(())
+    }
+
+    /// Deletes the oldest segments while none of their groups is live (never the active one).
+    /// Headers re-state everything else, so only groups tie a segment down.
+    fn compact(&mut self) -> io::Result<()> {
+        let first_live = self
+            .state
+            .groups
+            .values()
+            .map(|m| m.location.segment)
+            .min()
+            .unwrap_or(self.active_id)
+            .min(self.active_id);
+        let mut removed = false;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let Some(id) = entry.file_name().to_str().and_then(segment_id) else {
+                continue;
+            };
+            if id < first_live {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => removed = true,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Handle to the writer thread. Cloning shares it; the thread ends when every handle is gone.
+#[derive(Clone)]
+pub struct Wal {
+    dir: PathBuf,
+    tx: mpsc::Sender<Job>,
+    thread: std::sync::Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wal {
+    /// Opens (creating) the log in `dir`, replays it, starts a fresh segment and the writer.
+    /// Returns the handle and the recovered state.
+    pub fn start(dir: &Path, segment_bytes: u64) -> anyhow::Result<(Self, LogState)> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
@@ -239,15 +654,11 @@ impl Wal {
             }
         }
         ids.sort_unstable();
-
-        let mut groups: BTreeMap<u64, (u64, RolloutGroup)> = BTreeMap::new();
-        let mut segments: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut progress = Progress::default();
-        let mut next_seq = 0u64;
+        let mut state = LogState::default();
         let last = ids.last().copied();
         for &id in &ids {
             let path = segment_path(dir, id);
-            let (records, valid_len, damage) = read_segment(&path)?;
+            let (records, valid_len, damage) = read_segment(&path, id)?;
             if let Some(damage) = damage {
                 if Some(id) != last {
                     bail!(
@@ -265,198 +676,89 @@ impl Wal {
                 }
                 f.sync_all()?;
             }
-            segments.entry(id).or_insert(0);
-            for record in records {
-                match record.kind {
-                    KIND_GROUP => {
-                        if let Some(group) = record.group {
-                            groups.insert(record.seq, (id, group));
-                            *segments.entry(id).or_insert(0) += 1;
-                            next_seq = next_seq.max(record.seq + 1);
-                        }
-                    }
-                    KIND_CONSUMED | KIND_CHECKPOINT => {
-                        for seq in &record.consumed {
-                            if let Some((seg, _)) = groups.remove(seq) {
-                                if let Some(n) = segments.get_mut(&seg) {
-                                    *n = n.saturating_sub(1);
-                                }
-                            }
-                        }
-                        progress = progress.max_with(Progress {
-                            learner_step: record.learner_step,
-                            policy_version: record.policy_version,
-                            next_batch_id: record.next_batch_id,
-                        });
-                        next_seq = next_seq.max(record.next_seq);
-                    }
-                    other => {
-                        tracing::warn!(kind = other, "skipping an unknown write-ahead log record")
-                    }
-                }
+            for (entry, location) in &records {
+                state.apply(entry, *location);
             }
         }
-
         let active_id = last.map_or(0, |id| id + 1);
-        let live = groups.iter().map(|(&seq, (seg, _))| (seq, *seg)).collect();
-        let recovered = Recovered {
-            groups: groups.into_iter().map(|(seq, (_, g))| (seq, g)).collect(),
-            progress,
-            next_seq,
-        };
-        let (active, active_len) = Self::create_segment(dir, active_id, progress, next_seq)?;
-        segments.insert(active_id, 0);
-        let mut wal = Self {
+        let (active, active_len) = Segments::create_segment(dir, active_id, &state)
+            .with_context(|| format!("starting a write-ahead log segment in {}", dir.display()))?;
+        let mut segments = Segments {
             dir: dir.to_owned(),
             segment_bytes: segment_bytes.max(1),
             active,
             active_id,
             active_len,
-            segments,
-            live,
-            progress,
-            next_seq,
+            live: BTreeMap::new(),
+            state: state.clone(),
             broken: false,
         };
-        wal.compact()?;
-        Ok((wal, recovered))
-    }
-
-    fn create_segment(
-        dir: &Path,
-        id: u64,
-        progress: Progress,
-        next_seq: u64,
-    ) -> io::Result<(File, u64)> {
-        let path = segment_path(dir, id);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)?;
-        let checkpoint = frame(&WalRecord {
-            kind: KIND_CHECKPOINT,
-            learner_step: progress.learner_step,
-            policy_version: progress.policy_version,
-            next_batch_id: progress.next_batch_id,
-            next_seq,
-            ..WalRecord::default()
-        });
-        file.write_all(MAGIC)?;
-        file.write_all(&checkpoint)?;
-        file.sync_all()?;
-        sync_dir(dir)?;
-        Ok((file, (MAGIC.len() + checkpoint.len()) as u64))
-    }
-
-    fn append(&mut self, record: &WalRecord) -> io::Result<()> {
-        if self.broken {
-            return Err(io::Error::other(
-                "the write-ahead log is unusable after a failed write",
-            ));
-        }
-        let buf = frame(record);
-        let written = self
-            .active
-            .write_all(&buf)
-            .and_then(|()| self.active.sync_data());
-        if let Err(e) = written {
-            // Roll a partial frame back, so later frames stay readable.
-            if self
-                .active
-                .set_len(self.active_len)
-                .and_then(|()| self.active.sync_data())
-                .is_err()
-            {
-                self.broken = true;
-            }
-            return Err(e);
-        }
-        self.active_len += buf.len() as u64;
-        Ok(())
-    }
-
-    /// Appends an accepted group and fsyncs; only then may the actor be acked.
-    pub fn append_group(&mut self, seq: u64, group: &RolloutGroup) -> io::Result<()> {
-        self.append(&WalRecord {
-            kind: KIND_GROUP,
-            seq,
-            group: Some(group.clone()),
-            ..WalRecord::default()
-        })?;
-        self.live.insert(seq, self.active_id);
-        *self.segments.entry(self.active_id).or_insert(0) += 1;
-        self.next_seq = self.next_seq.max(seq + 1);
-        self.maybe_rotate()
-    }
-
-    /// Records that `seqs` were trained on (or dropped) and the learner's progress.
-    pub fn append_consumed(&mut self, seqs: &[u64], progress: Progress) -> io::Result<()> {
-        self.append(&WalRecord {
-            kind: KIND_CONSUMED,
-            consumed: seqs.to_vec(),
-            learner_step: progress.learner_step,
-            policy_version: progress.policy_version,
-            next_batch_id: progress.next_batch_id,
-            next_seq: self.next_seq,
-            ..WalRecord::default()
-        })?;
-        self.progress = self.progress.max_with(progress);
-        for seq in seqs {
-            if let Some(seg) = self.live.remove(seq) {
-                if let Some(n) = self.segments.get_mut(&seg) {
-                    *n = n.saturating_sub(1);
+        segments.forget(0);
+        segments
+            .compact()
+            .context("compacting the write-ahead log")?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        jobs.push(more);
+                    }
+                    segments.write_jobs(jobs);
                 }
-            }
-        }
-        self.maybe_rotate()?;
-        self.compact()
+            })
+            .context("starting the write-ahead log writer")?;
+        Ok((
+            Self {
+                dir: dir.to_owned(),
+                tx,
+                thread: std::sync::Arc::new(std::sync::Mutex::new(Some(thread))),
+            },
+            state,
+        ))
     }
 
-    fn maybe_rotate(&mut self) -> io::Result<()> {
-        if self.active_len < self.segment_bytes {
-            return Ok(());
-        }
-        let id = self.active_id + 1;
-        let (file, len) = Self::create_segment(&self.dir, id, self.progress, self.next_seq)?;
-        self.active = file;
-        self.active_id = id;
-        self.active_len = len;
-        self.segments.insert(id, 0);
-        self.compact()
+    /// The log's directory (for [`read_group`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
-    /// Deletes the oldest segments while all their groups are consumed (never the active
-    /// one). Only a prefix is deleted, so every surviving "consumed" record refers to
-    /// groups in surviving segments or to groups already gone.
-    fn compact(&mut self) -> io::Result<()> {
-        let removable: Vec<u64> = self
-            .segments
-            .iter()
-            .take_while(|(&id, &live)| id != self.active_id && live == 0)
-            .map(|(&id, _)| id)
-            .collect();
-        if removable.is_empty() {
-            return Ok(());
+    /// Queues `entries` for writing; the receiver answers once they are fsynced. Records are
+    /// written in the order of the calls, so callers that must order records (e.g. a queue
+    /// record after the state change it describes) submit them under the same lock.
+    pub fn submit(&self, entries: Vec<Entry>) -> oneshot::Receiver<Written> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(job)) = self.tx.send(Job { entries, reply }) {
+            let _ = job.reply.send(Err(io::Error::other(
+                "the write-ahead log writer has stopped",
+            )));
         }
-        for id in &removable {
-            match fs::remove_file(segment_path(&self.dir, *id)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            self.segments.remove(id);
-        }
-        sync_dir(&self.dir)
+        rx
     }
 
-    /// Number of segment files on disk.
-    pub fn segment_count(&self) -> usize {
-        self.segments.len()
+    /// Writes `entries` and waits for the fsync (async).
+    pub async fn write(&self, entries: Vec<Entry>) -> Written {
+        self.submit(entries)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the write-ahead log writer has stopped")))
     }
 
-    /// Number of groups accepted and not yet consumed.
-    pub fn live_groups(&self) -> usize {
-        self.live.len()
+    /// Writes `entries` and waits for the fsync (blocking; not on an async worker).
+    pub fn write_blocking(&self, entries: Vec<Entry>) -> Written {
+        self.submit(entries)
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the write-ahead log writer has stopped")))
+    }
+
+    /// Stops the writer after everything queued is written (blocking).
+    pub fn close(self) {
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        drop(self.tx);
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -476,10 +778,43 @@ mod tests {
                 logprobs: vec![-0.5, -0.1],
                 entropies: vec![1.0, 0.5],
                 finished: true,
-                text: "hi".into(),
+                text: String::new(),
             }],
             generation_ms: 9,
         }
+    }
+
+    fn g(seq: u64) -> Entry {
+        Entry::Group(GroupRecord {
+            seq,
+            prompt_index: seq as u32,
+            group: Some(group(&format!("p{seq}"))),
+        })
+    }
+
+    fn batch(id: u64, seqs: &[u64]) -> Entry {
+        Entry::Batch(BatchRecord {
+            batch_id: id,
+            seqs: seqs.to_vec(),
+            step: id,
+            lambda: 1.5,
+            replays: 2,
+            learner_version: id - 1,
+        })
+    }
+
+    fn segments(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_str()
+                    .and_then(segment_id)
+                    .is_some()
+            })
+            .count()
     }
 
     #[test]
@@ -489,85 +824,133 @@ mod tests {
     }
 
     #[test]
-    fn groups_survive_reopen_until_consumed() {
+    fn groups_batches_and_commits_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut wal, rec) = Wal::open(dir.path()).unwrap();
-            assert!(rec.groups.is_empty());
-            wal.append_group(0, &group("p0")).unwrap();
-            wal.append_group(1, &group("p1")).unwrap();
-            wal.append_group(2, &group("p2")).unwrap();
-            let progress = Progress {
-                learner_step: 1,
-                policy_version: 1,
-                next_batch_id: 2,
-            };
-            wal.append_consumed(&[1], progress).unwrap();
+            let (wal, state) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+            assert!(state.groups.is_empty());
+            let locs = wal.write_blocking(vec![g(0), g(1), g(2), g(3)]).unwrap();
+            assert_eq!(locs.len(), 4);
+            let back = read_group(wal.dir(), locs[2]).unwrap();
+            assert_eq!(back.seq, 2);
+            assert_eq!(back.group.unwrap(), group("p2"));
+            wal.write_blocking(vec![batch(1, &[0, 1]), batch(2, &[2])])
+                .unwrap();
+            wal.write_blocking(vec![Entry::Commit(1)]).unwrap();
+            wal.close();
         }
-        let (mut wal, rec) = Wal::open(dir.path()).unwrap();
-        let ids: Vec<_> = rec
-            .groups
-            .iter()
-            .map(|(s, g)| (*s, g.prompt_id.clone()))
-            .collect();
-        assert_eq!(ids, vec![(0, "p0".to_string()), (2, "p2".to_string())]);
-        assert_eq!(rec.groups[0].1, group("p0"));
+        let (wal, state) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(state.groups.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(state.batches.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(state.batches[&2].seqs, vec![2]);
         assert_eq!(
-            rec.progress,
-            Progress {
-                learner_step: 1,
-                policy_version: 1,
-                next_batch_id: 2
-            }
+            state.waiting().iter().map(|w| w.0).collect::<Vec<_>>(),
+            vec![3]
         );
-        assert_eq!(rec.next_seq, 3);
-        let progress = Progress {
-            learner_step: 2,
-            policy_version: 2,
-            next_batch_id: 3,
-        };
-        wal.append_consumed(&[0, 2], progress).unwrap();
-        // Everything consumed: only the active segment is left.
-        assert_eq!(wal.segment_count(), 1);
-        drop(wal);
-        let (_wal, rec) = Wal::open(dir.path()).unwrap();
-        assert!(rec.groups.is_empty());
-        assert_eq!(rec.progress, progress);
-        assert_eq!(rec.next_seq, 3);
-        let files = fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(files, 1, "consumed segments are compacted away");
+        assert_eq!(state.counters.next_seq, 4);
+        assert_eq!(state.counters.next_batch_id, 3);
+        assert_eq!(state.counters.committed_through, 1);
+        // The surviving group reads back from its (older) segment.
+        let back = read_group(wal.dir(), state.groups[&3].location).unwrap();
+        assert_eq!(back.group.unwrap().prompt_id, "p3");
+        wal.write_blocking(vec![
+            Entry::Commit(2),
+            Entry::Dropped(SeqList { seqs: vec![3] }),
+        ])
+        .unwrap();
+        wal.close();
+        let (wal, state) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert!(state.groups.is_empty() && state.batches.is_empty());
+        assert_eq!(
+            state.counters.next_batch_id, 3,
+            "batch ids are never reused"
+        );
+        assert_eq!(state.counters.committed_through, 2);
+        wal.close();
+        assert_eq!(
+            segments(dir.path()),
+            1,
+            "consumed segments are compacted away"
+        );
     }
 
     #[test]
-    fn rotation_and_compaction_keep_live_groups() {
+    fn rotation_restates_batches_queue_and_versions_and_keeps_live_groups() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open_with(dir.path(), 64).unwrap();
+        let (wal, _) = Wal::start(dir.path(), 100).unwrap();
         for seq in 0..10 {
-            wal.append_group(seq, &group(&format!("p{seq}"))).unwrap();
+            wal.write_blocking(vec![g(seq)]).unwrap();
         }
-        assert!(wal.segment_count() > 5);
-        let p = Progress {
-            learner_step: 1,
-            policy_version: 1,
-            next_batch_id: 1,
-        };
-        wal.append_consumed(&(0..8).collect::<Vec<_>>(), p).unwrap();
-        assert!(wal.segment_count() <= 4, "{} segments", wal.segment_count());
-        assert_eq!(wal.live_groups(), 2);
-        drop(wal);
-        let (_wal, rec) = Wal::open_with(dir.path(), 64).unwrap();
-        let seqs: Vec<u64> = rec.groups.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, vec![8, 9]);
-        assert_eq!(rec.next_seq, 10);
+        assert!(segments(dir.path()) > 3);
+        wal.write_blocking(vec![
+            Entry::Queue(QueueRecord {
+                epoch: 2,
+                position: 7,
+                requeued: vec![4],
+                outstanding: vec![11, 12],
+            }),
+            Entry::Learner(LearnerRecord {
+                newest_version: 9,
+                orphans: vec![5, 8],
+                learner_step: 4,
+            }),
+            batch(1, &[0, 1, 2, 3, 4, 5, 6, 7]),
+        ])
+        .unwrap();
+        wal.write_blocking(vec![Entry::Commit(1)]).unwrap();
+        // Groups 8 and 9 still tie their segments down; the rest is gone.
+        for seq in 10..14 {
+            wal.write_blocking(vec![g(seq)]).unwrap();
+        }
+        wal.write_blocking(vec![batch(2, &[8, 9])]).unwrap();
+        let before = segments(dir.path());
+        wal.close();
+        let (wal, state) = Wal::start(dir.path(), 100).unwrap();
+        assert!(segments(dir.path()) <= before + 1);
+        assert_eq!(
+            state.groups.keys().copied().collect::<Vec<_>>(),
+            vec![8, 9, 10, 11, 12, 13]
+        );
+        assert_eq!(state.batches.keys().copied().collect::<Vec<_>>(), vec![2]);
+        let q = state.queue.clone().unwrap();
+        assert_eq!((q.epoch, q.position, q.requeued.clone()), (2, 7, vec![4]));
+        assert!(
+            q.outstanding.is_empty(),
+            "prompts 11 and 12 were answered: {q:?}"
+        );
+        assert_eq!(state.learner.newest_version, 9);
+        assert_eq!(state.learner.orphans, vec![5, 8]);
+        for (seq, meta) in &state.groups {
+            assert_eq!(read_group(wal.dir(), meta.location).unwrap().seq, *seq);
+        }
+        wal.close();
+    }
+
+    #[test]
+    fn concurrent_writers_share_fsyncs_and_keep_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        let receivers: Vec<_> = (0..50).map(|s| wal.submit(vec![g(s)])).collect();
+        let mut last = None;
+        for rx in receivers {
+            let loc = rx.blocking_recv().unwrap().unwrap()[0];
+            if let Some(prev) = last {
+                assert!(loc.offset > prev, "records are written in submission order");
+            }
+            last = Some(loc.offset);
+        }
+        wal.close();
+        let (_wal, state) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        assert_eq!(state.groups.len(), 50);
     }
 
     #[test]
     fn torn_tail_is_cut_but_damage_elsewhere_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            wal.append_group(0, &group("p0")).unwrap();
-            wal.append_group(1, &group("p1")).unwrap();
+            let (wal, _) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+            wal.write_blocking(vec![g(0), g(1)]).unwrap();
+            wal.close();
         }
         let mut ids: Vec<u64> = fs::read_dir(dir.path())
             .unwrap()
@@ -575,13 +958,14 @@ mod tests {
             .collect();
         ids.sort_unstable();
         let newest = segment_path(dir.path(), *ids.last().unwrap());
-        // A crash in the middle of appending the third group.
+        // A crash in the middle of appending a third group.
         let len = fs::metadata(&newest).unwrap().len();
         let mut f = OpenOptions::new().append(true).open(&newest).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
-        let (_wal, rec) = Wal::open(dir.path()).unwrap();
-        assert_eq!(rec.groups.len(), 2);
+        let (wal, state) = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        wal.close();
+        assert_eq!(state.groups.len(), 2);
         assert_eq!(
             fs::metadata(&newest).unwrap().len(),
             len,
@@ -592,7 +976,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xFF;
         fs::write(&newest, bytes).unwrap();
-        let err = Wal::open(dir.path()).unwrap_err();
+        let err = Wal::start(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
     }
 }

@@ -10,8 +10,9 @@ use hindsight_policy::ChatTokenizer;
 use hindsight_proto::v1::health_client::HealthClient;
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::{
-    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest, HealthCheckRequest,
-    LeaseRequest, LeaseResponse, ReleaseLeasesRequest, RenewLeasesRequest, ReplayStatusRequest,
+    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest,
+    CommitBatchesRequest, HealthCheckRequest, LeaseRequest, LeaseResponse, RegisterLearnerRequest,
+    RegisterLearnerResponse, ReleaseLeasesRequest, RenewLeasesRequest, ReplayStatusRequest,
     ReplayStatusResponse, Response, RolloutAck, RolloutGroup, TrainingBatch,
 };
 use hindsight_replay_server::{serve, Hindsight, ReplayArgs};
@@ -173,16 +174,49 @@ async fn status(client: &mut ReplayClient<Channel>) -> ReplayStatusResponse {
         .into_inner()
 }
 
-async fn batches(client: &mut ReplayClient<Channel>) -> Streaming<TrainingBatch> {
+async fn register(
+    client: &mut ReplayClient<Channel>,
+    step: u64,
+    version: u64,
+    committed: u64,
+    trained: u64,
+) -> Result<RegisterLearnerResponse, Status> {
+    client
+        .register_learner(RegisterLearnerRequest {
+            learner_id: "learner".into(),
+            learner_step: step,
+            policy_version: version,
+            committed_through_batch_id: committed,
+            trained_through_batch_id: trained,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn stream(
+    client: &mut ReplayClient<Channel>,
+    incarnation: &str,
+    trained: u64,
+    prefetch: u32,
+) -> Result<Streaming<TrainingBatch>, Status> {
     client
         .stream_batches(BatchStreamRequest {
             learner_id: "learner".into(),
             rank: 0,
             world_size: 1,
+            incarnation: incarnation.into(),
+            trained_through_batch_id: trained,
+            prefetch,
         })
         .await
-        .unwrap()
-        .into_inner()
+        .map(|r| r.into_inner())
+}
+
+/// A fresh learner: registers at step 0 and streams from the first batch.
+async fn batches(client: &mut ReplayClient<Channel>) -> (String, Streaming<TrainingBatch>) {
+    let inc = register(client, 0, 0, 0, 0).await.unwrap().incarnation;
+    let s = stream(client, &inc, 0, 1).await.unwrap();
+    (inc, s)
 }
 
 async fn next_batch(stream: &mut Streaming<TrainingBatch>) -> TrainingBatch {
@@ -195,6 +229,7 @@ async fn next_batch(stream: &mut Streaming<TrainingBatch>) -> TrainingBatch {
 
 async fn ack(
     client: &mut ReplayClient<Channel>,
+    incarnation: &str,
     batch_id: u64,
     step: u64,
     version: u64,
@@ -205,9 +240,27 @@ async fn ack(
             batch_id,
             learner_step: step,
             policy_version: version,
+            incarnation: incarnation.into(),
         })
         .await
         .map(|_| ())
+}
+
+async fn commit(
+    client: &mut ReplayClient<Channel>,
+    incarnation: &str,
+    through: u64,
+) -> Result<u64, Status> {
+    client
+        .commit_batches(CommitBatchesRequest {
+            learner_id: "learner".into(),
+            incarnation: incarnation.into(),
+            through_batch_id: through,
+            learner_step: 0,
+            policy_version: 0,
+        })
+        .await
+        .map(|r| r.into_inner().committed_through_batch_id)
 }
 
 fn compiled() -> CompiledRecord {
@@ -259,7 +312,7 @@ async fn hir_batch_has_originals_and_top_k_rewritten_replays() {
     assert_eq!(acks.len(), 2);
     assert!(acks.iter().all(|a| a.accepted), "{acks:?}");
 
-    let mut stream = batches(&mut client).await;
+    let (inc, mut stream) = batches(&mut client).await;
     let batch = next_batch(&mut stream).await;
     assert_eq!(batch.step, 1);
     let stats = batch.stats.unwrap();
@@ -326,7 +379,12 @@ async fn hir_batch_has_originals_and_top_k_rewritten_replays() {
         assert!((s.constraint_accuracy - 2.0 / 3.0).abs() < 1e-6);
     }
 
-    ack(&mut client, batch.batch_id, 1, 1).await.unwrap();
+    for s in &batch.samples {
+        let p = s.provenance.as_ref().unwrap();
+        assert_eq!(p.group_seq, acks[s.group_index as usize].group_seq);
+        assert_eq!(p.lease_id, l.prompts[s.group_index as usize].lease_id);
+    }
+    ack(&mut client, &inc, batch.batch_id, 1, 1).await.unwrap();
     let st = status(&mut client).await;
     assert_eq!(
         (
@@ -364,6 +422,7 @@ async fn hir_batch_has_originals_and_top_k_rewritten_replays() {
         assert_eq!(rec.verify(line["response"].as_str().unwrap()), verdicts);
         assert_eq!(line["reward"].as_f64().unwrap() as f32, s.reward);
         assert_eq!(line["batch_id"], batch.batch_id);
+        assert_eq!(line["group_seq"], s.provenance.as_ref().unwrap().group_seq);
     }
 }
 
@@ -383,7 +442,7 @@ async fn replay_shortfall_is_counted() {
         .unwrap()
         .iter()
         .all(|a| a.accepted));
-    let batch = next_batch(&mut batches(&mut client).await).await;
+    let batch = next_batch(&mut batches(&mut client).await.1).await;
     let stats = batch.stats.unwrap();
     assert_eq!((stats.replay_samples, stats.replay_shortfall), (2, 2));
     assert_eq!(batch.samples.len(), 14);
@@ -427,7 +486,7 @@ async fn hindsight_off_generates_n_and_replays_nothing() {
         texts_group(&tok, &[ALL3, END_FAILS, END_FAILS, NONE], 0),
     );
     assert!(submit(&mut client, vec![g]).await.unwrap()[0].accepted);
-    let batch = next_batch(&mut batches(&mut client).await).await;
+    let batch = next_batch(&mut batches(&mut client).await.1).await;
     let stats = batch.stats.unwrap();
     assert_eq!(
         (
@@ -474,6 +533,18 @@ async fn invalid_groups_are_rejected_and_change_nothing() {
     let mut g = good.clone();
     g.responses[0].logprobs[3] = f32::NAN;
     cases.push(("NaN logprob", g));
+    let mut g = good.clone();
+    g.responses[0].logprobs[1] = -7.0e4;
+    cases.push(("absurdly small logprob", g));
+    let mut g = good.clone();
+    g.responses[0].entropies[1] = 1.0e3;
+    cases.push(("entropy above ln(vocabulary)", g));
+    let mut g = good.clone();
+    g.responses[0].entropies[1] = f32::INFINITY;
+    cases.push(("infinite entropy", g));
+    let mut g = good.clone();
+    g.actor_id = "y".repeat(8 << 20);
+    cases.push(("8 MiB actor id", g));
     let mut g = good.clone();
     g.responses[0].logprobs[0] = 0.5;
     cases.push(("positive logprob", g));
@@ -601,8 +672,9 @@ async fn expired_leases_requeue_their_prompt() {
     assert!(rescued[0].accepted, "{rescued:?}");
     let st = status(&mut client).await;
     assert_eq!(
-        (st.leases_expired, st.groups_accepted, st.batches_built),
-        (2, 2, 1)
+        (st.leases_expired, st.groups_accepted, st.groups_waiting),
+        (2, 2, 2),
+        "batches are composed when a learner asks"
     );
 
     // Renew keeps a lease alive past its original deadline; release re-queues at once.
@@ -633,11 +705,11 @@ async fn expired_leases_requeue_their_prompt() {
 }
 
 #[tokio::test]
-async fn unacked_batch_is_redelivered_and_backpressure_holds() {
+async fn unacked_batches_are_redelivered_unchanged_and_backpressure_holds() {
     let dir = tempfile::tempdir().unwrap();
     let a = ReplayArgs {
         prompts_per_batch: 1,
-        max_buffered_batches: 2,
+        max_pending_batches: 2,
         ..args(dir.path())
     };
     let server = Server::start(a).await;
@@ -649,11 +721,21 @@ async fn unacked_batch_is_redelivered_and_backpressure_holds() {
     assert_eq!(
         l.prompts.len(),
         2,
-        "capacity is max_buffered_batches * prompts_per_batch"
+        "capacity is max_pending_batches * prompts_per_batch"
     );
-    let none = lease(&mut client, "b", 1).await;
-    assert!(none.prompts.is_empty());
-    assert!(none.retry_after_ms > 0);
+    // At the bound a lease is refused with RESOURCE_EXHAUSTED and a retry delay.
+    let full = client
+        .lease_prompts(LeaseRequest {
+            actor_id: "b".into(),
+            max_prompts: 1,
+            policy_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(full.message().contains("--max-pending-batches"), "{full:?}");
+    assert!(full.metadata().get("retry-after-ms").is_some());
+    assert!(status(&mut client).await.leases_paused);
     let groups = (0..2)
         .map(|g| group(&l, g, "a", 0, texts_group(&tok, &texts, g)))
         .collect();
@@ -662,15 +744,24 @@ async fn unacked_batch_is_redelivered_and_backpressure_holds() {
         .unwrap()
         .iter()
         .all(|a| a.accepted));
-    assert!(
-        lease(&mut client, "b", 1).await.prompts.is_empty(),
-        "two unacked batches fill the buffer"
+    let full = client
+        .lease_prompts(LeaseRequest {
+            actor_id: "b".into(),
+            max_prompts: 1,
+            policy_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        full.code(),
+        Code::ResourceExhausted,
+        "two untrained groups fill the bound"
     );
 
-    let mut first = batches(&mut client).await;
+    let (inc, mut first) = batches(&mut client).await;
     let b1 = next_batch(&mut first).await;
     assert_eq!(b1.step, 1);
-    // Only one batch in flight per stream: nothing else arrives before the ack.
+    // Prefetch 1: nothing else arrives before the ack.
     assert!(
         tokio::time::timeout(Duration::from_millis(300), first.message())
             .await
@@ -678,24 +769,80 @@ async fn unacked_batch_is_redelivered_and_backpressure_holds() {
     );
     drop(first);
 
-    let mut second = batches(&mut client).await;
+    let mut second = stream(&mut client, &inc, 0, 1).await.unwrap();
     let again = next_batch(&mut second).await;
     assert_eq!(again, b1, "the unacked batch is delivered again, unchanged");
 
+    // Acks: unknown, out of order, hostile figures and old incarnations are refused and
+    // change nothing.
+    let before = status(&mut client).await;
     assert_eq!(
-        ack(&mut client, 999, 1, 1).await.unwrap_err().code(),
+        ack(&mut client, &inc, 999, 1, 1).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    ack(&mut client, b1.batch_id, 1, 1).await.unwrap();
-    ack(&mut client, b1.batch_id, 1, 1).await.unwrap();
+    assert_eq!(
+        ack(&mut client, &inc, b1.batch_id, u64::MAX, u64::MAX)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument,
+        "an ack advances step and version by exactly one"
+    );
+    assert_eq!(
+        ack(&mut client, "someone-else", b1.batch_id, 1, 1)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        commit(&mut client, &inc, b1.batch_id)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument,
+        "a batch not yet trained cannot be committed"
+    );
+    let after = status(&mut client).await;
+    assert_eq!(
+        (
+            after.learner_step,
+            after.policy_version,
+            after.batches_acked
+        ),
+        (
+            before.learner_step,
+            before.policy_version,
+            before.batches_acked
+        )
+    );
+    ack(&mut client, &inc, b1.batch_id, 1, 1).await.unwrap();
+    ack(&mut client, &inc, b1.batch_id, 1, 1).await.unwrap();
     let b2 = next_batch(&mut second).await;
-    assert_ne!(b2.batch_id, b1.batch_id);
-    assert_eq!(b2.step, 2, "built ahead for the learner's next step");
+    assert_eq!(b2.batch_id, b1.batch_id + 1);
+    assert_eq!(b2.step, 2, "built for the learner's next step");
     assert_eq!(
         lease(&mut client, "b", 5).await.prompts.len(),
         1,
-        "one batch slot freed"
+        "one slot freed by the trained batch"
     );
+    assert!(!status(&mut client).await.leases_paused);
+
+    // A newer registration supersedes the old incarnation's stream and acks.
+    let newer = register(&mut client, 1, 1, 0, b1.batch_id).await.unwrap();
+    assert_ne!(newer.incarnation, inc);
+    assert_eq!(newer.policy_version, 1);
+    assert_eq!(
+        ack(&mut client, &inc, b2.batch_id, 2, 2)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    let mut third = stream(&mut client, &newer.incarnation, b1.batch_id, 2)
+        .await
+        .unwrap();
+    assert_eq!(next_batch(&mut third).await, b2);
 
     // Graceful shutdown with a learner stream open.
     server.shutdown().await;
@@ -721,16 +868,22 @@ async fn stale_groups_are_dropped_and_requeued() {
         .unwrap()
         .iter()
         .all(|a| a.accepted));
-    let mut stream = batches(&mut client).await;
-    let b1 = next_batch(&mut stream).await;
-    assert_eq!(status(&mut client).await.groups_waiting, 1);
-    // The learner moves 5 versions on: the waiting version-0 group is too stale.
-    ack(&mut client, b1.batch_id, 1, 5).await.unwrap();
+    // A learner that holds version 5: the waiting version-0 groups are too stale.
+    let reg = register(&mut client, 5, 5, 0, 0).await.unwrap();
+    assert_eq!(reg.policy_version, 5);
+    let mut s = stream(&mut client, &reg.incarnation, 0, 1).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.message())
+            .await
+            .is_err(),
+        "no batch from stale groups"
+    );
     let st = status(&mut client).await;
     assert_eq!(
-        (st.groups_waiting, st.prompts_queued, st.policy_version),
-        (0, 1, 5)
+        (st.groups_waiting, st.groups_stale, st.policy_version),
+        (0, 3, 5)
     );
+    assert!(st.prompts_queued >= 1);
     let l2 = lease(&mut client, "a", 1).await;
     let old = submit(
         &mut client,
@@ -745,8 +898,11 @@ async fn stale_groups_are_dropped_and_requeued() {
     server.shutdown().await;
 }
 
+/// The exactly-once protocol at the replay server: batches keep their ids and content across
+/// restarts, stay until a checkpoint covers them, and are served again to a learner that
+/// resumes from an older checkpoint; versions are never reused.
 #[tokio::test]
-async fn accepted_groups_survive_a_restart() {
+async fn batches_survive_restarts_until_a_checkpoint_covers_them() {
     let dir = tempfile::tempdir().unwrap();
     let a = ReplayArgs {
         data_dir: Some(dir.path().join("data")),
@@ -757,9 +913,9 @@ async fn accepted_groups_survive_a_restart() {
 
     let server = Server::start(a.clone()).await;
     let mut client = server.client().await;
-    let l = lease(&mut client, "first-life", 4).await;
-    assert_eq!(l.prompts.len(), 4);
-    let groups = (0..4)
+    let l = lease(&mut client, "first-life", 5).await;
+    assert_eq!(l.prompts.len(), 5);
+    let groups: Vec<RolloutGroup> = (0..5)
         .map(|g| {
             group(
                 &l,
@@ -770,62 +926,91 @@ async fn accepted_groups_survive_a_restart() {
             )
         })
         .collect();
-    assert!(submit(&mut client, groups)
-        .await
-        .unwrap()
-        .iter()
-        .all(|a| a.accepted));
-    let mut stream = batches(&mut client).await;
-    let b1 = next_batch(&mut stream).await;
-    let actors = |b: &TrainingBatch| {
-        let mut v: Vec<String> = b
+    let acks = submit(&mut client, groups).await.unwrap();
+    assert!(acks.iter().all(|a| a.accepted));
+    let seqs: Vec<u64> = acks.iter().map(|a| a.group_seq).collect();
+    let (inc, mut s) = batches(&mut client).await;
+    let b1 = next_batch(&mut s).await;
+    ack(&mut client, &inc, b1.batch_id, 1, 1).await.unwrap();
+    let b2 = next_batch(&mut s).await;
+    let group_seqs = |b: &TrainingBatch| {
+        let mut v: Vec<u64> = b
             .samples
             .iter()
-            .filter(|s| !s.is_replay)
-            .map(|s| s.provenance.as_ref().unwrap().actor_id.clone())
+            .map(|s| s.provenance.as_ref().unwrap().group_seq)
             .collect();
+        v.sort_unstable();
         v.dedup();
         v
     };
-    assert_eq!(actors(&b1), vec!["actor-0", "actor-1"]);
-    ack(&mut client, b1.batch_id, 1, 1).await.unwrap();
-    let b2 = next_batch(&mut stream).await;
-    assert_eq!(actors(&b2), vec!["actor-2", "actor-3"]);
-    // Batch 2 is delivered but never acked; then the server goes down.
-    drop(stream);
+    assert_eq!(group_seqs(&b1), seqs[..2]);
+    assert_eq!(group_seqs(&b2), seqs[2..4]);
+    // Batch 2 is sent but never acked; then the server goes down.
+    drop(s);
     server.shutdown().await;
 
+    // Second life: both batches are back (batch 1 is trained but no checkpoint covers it).
     let server = Server::start(a.clone()).await;
     let mut client = server.client().await;
     let st = status(&mut client).await;
     assert_eq!(
-        (st.learner_step, st.policy_version, st.batches_built),
-        (1, 1, 1),
+        (
+            st.learner_step,
+            st.policy_version,
+            st.batches_built,
+            st.groups_waiting
+        ),
+        (1, 1, 2, 1),
         "{st:?}"
     );
-    let mut stream = batches(&mut client).await;
-    let again = next_batch(&mut stream).await;
-    assert_eq!(
-        actors(&again),
-        vec!["actor-2", "actor-3"],
-        "unacked groups come back"
+    // The live learner (weights through batch 1) carries on: batch 2, unchanged.
+    let reg = register(&mut client, 1, 1, 0, b1.batch_id).await.unwrap();
+    assert_eq!(reg.policy_version, 1);
+    let mut s = stream(&mut client, &reg.incarnation, b1.batch_id, 2)
+        .await
+        .unwrap();
+    assert_eq!(next_batch(&mut s).await, b2, "same id, same content");
+    drop(s);
+    // The learner dies without a checkpoint and resumes from scratch: it is served batch 1
+    // again, and must publish under a fresh version (1 is the dead learner's).
+    let reg = register(&mut client, 0, 0, 0, 0).await.unwrap();
+    assert_eq!(reg.policy_version, 2, "versions are never reused");
+    let inc = reg.incarnation;
+    let mut s = stream(&mut client, &inc, 0, 2).await.unwrap();
+    assert_eq!(next_batch(&mut s).await, b1);
+    assert_eq!(next_batch(&mut s).await, b2);
+    // Rollouts of the orphaned version 1 are declined (not acknowledged).
+    let l2 = lease(&mut client, "second-life", 1).await;
+    let orphan = submit(
+        &mut client,
+        vec![group(&l2, 0, "a", 1, texts_group(&tok, &texts, 0))],
+    )
+    .await
+    .unwrap();
+    assert!(
+        !orphan[0].accepted && orphan[0].reason.contains("crashed"),
+        "{orphan:?}"
     );
-    assert_eq!(again.step, 2);
-    assert!(again.batch_id > b1.batch_id);
-    assert_eq!(again.samples.len(), b2.samples.len());
-    // A late group with a lease of the previous incarnation is declined, not an error.
+    ack(&mut client, &inc, b1.batch_id, 1, 3).await.unwrap();
+    ack(&mut client, &inc, b2.batch_id, 2, 4).await.unwrap();
+    // A checkpoint through batch 2 is committed: both are forgotten.
+    assert_eq!(
+        commit(&mut client, &inc, b2.batch_id).await.unwrap(),
+        b2.batch_id
+    );
+    // A late group with a lease of the first life is declined, not an error.
     let old = submit(
         &mut client,
-        vec![group(&l, 0, "actor-0", 1, texts_group(&tok, &texts, 0))],
+        vec![group(&l, 4, "actor-4", 0, texts_group(&tok, &texts, 4))],
     )
     .await
     .unwrap();
     assert!(!old[0].accepted, "{old:?}");
-    ack(&mut client, again.batch_id, 2, 2).await.unwrap();
-    drop(stream);
+    drop(s);
     server.shutdown().await;
 
-    // Everything was trained on: a third life starts empty, at the learner's progress.
+    // Third life: what is left is the one waiting group; the learner's progress is kept, and
+    // a learner resuming from before the commit is refused with a clear message.
     let server = Server::start(a).await;
     let mut client = server.client().await;
     let st = status(&mut client).await;
@@ -833,10 +1018,145 @@ async fn accepted_groups_survive_a_restart() {
         (
             st.groups_waiting,
             st.batches_built,
+            st.committed_through_batch_id,
             st.learner_step,
             st.policy_version
         ),
-        (0, 0, 2, 2)
+        (1, 0, 2, 2, 4),
+        "{st:?}"
+    );
+    let err = register(&mut client, 0, 0, 0, 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("newest checkpoint"), "{err:?}");
+    let err = register(&mut client, 9, 9, 2, 7).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let reg = register(&mut client, 2, 4, 2, 2).await.unwrap();
+    assert_eq!(reg.policy_version, 4);
+    server.shutdown().await;
+}
+
+/// The server decodes the tokens itself: a text that disagrees with them does not earn a
+/// reward, and hostile requests get clear codes without changing anything.
+#[tokio::test]
+async fn the_reward_follows_the_tokens_and_hostile_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(args(dir.path())).await;
+    let mut client = server.client().await;
+    let tok = tokenizer();
+    let l = lease(&mut client, "a", 2).await;
+    // Every response's text claims success; the tokens say otherwise.
+    let lying: Vec<Response> = (0..6)
+        .map(|r| Response {
+            text: ALL3.into(),
+            ..response(&tok, NONE, 0.1 * r as f32)
+        })
+        .collect();
+    let honest = texts_group(&tok, &[ALL3; 6], 1);
+    let acks = submit(
+        &mut client,
+        vec![group(&l, 0, "a", 0, lying), group(&l, 1, "a", 0, honest)],
+    )
+    .await
+    .unwrap();
+    assert!(acks.iter().all(|a| a.accepted));
+    let (_inc, mut s) = batches(&mut client).await;
+    let b = next_batch(&mut s).await;
+    for sample in b.samples.iter().filter(|s| !s.is_replay) {
+        let expected = if sample.group_index == 0 { 0.0 } else { 1.0 };
+        assert_eq!(sample.reward, expected, "{:?}", sample.provenance);
+    }
+
+    let before = status(&mut client).await;
+    let huge = "z".repeat(10 << 20);
+    let err = client
+        .renew_leases(RenewLeasesRequest {
+            actor_id: huge.clone(),
+            lease_ids: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().len() < 200, "the id is not echoed back");
+    let err = client
+        .release_leases(ReleaseLeasesRequest {
+            actor_id: "a".into(),
+            lease_ids: (0..5000).map(|i| format!("l-{i}")).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Another actor cannot release (or renew) someone else's lease.
+    let theirs = lease(&mut client, "owner", 1).await;
+    let released = client
+        .release_leases(ReleaseLeasesRequest {
+            actor_id: "thief".into(),
+            lease_ids: vec![theirs.prompts[0].lease_id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.released, 0);
+    let renewed = client
+        .renew_leases(RenewLeasesRequest {
+            actor_id: "thief".into(),
+            lease_ids: vec![theirs.prompts[0].lease_id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.unknown_lease_ids.len(), 1);
+    // 20,000 actor ids cost neither memory without bound nor 20,000 metric series.
+    for i in 0..300 {
+        let _ = client
+            .renew_leases(RenewLeasesRequest {
+                actor_id: format!("actor-{i}"),
+                lease_ids: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    let after = status(&mut client).await;
+    assert_eq!(after.groups_accepted, before.groups_accepted);
+    assert_eq!(after.leases_active, before.leases_active + 1);
+
+    // Garbage on the rollout stream: a frame that is no RolloutGroup ends the stream with
+    // INVALID_ARGUMENT (not OK with zero acks).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Garbage {
+        #[prost(uint64, tag = "5")]
+        responses_as_a_number: u64,
+    }
+    let mut grpc = tonic::client::Grpc::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<Garbage, RolloutAck>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/hindsight.v1.Replay/StreamRollouts");
+    let frames = tokio_stream::iter(vec![Garbage {
+        responses_as_a_number: 7,
+    }]);
+    let result = grpc
+        .streaming(tonic::Request::new(frames), path, codec)
+        .await;
+    let code = match result {
+        Err(status) => status.code(),
+        Ok(resp) => {
+            let mut acks = resp.into_inner();
+            match acks.message().await {
+                Err(status) => status.code(),
+                Ok(ack) => panic!("garbage answered with {ack:?}"),
+            }
+        }
+    };
+    assert_eq!(code, Code::InvalidArgument);
+    assert_eq!(
+        status(&mut client).await.groups_accepted,
+        before.groups_accepted
     );
     server.shutdown().await;
 }
