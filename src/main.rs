@@ -7,6 +7,7 @@ mod bench_generate;
 mod bench_train;
 mod convert;
 mod status;
+mod supervise;
 mod telemetry;
 mod up;
 mod verify;

@@ -5,18 +5,24 @@
 //! Run directory layout: `logs/<process>.log`, `steps.jsonl` (the learner's per-step figures),
 //! `batches.jsonl` (every sample served, from the replay server), `checkpoints/`,
 //! `replay-data/` (the replay server's write-ahead log), `endpoints.json` (addresses, written at
-//! start) and `summary.json` (written at the end).
+//! start, rewritten when a restart changes a pid) and `summary.json` (written at the end).
+//!
+//! The processes are supervised (`supervise.rs`): one that crashes is restarted with the same
+//! arguments and ports (the learner with `--resume`), they all die with `up` even on
+//! `kill -9`, and the run fails only when one crashes more than `--max-restarts` times within
+//! `--restart-window-secs`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::supervise::{ordinal, Event, Exit, RestartPolicy, Spec, Supervisor};
 use crate::telemetry::LogFormat;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -77,63 +83,19 @@ pub struct UpArgs {
     /// Give up if a step takes longer than this many seconds.
     #[arg(long, env = "HINDSIGHT_STEP_TIMEOUT_SECS", default_value_t = 1800)]
     pub step_timeout_secs: u64,
+    /// A process that crashes is restarted (same arguments and ports; the learner resumes
+    /// from its newest checkpoint); one more crash than this within --restart-window-secs
+    /// fails the run. 0 = never restart.
+    #[arg(long, env = "HINDSIGHT_MAX_RESTARTS", default_value_t = 5)]
+    pub max_restarts: u32,
+    /// The window of --max-restarts, in seconds.
+    #[arg(long, env = "HINDSIGHT_RESTART_WINDOW_SECS", default_value_t = 600)]
+    pub restart_window_secs: u64,
 }
 
 fn free_port() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
-}
-
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    metrics: SocketAddr,
-    peak_rss_kib: u64,
-    exit: Option<i32>,
-}
-
-impl Proc {
-    fn sample_memory(&mut self) {
-        let path = format!("/proc/{}/status", self.child.id());
-        if let Ok(s) = std::fs::read_to_string(path) {
-            for line in s.lines() {
-                if let Some(v) = line.strip_prefix("VmHWM:") {
-                    let kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                    self.peak_rss_kib = self.peak_rss_kib.max(kib);
-                }
-            }
-        }
-    }
-
-    fn poll_exit(&mut self) -> Option<i32> {
-        if self.exit.is_none() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(status.code().unwrap_or(-1));
-            }
-        }
-        self.exit
-    }
-
-    fn terminate(&mut self, grace: Duration) {
-        if self.poll_exit().is_some() {
-            return;
-        }
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if self.poll_exit().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.exit = Some(-9);
-    }
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -187,6 +149,8 @@ fn read_steps(path: &Path) -> Vec<Value> {
 }
 
 pub async fn run(args: UpArgs, log_format: LogFormat) -> Result<()> {
+    // One thread for the whole run: it starts and restarts every child, and the children's
+    // death signal is tied to the thread that started them (see `supervise::die_with_parent`).
     tokio::task::spawn_blocking(move || run_blocking(args, log_format)).await?
 }
 
@@ -213,7 +177,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         let _ = std::fs::remove_dir_all(run_dir.join("replay-data"));
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
     }
-    let already = read_steps(&steps_path).len();
+    let already = current_step(&read_steps(&steps_path));
     let exe = std::env::current_exe().context("locating the hindsight binary")?;
     let cache = args
         .cache_dir
@@ -238,34 +202,35 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         LogFormat::Json => "json",
     };
     let threads = args.threads_per_process.to_string();
-    let spawn = |name: &str, role_args: Vec<String>| -> Result<Proc> {
-        let metrics = free_port()?;
-        let log = logs.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(&exe)
-            .arg("--log-format")
-            .arg(fmt)
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .arg("--threads")
-            .arg(&threads)
-            .args(&role_args)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log,
-            metrics,
-            peak_rss_kib: 0,
-            exit: None,
-        })
-    };
+    // What every process runs: the global flags, its role's arguments, the model cache.
+    // Ports are chosen once here, so that a restarted process serves where its peers (and
+    // endpoints.json) expect it.
+    let spec =
+        |name: &str, role_args: Vec<String>, restart_args: &[&str]| -> Result<(Spec, SocketAddr)> {
+            let metrics = free_port()?;
+            let mut all: Vec<OsString> = [
+                "--log-format",
+                fmt,
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--threads",
+                &threads,
+            ]
+            .iter()
+            .map(OsString::from)
+            .collect();
+            all.extend(role_args.into_iter().map(OsString::from));
+            all.push("--cache-dir".into());
+            all.push(cache.clone().into_os_string());
+            let spec = Spec {
+                name: name.to_string(),
+                program: exe.clone(),
+                args: all,
+                restart_args: restart_args.iter().map(OsString::from).collect(),
+                log: logs.join(format!("{name}.log")),
+            };
+            Ok((spec, metrics))
+        };
 
     let mut replay_args: Vec<String> = vec![
         "replay-server".into(),
@@ -322,12 +287,18 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         learner_args.push(lr.to_string());
     }
 
-    let mut procs = vec![
-        spawn("replay-server", replay_args)?,
-        spawn("learner", learner_args)?,
+    let mut specs = vec![
+        spec("replay-server", replay_args, &[])?,
+        // A restarted learner continues from its newest checkpoint (or starts fresh if there
+        // is none yet) rather than from the base model.
+        spec(
+            "learner",
+            learner_args,
+            if args.resume { &[] } else { &["--resume"] },
+        )?,
     ];
     for i in 0..args.actors {
-        procs.push(spawn(
+        specs.push(spec(
             &format!("actor-{i}"),
             vec![
                 "actor".into(),
@@ -342,18 +313,31 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
                 "--seed".into(),
                 (args.seed + i as u64).to_string(),
             ],
+            &[],
         )?);
     }
-    let endpoints = json!({
-        "replay": replay_url,
-        "learner": learner_url,
-        "metrics": procs.iter().map(|p| (p.name.clone(), format!("http://{}/metrics", p.metrics))).collect::<BTreeMap<_, _>>(),
-        "pids": procs.iter().map(|p| (p.name.clone(), p.child.id())).collect::<BTreeMap<_, _>>(),
-    });
-    std::fs::write(
-        run_dir.join("endpoints.json"),
-        serde_json::to_string_pretty(&endpoints)?,
-    )?;
+    let endpoints = Endpoints {
+        path: run_dir.join("endpoints.json"),
+        replay: replay_url,
+        learner: learner_url,
+        metrics: specs.iter().map(|(s, m)| (s.name.clone(), *m)).collect(),
+    };
+    let policy = RestartPolicy::new(
+        args.max_restarts,
+        Duration::from_secs(args.restart_window_secs),
+    );
+    let grace = Duration::from_secs(20);
+    let mut sup = Supervisor::new(policy);
+    for (s, _) in specs {
+        if let Err(e) = sup.start(s) {
+            sup.stop(grace);
+            return Err(e);
+        }
+    }
+    if let Err(e) = endpoints.write(&sup) {
+        sup.stop(grace);
+        return Err(e);
+    }
     eprintln!(
         "hindsight up: {} actor(s), model {}, {} steps; logs in {}",
         args.actors,
@@ -369,7 +353,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     }
 
     let pb = indicatif::ProgressBar::new(args.steps);
-    pb.set_position(already as u64);
+    pb.set_position(already);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] step {pos}/{len} {bar:30} {msg}",
@@ -378,65 +362,105 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     );
     pb.set_message("starting services...");
     pb.enable_steady_tick(Duration::from_millis(200));
+    // One line of progress output, above the bar (or plain, when there is no terminal).
+    let say = |line: String| {
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
+    };
     let started = Instant::now();
     let mut last_step_at = Instant::now();
-    let mut shown = already;
+    let mut shown = read_steps(&steps_path).len();
     let mut failure: Option<String> = None;
     let mut done_at: Option<Instant> = None;
     loop {
-        for p in procs.iter_mut() {
-            p.sample_memory();
-        }
+        sup.sample_memory();
         let steps = read_steps(&steps_path);
         while shown < steps.len() {
             let s = &steps[shown];
-            let line = format!(
+            say(format!(
                 "step {:>3}  reward {:.3}  success {:.3}  replays {:>3}  loss {:+.4}  grad {:.3}  version {}  {:.1}s",
                 s["step"], s["reward_mean"].as_f64().unwrap_or(0.0), s["success_rate"].as_f64().unwrap_or(0.0),
                 s["replay_samples"], s["loss"].as_f64().unwrap_or(f64::NAN), s["grad_norm"].as_f64().unwrap_or(0.0),
                 s["policy_version"], s["step_seconds"].as_f64().unwrap_or(0.0)
-            );
-            if pb.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                pb.println(line);
-            }
+            ));
             shown += 1;
-            pb.set_position(shown as u64);
             pb.set_message("training");
             last_step_at = Instant::now();
         }
-        if shown as u64 >= args.steps && done_at.is_none() {
+        let step = current_step(&steps);
+        pb.set_position(step);
+        if step >= args.steps && done_at.is_none() {
             done_at = Some(Instant::now());
             if args.linger {
-                pb.println(format!(
+                say(format!(
                     "all {} steps done; services keep running (Ctrl-C to stop). endpoints: {}",
                     args.steps,
-                    run_dir.join("endpoints.json").display()
+                    endpoints.path.display()
                 ));
             }
         }
         if done_at.is_some() && !args.linger {
             break;
         }
+        // Checked before `poll`, the one place that restarts: nothing restarts once stopping.
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             if done_at.is_none() {
                 failure = Some("stopped by a signal before the last step".into());
             }
             break;
         }
-        for p in procs.iter_mut() {
-            p.poll_exit();
+        let events = match sup.poll(Instant::now()) {
+            Ok(events) => events,
+            Err(e) => {
+                failure = Some(format!("{e:#}"));
+                break;
+            }
+        };
+        let mut restarted = false;
+        for event in events {
+            match event {
+                Event::Restarted {
+                    name,
+                    exit,
+                    restart,
+                } => {
+                    say(format!(
+                        "{name} exited ({exit}); restarted ({} restart)",
+                        ordinal(restart)
+                    ));
+                    restarted = true;
+                }
+                Event::Finished { name } => say(format!("{name} finished (code 0)")),
+                Event::GaveUp {
+                    name,
+                    exit,
+                    crashes,
+                    log,
+                } => {
+                    failure = Some(format!(
+                        "{name} exited ({exit}) unexpectedly: crash {crashes} within {}s, more than --max-restarts {}; last lines of {}:\n{}",
+                        args.restart_window_secs,
+                        args.max_restarts,
+                        log.display(),
+                        tail(&log, 30)
+                    ));
+                }
+            }
         }
-        if let Some(p) = procs.iter().find(|p| p.exit.is_some()) {
-            failure = Some(format!(
-                "{} exited ({:?}) unexpectedly; last lines of {}:\n{}",
-                p.name,
-                p.exit,
-                p.log.display(),
-                tail(&p.log, 30)
-            ));
+        if failure.is_some() {
             break;
+        }
+        if restarted {
+            // A restart changed a pid; a stale file would name a process that is gone.
+            if let Err(e) = endpoints.write(&sup) {
+                say(format!(
+                    "could not rewrite {}: {e:#}",
+                    endpoints.path.display()
+                ));
+            }
         }
         if done_at.is_none() && last_step_at.elapsed() > Duration::from_secs(args.step_timeout_secs)
         {
@@ -450,22 +474,24 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     }
     pb.finish_and_clear();
 
-    // Figures that only the live processes know.
+    // Figures that only the live processes know (a restarted actor's count starts again at
+    // its restart: its predecessor's tokens are not in it).
     let mut generated_tokens = 0.0;
     let mut generation_seconds = 0.0;
-    for p in procs.iter().filter(|p| p.name.starts_with("actor")) {
-        if let Ok(page) = scrape(p.metrics) {
+    for (_, addr) in endpoints
+        .metrics
+        .iter()
+        .filter(|(n, _)| n.starts_with("actor"))
+    {
+        if let Ok(page) = scrape(*addr) {
             generated_tokens +=
                 series_sum(&page, "hindsight_actor_generated_tokens_total").unwrap_or(0.0);
             generation_seconds +=
                 series_sum(&page, "hindsight_actor_generation_seconds_sum").unwrap_or(0.0);
         }
     }
-    // Stop actors first, then the learner, then the replay server (it flushes its log last).
-    for p in procs.iter_mut().rev() {
-        p.sample_memory();
-        p.terminate(Duration::from_secs(20));
-    }
+    // Actors first, then the learner, then the replay server (it flushes its log last).
+    sup.stop(grace);
     let steps = read_steps(&steps_path);
     let mean = |key: &str| {
         let v: Vec<f64> = steps.iter().filter_map(|s| s[key].as_f64()).collect();
@@ -480,7 +506,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         "actors": args.actors,
         "hindsight": args.hindsight,
         "steps_requested": args.steps,
-        "steps_completed": steps.len(),
+        "steps_completed": current_step(&steps),
         "ok": failure.is_none(),
         "failure": failure,
         "wall_seconds": started.elapsed().as_secs_f64(),
@@ -490,10 +516,21 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         "generation_tokens": generated_tokens,
         "generation_tokens_per_second_per_actor": if generation_seconds > 0.0 { json!(generated_tokens / generation_seconds) } else { Value::Null },
         "generation_tokens_per_second_aggregate": if generation_seconds > 0.0 { json!(generated_tokens / generation_seconds * args.actors as f64) } else { Value::Null },
-        "processes": procs.iter().map(|p| json!({
-            "name": p.name, "pid": p.child.id(), "peak_rss_mib": p.peak_rss_kib as f64 / 1024.0, "exit_code": p.exit,
-            "log": p.log.display().to_string(),
-        })).collect::<Vec<_>>(),
+        "processes": sup.procs().iter().map(|p| {
+            let last = p.last_exit();
+            json!({
+                "name": p.spec.name,
+                "pid": p.pid,
+                "peak_rss_mib": p.peak_rss_kib as f64 / 1024.0,
+                // The last instance's exit: its code, or null and the signal that killed it.
+                "exit_code": last.and_then(Exit::code),
+                "exit_signal": last.and_then(Exit::signal),
+                "restarts": p.restarts,
+                // Every exit, crashes and the final stop: "code 1", "signal 9".
+                "exits": p.exits.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "log": p.spec.log.display().to_string(),
+            })
+        }).collect::<Vec<_>>(),
         "steps": steps,
         "run_dir": run_dir.display().to_string(),
     });
@@ -504,6 +541,43 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         bail!("{f}");
     }
     Ok(())
+}
+
+/// The learner's step now: the `step` of the last line of its step log. Not the number of
+/// lines: a learner restarted from an older checkpoint logs some steps again.
+fn current_step(steps: &[Value]) -> u64 {
+    steps
+        .last()
+        .and_then(|s| s["step"].as_u64())
+        .unwrap_or(steps.len() as u64)
+}
+
+/// `endpoints.json`: where each service listens, its `/metrics` and its current pid.
+struct Endpoints {
+    path: PathBuf,
+    replay: String,
+    learner: String,
+    /// Each process's `/metrics` address, by name (fixed: a restart keeps its port).
+    metrics: BTreeMap<String, SocketAddr>,
+}
+
+impl Endpoints {
+    fn write(&self, sup: &Supervisor) -> Result<()> {
+        let value = json!({
+            "replay": self.replay,
+            "learner": self.learner,
+            "metrics": self.metrics.iter().map(|(n, a)| (n.clone(), format!("http://{a}/metrics"))).collect::<BTreeMap<_, _>>(),
+            "pids": sup.pids(),
+        });
+        // Others read this file while `up` runs: write aside and rename, so that a reader
+        // sees the old file or the new one, never half of one.
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&value)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        Ok(())
+    }
 }
 
 /// Sets `flag` when signal `sig` arrives (async-signal-safe: one atomic store).

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -43,7 +43,8 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn dump_logs(run_dir: &Path) -> String {
+/// The last lines of `up.log` and of every process log, to print on a failure.
+pub fn dump_logs(run_dir: &Path) -> String {
     let mut out = String::new();
     let mut files: Vec<PathBuf> = vec![run_dir.join("up.log")];
     if let Ok(rd) = std::fs::read_dir(run_dir.join("logs")) {
@@ -90,7 +91,19 @@ pub fn wait_for_steps(
 }
 
 /// Stops `up` with SIGTERM (as Ctrl-C would) and returns the summary it wrote.
-pub fn stop_up(mut up: Child, run_dir: &Path) -> Value {
+pub fn stop_up(up: Child, run_dir: &Path) -> Value {
+    let (status, summary) = stop_up_status(up, run_dir);
+    assert!(
+        status.success(),
+        "hindsight up failed: {status}{}",
+        dump_logs(run_dir)
+    );
+    summary.unwrap_or_else(|| panic!("no summary.json{}", dump_logs(run_dir)))
+}
+
+/// Stops `up` with SIGTERM and returns how it exited and the summary it wrote, if any,
+/// whether or not the run succeeded.
+pub fn stop_up_status(mut up: Child, run_dir: &Path) -> (ExitStatus, Option<Value>) {
     unsafe {
         libc::kill(up.id() as libc::pid_t, libc::SIGTERM);
     }
@@ -108,14 +121,36 @@ pub fn stop_up(mut up: Child, run_dir: &Path) -> Value {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(
-        status.success(),
-        "hindsight up failed: {status}{}",
-        dump_logs(run_dir)
-    );
-    let text = std::fs::read_to_string(run_dir.join("summary.json"))
-        .unwrap_or_else(|e| panic!("no summary.json: {e}{}", dump_logs(run_dir)));
-    serde_json::from_str(&text).unwrap()
+    let summary = std::fs::read_to_string(run_dir.join("summary.json"))
+        .ok()
+        .map(|text| serde_json::from_str(&text).unwrap());
+    (status, summary)
+}
+
+/// `endpoints.json` of a running `up`, once it exists.
+pub fn read_endpoints(run_dir: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(run_dir.join("endpoints.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The pid of process `name` (`replay-server`, `learner`, `actor-0`, ...) in `endpoints.json`.
+pub fn pid_of(run_dir: &Path, name: &str) -> Option<i32> {
+    read_endpoints(run_dir)?["pids"][name]
+        .as_i64()
+        .map(|p| p as i32)
+}
+
+/// Whether `pid` names a live process: it exists and is not a zombie (a child of a dead
+/// parent is reparented and stays a zombie until its new parent reaps it).
+pub fn alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) S ...`: comm may contain anything, the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
 }
 
 pub fn scrape(url: &str) -> String {
