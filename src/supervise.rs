@@ -95,6 +95,10 @@ pub struct Spec {
     pub restart_args: Vec<OsString>,
     /// stdout and stderr; truncated at the first start, appended to on a restart.
     pub log: PathBuf,
+    /// A service runs until it is stopped: any exit the supervisor did not ask for, even with
+    /// code 0 (a graceful shutdown after someone else's SIGTERM), is restarted. Otherwise
+    /// exit code 0 means the process finished its work.
+    pub service: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -300,7 +304,7 @@ impl Supervisor {
         let mut events = Vec::new();
         for p in &mut self.procs {
             if let Some(exit) = p.try_reap() {
-                if exit.success() {
+                if exit.success() && !p.spec.service {
                     events.push(Event::Finished {
                         name: p.spec.name.clone(),
                     });
@@ -454,6 +458,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             restart_args: vec!["restarted".into()],
             log: dir.join(format!("{name}.log")),
+            service: false,
         }
     }
 

@@ -185,3 +185,73 @@ pub fn series(page: &str, name: &str) -> Vec<f64> {
         })
         .collect()
 }
+
+/// A running `hindsight up ... --linger`, killed with SIGKILL if the test ends early (a failed
+/// assertion): its children then die with it instead of outliving the test.
+pub struct Up(Option<Child>);
+
+impl Up {
+    pub fn start(run_dir: &Path, args: &[&str]) -> Up {
+        Up(Some(start_up(run_dir, args)))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("up is running")
+    }
+
+    pub fn take(&mut self) -> Child {
+        self.0.take().expect("up is running")
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `cond` every 50 ms until it returns a value; returns it and how long that took.
+/// Panics with `what` and every log after `timeout`, or if `up` exits meanwhile.
+pub fn wait_until<T>(
+    up: &mut Child,
+    run_dir: &Path,
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return (v, started.elapsed());
+        }
+        if let Ok(Some(status)) = up.try_wait() {
+            panic!(
+                "hindsight up exited ({status}) while waiting for {what}{}",
+                dump_logs(run_dir)
+            );
+        }
+        if started.elapsed() > timeout {
+            panic!("no {what} after {timeout:?}{}", dump_logs(run_dir));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to `pid` (a real kill: SIGKILL or SIGTERM).
+pub fn send_signal(pid: i32, signal: i32) {
+    // SAFETY: kill(2) has no memory effects.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill -{signal} {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+pub fn kill9(pid: i32) {
+    send_signal(pid, libc::SIGKILL);
+}

@@ -6,7 +6,6 @@ mod common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,65 +25,8 @@ const TINY: &[&str] = &[
     "1",
 ];
 
-/// A running `up`, killed with SIGKILL if the test ends early (a failed assertion): its
-/// children then die with it instead of outliving the test.
-struct Up(Option<Child>);
-
-impl Up {
-    fn start(run_dir: &Path, extra: &[&str]) -> Up {
-        let args: Vec<&str> = TINY.iter().chain(extra).copied().collect();
-        Up(Some(start_up(run_dir, &args)))
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("up is running")
-    }
-
-    fn take(&mut self) -> Child {
-        self.0.take().expect("up is running")
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Polls `cond` every 50 ms until it returns a value; returns it and how long that took.
-/// Panics with `what` and every log after `timeout`, or if `up` exits meanwhile.
-fn wait_until<T>(
-    up: &mut Child,
-    run_dir: &Path,
-    timeout: Duration,
-    what: &str,
-    mut cond: impl FnMut() -> Option<T>,
-) -> (T, Duration) {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = cond() {
-            return (v, started.elapsed());
-        }
-        if let Ok(Some(status)) = up.try_wait() {
-            panic!(
-                "hindsight up exited ({status}) while waiting for {what}{}",
-                dump_logs(run_dir)
-            );
-        }
-        if started.elapsed() > timeout {
-            panic!("no {what} after {timeout:?}{}", dump_logs(run_dir));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn kill9(pid: i32) {
-    // SAFETY: kill(2) has no memory effects.
-    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
+fn start_tiny(run_dir: &Path, extra: &[&str]) -> Up {
+    Up::start(run_dir, &[TINY, extra].concat())
 }
 
 fn log_of(run_dir: &Path, name: &str) -> String {
@@ -145,7 +87,7 @@ fn a_killed_actor_is_restarted_and_training_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let t0 = Instant::now();
-    let mut up = Up::start(&run_dir, &["--steps", "3"]);
+    let mut up = start_tiny(&run_dir, &["--steps", "3"]);
     wait_for_steps(up.child(), &run_dir, 1, Duration::from_secs(300));
     let first_step = t0.elapsed();
 
@@ -224,7 +166,7 @@ fn a_killed_actor_is_restarted_and_training_goes_on() {
 fn children_die_when_up_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
-    let mut up = Up::start(&run_dir, &["--steps", "1000"]);
+    let mut up = start_tiny(&run_dir, &["--steps", "1000"]);
     // Running children: each one serves its /metrics endpoint (opened by the role process
     // itself, so it has started, not just forked).
     let (pids, started_after) = wait_until(
@@ -259,7 +201,7 @@ fn a_killed_replay_server_is_restarted_and_serves_again() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let t0 = Instant::now();
-    let mut up = Up::start(&run_dir, &["--steps", "3"]);
+    let mut up = start_tiny(&run_dir, &["--steps", "3"]);
     wait_for_steps(up.child(), &run_dir, 1, Duration::from_secs(300));
     let first_step = t0.elapsed();
 

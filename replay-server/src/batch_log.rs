@@ -1,15 +1,15 @@
 //! The batch log: one JSON line per training sample served (`--batch-log FILE.jsonl`).
 //!
-//! For humans and end-to-end tests: every sample of every batch built, with its provenance,
-//! verdicts, the (possibly rewritten) instruction and the decoded source response, so a
-//! reader can re-derive rewards and rewrites. A dedicated thread serializes and appends the
-//! lines (flushing after each batch), so the state lock only pays for handing a batch over.
+//! For humans and end-to-end tests: every sample of every batch served, with its provenance
+//! (group sequence number, lease), verdicts, the (possibly rewritten) instruction and the
+//! decoded source response, so a reader can re-derive rewards and rewrites and check that
+//! every group was trained exactly once. A batch's lines are written (and flushed to the
+//! kernel) before the batch is sent, so they survive a crash of the process that sent it.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write as _};
 use std::path::Path;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::Mutex;
 
 use anyhow::Context as _;
 use hindsight_proto::v1::TrainingBatch;
@@ -22,15 +22,15 @@ pub struct LoggedBatch {
     pub texts: Vec<Vec<String>>,
 }
 
-/// Sends batches to the writer thread; dropping it (or [`BatchLog::close`]) ends the thread.
+/// The open batch log.
 #[derive(Debug)]
 pub struct BatchLog {
-    tx: Option<mpsc::Sender<LoggedBatch>>,
-    thread: Option<JoinHandle<()>>,
+    out: Mutex<BufWriter<File>>,
+    shown: String,
 }
 
 impl BatchLog {
-    /// Opens `path` for appending (creating parent directories) and starts the writer.
+    /// Opens `path` for appending (creating parent directories).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -40,45 +40,20 @@ impl BatchLog {
             .append(true)
             .open(path)
             .with_context(|| format!("opening the batch log {}", path.display()))?;
-        let (tx, rx) = mpsc::channel::<LoggedBatch>();
-        let shown = path.display().to_string();
-        let thread = std::thread::Builder::new()
-            .name("batch-log".into())
-            .spawn(move || {
-                let mut out = BufWriter::new(file);
-                for logged in rx {
-                    let res = write_batch(&mut out, &logged).and_then(|()| out.flush());
-                    if let Err(e) = res {
-                        tracing::error!(role = "replay-server", path = %shown, error = %e, "cannot write the batch log");
-                    }
-                }
-            })
-            .context("starting the batch log thread")?;
         Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
+            out: Mutex::new(BufWriter::new(file)),
+            shown: path.display().to_string(),
         })
     }
 
-    /// Queues a batch for writing.
-    pub fn send(&self, logged: LoggedBatch) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(logged);
+    /// Writes a batch's lines and flushes them (blocking: call it off the async workers).
+    /// A failure is logged, not returned: the batch log is a record, not the data path.
+    pub fn write(&self, logged: &LoggedBatch) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let res = write_batch(&mut *out, logged).and_then(|()| out.flush());
+        if let Err(e) = res {
+            tracing::error!(path = %self.shown, error = %e, "cannot write the batch log");
         }
-    }
-
-    /// Writes what is queued and stops the thread (blocking).
-    pub fn close(&mut self) {
-        self.tx = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for BatchLog {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 

@@ -71,7 +71,7 @@ pub struct ReplayArgs {
     #[arg(
         long,
         env = "HINDSIGHT_REPLAY_MAX_PENDING_BATCHES",
-        default_value_t = 4
+        default_value_t = 2
     )]
     pub max_pending_batches: u32,
     /// Back-pressure: log bytes of groups waiting for the learner.
@@ -134,7 +134,7 @@ impl Default for ReplayArgs {
             lambda0: 2.0,
             eta: 0.05,
             max_staleness: 4,
-            max_pending_batches: 4,
+            max_pending_batches: 2,
             max_pending_bytes: 1 << 30,
             segment_bytes: crate::wal::DEFAULT_SEGMENT_BYTES,
             lease_timeout_ms: 120_000,

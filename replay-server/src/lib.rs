@@ -286,16 +286,9 @@ pub async fn serve_with_codec(
         .await;
     shutdown_tx.send_replace(true);
     let _ = reaper.await;
-    let log = shared.take_batch_log();
     drop(shared);
-    let _ = tokio::task::spawn_blocking(move || {
-        if let Some(mut log) = log {
-            log.close();
-        }
-        // Everything queued is written and fsynced before the process exits.
-        wal.close();
-    })
-    .await;
+    // Everything queued is written and fsynced before the process exits.
+    let _ = tokio::task::spawn_blocking(move || wal.close()).await;
     info!("stopped");
     result.context("replay gRPC server failed")
 }

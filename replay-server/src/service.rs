@@ -83,7 +83,7 @@ pub struct Shared {
     wal: Wal,
     codec: Arc<dyn PromptCodec>,
     temperature: f32,
-    batch_log: Mutex<Option<BatchLog>>,
+    batch_log: Option<BatchLog>,
     /// Batches up to this id are in the batch log already (re-served ones are not logged twice).
     batch_logged_through: AtomicU64,
     /// Bumped whenever batches may be sendable (wakes learner streams).
@@ -114,7 +114,7 @@ impl Shared {
             wal,
             codec,
             temperature,
-            batch_log: Mutex::new(batch_log),
+            batch_log,
             batch_logged_through: AtomicU64::new(logged),
             changes: watch::channel(0).0,
             shutdown,
@@ -125,11 +125,6 @@ impl Shared {
 
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
-    }
-
-    /// Detaches the batch log at shutdown.
-    pub fn take_batch_log(&self) -> Option<BatchLog> {
-        lock(&self.batch_log).take()
     }
 
     fn notify(&self) {
@@ -211,10 +206,10 @@ impl Shared {
     }
 
     /// Writes a newly served batch to the batch log (once per batch id).
-    fn log_batch(&self, batch: &TrainingBatch, texts: Vec<Vec<String>>) {
+    fn log_batch(&self, batch: TrainingBatch, texts: Vec<Vec<String>>) -> TrainingBatch {
         let id = batch.batch_id;
         if self.batch_logged_through.fetch_max(id, Ordering::SeqCst) >= id {
-            return;
+            return batch;
         }
         if let Some(stats) = &batch.stats {
             self.state().record_assembled(stats);
@@ -230,11 +225,13 @@ impl Shared {
                 "batch built"
             );
         }
-        if let Some(log) = lock(&self.batch_log).as_ref() {
-            log.send(LoggedBatch {
-                batch: batch.clone(),
-                texts,
-            });
+        match &self.batch_log {
+            Some(log) => {
+                let logged = LoggedBatch { batch, texts };
+                log.write(&logged);
+                logged.batch
+            }
+            None => batch,
         }
     }
 
@@ -298,20 +295,23 @@ impl Shared {
                 }
                 self.state().batch_durable(id);
             }
-            let (dir, codec, temperature) = (
-                self.wal.dir().to_owned(),
-                self.codec.clone(),
-                self.temperature,
-            );
+            let shared = self.clone();
             let assembled = tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
-                let served = assemble_from_log(&dir, &codec, &record, &groups, temperature);
+                let served = assemble_from_log(
+                    shared.wal.dir(),
+                    &shared.codec,
+                    &record,
+                    &groups,
+                    shared.temperature,
+                );
                 histogram!(m::ASSEMBLE_SECONDS).record(started.elapsed().as_secs_f64());
-                served
+                // Logged before it is sent, so the record survives a crash right after.
+                served.map(|s| shared.log_batch(s.batch, s.texts))
             })
             .await;
-            let served = match assembled {
-                Ok(Ok(served)) => served,
+            let batch = match assembled {
+                Ok(Ok(batch)) => batch,
                 Ok(Err(e)) => {
                     error!(error = %e, batch_id = id, "cannot read a batch back from the log");
                     let _ = tx
@@ -329,9 +329,8 @@ impl Shared {
                     break;
                 }
             };
-            self.log_batch(&served.batch, served.texts);
             self.state().sent(&incarnation, id);
-            if tx.send(Ok(served.batch)).await.is_err() {
+            if tx.send(Ok(batch)).await.is_err() {
                 break;
             }
             debug!(batch_id = id, "batch sent");
