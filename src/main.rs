@@ -5,6 +5,7 @@
 mod bench;
 mod bench_generate;
 mod bench_train;
+mod certs;
 mod convert;
 mod status;
 mod supervise;
@@ -80,6 +81,8 @@ enum Command {
     /// Benchmarks next to a peer in the same run: `verify` (verifiers vs the reference oracle),
     /// `generate` (sampling vs llama.cpp and PyTorch), `train` (learner step vs PyTorch).
     Bench(bench::BenchArgs),
+    /// Make a private CA, a server certificate and per-role tokens for a secured cluster.
+    Certs(certs::CertsArgs),
 }
 
 async fn shutdown_signal() {
@@ -148,6 +151,7 @@ fn main() -> Result<()> {
             Command::Verify(_) => "verify",
             Command::Bench(_) => "bench",
             Command::Convert(_) => "convert",
+            Command::Certs(_) => "certs",
         };
         if let Some(addr) = cli.metrics_addr {
             telemetry::init_metrics(addr, role)?;
@@ -175,6 +179,7 @@ fn main() -> Result<()> {
                 Command::Convert(args) => {
                     tokio::task::spawn_blocking(move || convert::run(args)).await?
                 }
+                Command::Certs(args) => certs::run(args),
             }
         }
         .instrument(span)

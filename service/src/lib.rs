@@ -1,0 +1,38 @@
+//! `hindsight-service`: the security shell every Hindsight role serves and dials through, so
+//! that TLS and credentials are configured one way (same flags, same `HINDSIGHT_<FLAG>`
+//! variables, same error messages) in the replay server, the learner and the actors.
+//!
+//! - Server side: [`ServerSecurityArgs`] (flags) -> [`ServerSecurity`] -> a TLS config for
+//!   tonic and an [`AuthLayer`] that checks a per-role bearer token against a [`Policy`]
+//!   (which [`Role`] may call which gRPC method; [`default_policy`] is Hindsight's table).
+//! - Client side: [`ClientSecurityArgs`] -> [`ClientSecurity`] -> a channel (TLS when the URL
+//!   is `https://`) and a [`TokenInterceptor`] that sends the role's token.
+//! - [`make_certs`]: a private CA, a server certificate and one token per role, for
+//!   `hindsight certs`.
+//!
+//! A server refuses to start without TLS and tokens unless `--insecure` says so explicitly:
+//! a replay server reachable by anyone would accept poisoned rollouts into training.
+
+mod auth;
+mod certs;
+mod client;
+mod role;
+mod server;
+mod tokens;
+
+pub use auth::{AuthLayer, AuthService};
+pub use certs::{
+    make_certs, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE, TOKENS_FILE,
+};
+pub use client::{AuthChannel, ClientSecurity, ClientSecurityArgs, TokenInterceptor};
+pub use role::{default_policy, Access, ParseRoleError, Policy, Role};
+pub use server::{SecureServer, ServerSecurity, ServerSecurityArgs};
+pub use tokens::{TokenFileError, TokenProblem, TokenTable};
+
+/// Makes ring the process's rustls crypto provider. tonic's server builds its rustls config
+/// with the process default; pinning it here keeps that working even if some other dependency
+/// one day compiles in a second provider (rustls then refuses to guess). Idempotent.
+fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
