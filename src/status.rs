@@ -22,12 +22,16 @@ pub struct StatusArgs {
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
+    /// TLS trust and the (read-only) credentials to use.
+    #[command(flatten)]
+    pub security: hindsight_service::ClientSecurityArgs,
 }
 
 pub async fn run(args: StatusArgs) -> Result<()> {
+    let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     for url in [&args.replay, &args.learner] {
-        match HealthClient::connect(url.clone()).await {
-            Ok(mut c) => match c.check(HealthCheckRequest {}).await {
+        match security.connect_authed(url, 1).await {
+            Ok(channel) => match HealthClient::new(channel).check(HealthCheckRequest {}).await {
                 Ok(h) => {
                     let h = h.into_inner();
                     println!(
@@ -44,15 +48,23 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             Err(e) => println!("{url}: unreachable ({e})"),
         }
     }
-    let mut replay = ReplayClient::connect(args.replay.clone())
-        .await
-        .with_context(|| format!("connecting to {}", args.replay))?;
+    let mut replay = ReplayClient::new(
+        security
+            .connect_authed(&args.replay, 1)
+            .await
+            .with_context(|| format!("connecting to {}", args.replay))?,
+    );
     let s = replay.status(ReplayStatusRequest {}).await?.into_inner();
     println!(
         "replay: prompts queued {} / {}, leases active {} (expired {}), groups accepted {} rejected {} waiting {}, batches built {} acked {}, replays {}, learner step {}, policy version {}",
         s.prompts_queued, s.prompts_total, s.leases_active, s.leases_expired, s.groups_accepted,
         s.groups_rejected, s.groups_waiting, s.batches_built, s.batches_acked, s.replays_emitted,
         s.learner_step, s.policy_version
+    );
+    println!(
+        "replay: pending groups {} ({} bytes, {} batches), leases paused {}, committed through batch {}, stale groups {}, orphaned groups {}",
+        s.pending_groups, s.pending_bytes, s.pending_batches, s.leases_paused,
+        s.committed_through_batch_id, s.groups_stale, s.groups_orphaned
     );
     for a in s.actors {
         println!(

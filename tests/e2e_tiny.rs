@@ -135,6 +135,16 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     }
 
     // `hindsight status` reports every service and actor.
+    let status_args: Vec<String> = endpoints["status_args"]
+        .as_array()
+        .expect("status_args in endpoints.json")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        endpoints["replay"].as_str().unwrap().starts_with("https://"),
+        "up turns TLS on by default: {endpoints}"
+    );
     let out = hindsight()
         .args([
             "status",
@@ -143,6 +153,7 @@ fn tiny_cluster_trains_with_hindsight_replay() {
             "--learner",
             endpoints["learner"].as_str().unwrap(),
         ])
+        .args(&status_args)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

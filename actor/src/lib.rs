@@ -27,7 +27,6 @@ use hindsight_proto::v1::{
 };
 use tokio::sync::{mpsc, watch};
 
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 /// Command-line / environment configuration of `hindsight actor`.
@@ -77,6 +76,10 @@ pub struct ActorArgs {
     /// its slot (continuous batching).
     #[arg(long, env = "HINDSIGHT_ACTOR_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+    /// How this actor proves itself to the replay server and the learner (`--tls-ca`,
+    /// `--token-file`; `hindsight certs` makes them).
+    #[command(flatten)]
+    pub security: hindsight_service::ClientSecurityArgs,
     /// Stop after this many accepted groups (0 = run until stopped).
     #[arg(long, env = "HINDSIGHT_MAX_GROUPS", default_value_t = 0)]
     pub max_groups: u64,
@@ -126,10 +129,14 @@ impl Health for ActorHealth {
     }
 }
 
-async fn connect(url: &str) -> Result<Channel> {
-    hindsight_proto::connect_with_retry(url, 100)
+/// A channel that carries this actor's credentials.
+type Authed = hindsight_service::AuthChannel;
+
+async fn connect(security: &hindsight_service::ClientSecurity, url: &str) -> Result<Authed> {
+    security
+        .connect_authed(url, 100)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("connecting to {url}"))
 }
 
 /// An open rollout stream: groups go in through `tx`, acks come back in order.
@@ -138,7 +145,7 @@ struct RolloutStream {
     acks: tonic::Streaming<RolloutAck>,
 }
 
-async fn open_stream(client: &mut ReplayClient<Channel>) -> Result<RolloutStream> {
+async fn open_stream(client: &mut ReplayClient<Authed>) -> Result<RolloutStream> {
     let (tx, rx) = mpsc::channel(64);
     let acks = client
         .stream_rollouts(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -166,6 +173,7 @@ async fn run_actor(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let device = hindsight_policy::parse_device(&args.device)?;
+    let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     let cache = args
         .cache_dir
         .clone()
@@ -216,10 +224,10 @@ async fn run_actor(
         );
     }
 
-    let mut replay = ReplayClient::new(connect(&args.replay).await?)
+    let mut replay = ReplayClient::new(connect(&security, &args.replay).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
-    let mut weights = WeightsClient::new(connect(&args.learner).await?)
+    let mut weights = WeightsClient::new(connect(&security, &args.learner).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
     let mut stream: Option<RolloutStream> = None;
     let mut accepted_groups = 0u64;

@@ -7,11 +7,10 @@ use hindsight_proto::sha256_hex;
 use hindsight_proto::v1::weights_client::WeightsClient;
 use hindsight_proto::v1::{FetchWeightsRequest, LatestWeightsRequest, WeightsManifest};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 /// The newest manifest if it is newer than `current` (no waiting), else `None`.
 pub async fn newer_manifest(
-    client: &mut WeightsClient<Channel>,
+    client: &mut WeightsClient<hindsight_service::AuthChannel>,
     current: u64,
 ) -> Result<Option<WeightsManifest>> {
     let m = client
@@ -27,7 +26,7 @@ pub async fn newer_manifest(
 
 /// Downloads and verifies the payload described by `manifest`.
 pub async fn fetch(
-    client: &mut WeightsClient<Channel>,
+    client: &mut WeightsClient<hindsight_service::AuthChannel>,
     manifest: &WeightsManifest,
 ) -> Result<Vec<u8>> {
     let total = usize::try_from(manifest.total_bytes).context("weights too large")?;

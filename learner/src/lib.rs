@@ -132,6 +132,12 @@ pub struct LearnerArgs {
     /// Batches the replay server sends ahead of this learner's acks.
     #[arg(long, env = "HINDSIGHT_PREFETCH", default_value_t = 2)]
     pub prefetch: u32,
+    /// TLS and per-role credentials of the Weights server (`hindsight certs`), or `--insecure`.
+    #[command(flatten)]
+    pub server_security: hindsight_service::ServerSecurityArgs,
+    /// How this learner proves itself to the replay server (`--tls-ca`, `--token-file`).
+    #[command(flatten)]
+    pub client_security: hindsight_service::ClientSecurityArgs,
     /// Number of learner ranks (only 1 is supported for now).
     #[arg(long, env = "HINDSIGHT_WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
@@ -164,10 +170,17 @@ impl Health for LearnerHealth {
     }
 }
 
-async fn connect_replay(url: &str) -> Result<ReplayClient<tonic::transport::Channel>> {
-    let channel = hindsight_proto::connect_with_retry(url, 100)
+/// The replay server's client, authenticated as a learner.
+type Replay = ReplayClient<hindsight_service::AuthChannel>;
+
+async fn connect_replay(
+    url: &str,
+    security: &hindsight_service::ClientSecurity,
+) -> Result<Replay> {
+    let channel = security
+        .connect_authed(url, 100)
         .await
-        .map_err(|e| anyhow::anyhow!("replay server: {e}"))?;
+        .context("connecting to the replay server")?;
     Ok(ReplayClient::new(channel)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES))
@@ -187,6 +200,8 @@ pub async fn run(
     }
     metrics::describe();
     let device = hindsight_policy::parse_device(&args.device)?;
+    let server_security = hindsight_service::ServerSecurity::from_args(&args.server_security)?;
+    let client_security = hindsight_service::ClientSecurity::from_args(&args.client_security)?;
     let cache = args
         .cache_dir
         .clone()
@@ -263,7 +278,8 @@ pub async fn run(
     info!(addr = %listener.local_addr()?, "learner serving Weights and Health");
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        server_security
+            .server()?
             .add_service(
                 WeightsServer::new(store.clone())
                     .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
@@ -304,6 +320,7 @@ pub async fn run(
         &mut step_log,
         stop_rx.clone(),
         &tokenizer,
+        &client_security,
     )
     .await;
     if let Err(e) = &result {
@@ -426,7 +443,7 @@ impl Loop<'_> {
 /// Tells the replay server that the newest checkpoint covers every batch up to `through`
 /// (best effort: a lost commit is repeated by the next RegisterLearner).
 async fn commit(
-    client: &mut ReplayClient<tonic::transport::Channel>,
+    client: &mut Replay,
     args: &LearnerArgs,
     incarnation: &str,
     state: &TrainerState,
@@ -461,6 +478,7 @@ async fn train_loop(
     step_log: &mut Option<std::fs::File>,
     mut stop: watch::Receiver<bool>,
     tokenizer: &hindsight_policy::ChatTokenizer,
+    security: &hindsight_service::ClientSecurity,
 ) -> Result<()> {
     let mut lp = Loop {
         args,
@@ -472,7 +490,7 @@ async fn train_loop(
     };
     let mut backoff = Backoff::new();
     let mut client = tokio::select! {
-        c = connect_replay(&args.replay) => c?,
+        c = connect_replay(&args.replay, security) => c?,
         _ = stop.wait_for(|s| *s) => return Ok(()),
     };
     let mut incarnation = String::new();

@@ -115,6 +115,9 @@ pub struct ReplayArgs {
     /// Largest gRPC message accepted or sent.
     #[arg(long, env = "HINDSIGHT_REPLAY_MAX_MESSAGE_BYTES", default_value_t = hindsight_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// TLS and per-role credentials (`hindsight certs` makes them), or `--insecure`.
+    #[command(flatten)]
+    pub security: hindsight_service::ServerSecurityArgs,
 }
 
 impl Default for ReplayArgs {
@@ -144,6 +147,7 @@ impl Default for ReplayArgs {
             data_dir: None,
             batch_log: None,
             max_message_bytes: hindsight_proto::MAX_MESSAGE_BYTES,
+            security: hindsight_service::ServerSecurityArgs::default(),
         }
     }
 }

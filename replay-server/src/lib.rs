@@ -162,6 +162,8 @@ pub async fn serve_with_codec(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     args.validate()?;
+    // Refuse a half-configured security set-up before anything is loaded.
+    let security = hindsight_service::ServerSecurity::from_args(&args.security)?;
     metrics::describe();
 
     let load = {
@@ -273,7 +275,8 @@ pub async fn serve_with_codec(
         conn
     });
     let max = args.max_message_bytes;
-    let result = tonic::transport::Server::builder()
+    let result = security
+        .server()?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(

@@ -96,6 +96,10 @@ fn args(dir: &Path) -> ReplayArgs {
         group_size: 8,
         responses_per_prompt: 6,
         prompts_per_batch: 2,
+        security: hindsight_service::ServerSecurityArgs {
+            insecure: true,
+            ..Default::default()
+        },
         ..ReplayArgs::default()
     }
 }
