@@ -59,6 +59,7 @@ fn process<'a>(summary: &'a Value, name: &str) -> &'a Value {
 
 fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://")
+        .trim_start_matches("https://")
         .trim_end_matches("/metrics")
         .parse()
         .unwrap()
