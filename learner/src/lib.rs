@@ -252,14 +252,15 @@ pub async fn run(
                 trained_through_batch = state.last_batch_id,
                 "resumed from checkpoint"
             );
-            // Steps after the checkpoint were undone with the weights that took them: the
-            // step log keeps the history of the weights that exist.
-            if let Some(path) = &args.step_log {
-                truncate_step_log(path, state.step)?;
-            }
         } else {
             info!(dir = %dir.display(), "no checkpoint to resume from; starting fresh");
         }
+    }
+    // Steps after the weights we start from were undone with the weights that took them (a
+    // crash after the last checkpoint): the step log keeps the history of the weights that
+    // exist, so no step number appears twice.
+    if let Some(path) = &args.step_log {
+        truncate_step_log(path, state.step)?;
     }
     ::metrics::gauge!(metrics::STEP).set(state.step as f64);
 
