@@ -31,7 +31,10 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     for url in [&args.replay, &args.learner] {
         match security.connect_authed(url, 1).await {
-            Ok(channel) => match HealthClient::new(channel).check(HealthCheckRequest {}).await {
+            Ok(channel) => match HealthClient::new(channel)
+                .check(HealthCheckRequest {})
+                .await
+            {
                 Ok(h) => {
                     let h = h.into_inner();
                     println!(

@@ -324,18 +324,18 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     ];
     for i in 0..args.actors {
         let mut actor_args: Vec<String> = vec![
-                "actor".into(),
-                "--replay".into(),
-                replay_url.clone(),
-                "--learner".into(),
-                learner_url.clone(),
-                "--model".into(),
-                args.model.clone(),
-                "--actor-id".into(),
-                format!("actor-{i}"),
-                "--seed".into(),
-                (args.seed + i as u64).to_string(),
-            ];
+            "actor".into(),
+            "--replay".into(),
+            replay_url.clone(),
+            "--learner".into(),
+            learner_url.clone(),
+            "--model".into(),
+            args.model.clone(),
+            "--actor-id".into(),
+            format!("actor-{i}"),
+            "--seed".into(),
+            (args.seed + i as u64).to_string(),
+        ];
         actor_args.extend(security.client_args("actor"));
         specs.push(spec(&format!("actor-{i}"), actor_args, &[])?);
     }
@@ -644,13 +644,16 @@ impl Security {
             tracing::warn!(
                 "INSECURE: --insecure turns off TLS and authentication on every gRPC port of this cluster"
             );
-            eprintln!("warning: --insecure: no TLS and no authentication on the cluster's gRPC ports");
+            eprintln!(
+                "warning: --insecure: no TLS and no authentication on the cluster's gRPC ports"
+            );
             return Ok(Security::Insecure);
         }
         let dir = run_dir.join("secrets");
         if !dir.join(hindsight_service::TOKENS_FILE).is_file() {
-            hindsight_service::make_certs(&dir, &[], true)
-                .with_context(|| format!("making TLS certificates and tokens in {}", dir.display()))?;
+            hindsight_service::make_certs(&dir, &[], true).with_context(|| {
+                format!("making TLS certificates and tokens in {}", dir.display())
+            })?;
         }
         Ok(Security::Secure { dir })
     }
@@ -668,11 +671,17 @@ impl Security {
             Security::Insecure => vec!["--insecure".into()],
             Security::Secure { dir } => vec![
                 "--tls-cert".into(),
-                dir.join(hindsight_service::SERVER_CERT_FILE).display().to_string(),
+                dir.join(hindsight_service::SERVER_CERT_FILE)
+                    .display()
+                    .to_string(),
                 "--tls-key".into(),
-                dir.join(hindsight_service::SERVER_KEY_FILE).display().to_string(),
+                dir.join(hindsight_service::SERVER_KEY_FILE)
+                    .display()
+                    .to_string(),
                 "--auth-tokens".into(),
-                dir.join(hindsight_service::TOKENS_FILE).display().to_string(),
+                dir.join(hindsight_service::TOKENS_FILE)
+                    .display()
+                    .to_string(),
             ],
         }
     }
@@ -683,7 +692,9 @@ impl Security {
             Security::Insecure => Vec::new(),
             Security::Secure { dir } => vec![
                 "--tls-ca".into(),
-                dir.join(hindsight_service::CA_CERT_FILE).display().to_string(),
+                dir.join(hindsight_service::CA_CERT_FILE)
+                    .display()
+                    .to_string(),
                 "--token-file".into(),
                 dir.join(format!("{role}.token")).display().to_string(),
             ],

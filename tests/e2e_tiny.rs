@@ -142,7 +142,10 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert!(
-        endpoints["replay"].as_str().unwrap().starts_with("https://"),
+        endpoints["replay"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://"),
         "up turns TLS on by default: {endpoints}"
     );
     let out = hindsight()

@@ -67,7 +67,12 @@ fn acknowledged(run_dir: &Path) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
     for entry in std::fs::read_dir(run_dir.join("logs")).unwrap() {
         let path = entry.unwrap().path();
-        if !path.file_name().unwrap().to_string_lossy().starts_with("actor-") {
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("actor-")
+        {
             continue;
         }
         let text = strip_ansi(&std::fs::read_to_string(&path).unwrap_or_default());
@@ -118,14 +123,13 @@ fn replay_status(run_dir: &Path) -> hindsight_proto::v1::ReplayStatusResponse {
             .position(|a| a == name)
             .map(|i| std::path::PathBuf::from(&args[i + 1]))
     };
-    let security = hindsight_service::ClientSecurity::from_args(
-        &hindsight_service::ClientSecurityArgs {
+    let security =
+        hindsight_service::ClientSecurity::from_args(&hindsight_service::ClientSecurityArgs {
             tls_ca: flag("--tls-ca"),
             token_file: flag("--token-file"),
             ..Default::default()
-        },
-    )
-    .unwrap();
+        })
+        .unwrap();
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let channel = security.connect_authed(&url, 50).await.unwrap();
         hindsight_proto::v1::replay_client::ReplayClient::new(channel)
@@ -230,7 +234,9 @@ fn check_exactly_once(
         .map(|s| s["batch_id"].as_u64().unwrap())
         .collect();
     if !trained_batches.windows(2).all(|w| w[0] < w[1]) {
-        fail(format!("batch ids trained out of order or twice: {trained_batches:?}"));
+        fail(format!(
+            "batch ids trained out of order or twice: {trained_batches:?}"
+        ));
     }
 
     // The batch log: what each batch id is made of (a re-served batch is logged once).
@@ -291,9 +297,9 @@ fn check_exactly_once(
     let mut unbatched = 0;
     for seq in acked {
         match home.get(seq) {
-            Some(batch) if *batch <= last_trained && !trained.contains(seq) => {
-                fail(format!("acknowledged group {seq} of trained batch {batch} was not trained"))
-            }
+            Some(batch) if *batch <= last_trained && !trained.contains(seq) => fail(format!(
+                "acknowledged group {seq} of trained batch {batch} was not trained"
+            )),
             Some(_) => {}
             None => unbatched += 1,
         }

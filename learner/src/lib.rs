@@ -173,10 +173,7 @@ impl Health for LearnerHealth {
 /// The replay server's client, authenticated as a learner.
 type Replay = ReplayClient<hindsight_service::AuthChannel>;
 
-async fn connect_replay(
-    url: &str,
-    security: &hindsight_service::ClientSecurity,
-) -> Result<Replay> {
+async fn connect_replay(url: &str, security: &hindsight_service::ClientSecurity) -> Result<Replay> {
     let channel = security
         .connect_authed(url, 100)
         .await
@@ -443,12 +440,7 @@ impl Loop<'_> {
 
 /// Tells the replay server that the newest checkpoint covers every batch up to `through`
 /// (best effort: a lost commit is repeated by the next RegisterLearner).
-async fn commit(
-    client: &mut Replay,
-    args: &LearnerArgs,
-    incarnation: &str,
-    state: &TrainerState,
-) {
+async fn commit(client: &mut Replay, args: &LearnerArgs, incarnation: &str, state: &TrainerState) {
     let req = CommitBatchesRequest {
         learner_id: args.learner_id.clone(),
         incarnation: incarnation.to_owned(),
@@ -643,12 +635,10 @@ async fn train_loop(
                 })
                 .await;
             let last = done(state);
-            if last
-                || (args.checkpoint_every > 0 && state.step.is_multiple_of(args.checkpoint_every))
-            {
-                if lp.checkpoint(trainer, state)? && acked.is_ok() {
-                    commit(&mut client, args, &incarnation, state).await;
-                }
+            let due = last
+                || (args.checkpoint_every > 0 && state.step.is_multiple_of(args.checkpoint_every));
+            if due && lp.checkpoint(trainer, state)? && acked.is_ok() {
+                commit(&mut client, args, &incarnation, state).await;
             }
             if let Err(e) = acked {
                 // The weights hold the step either way; registering again tells the server.

@@ -258,7 +258,7 @@ impl Shared {
                 }
                 next
             };
-            let (record, groups, log) = match next {
+            let (record, groups, durable) = match next {
                 Err(e) => {
                     let _ = tx.send(Err(Status::from(e))).await;
                     break;
@@ -277,14 +277,14 @@ impl Shared {
                 Ok(NextBatch::Send {
                     record,
                     groups,
-                    log,
-                }) => (record, groups, log),
+                    durable,
+                }) => (record, groups, durable),
             };
             let id = record.batch_id;
-            if let Some(entry) = log {
+            if !durable {
                 // The composition is durable before the batch leaves: a restart serves the
                 // same batch under the same id.
-                if let Err(e) = self.wal.write(vec![entry]).await {
+                if let Err(e) = self.wal.write(vec![Entry::Batch(record.clone())]).await {
                     error!(error = %e, batch_id = id, "cannot log a batch composition");
                     let _ = tx
                         .send(Err(Status::unavailable(format!(

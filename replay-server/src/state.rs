@@ -164,11 +164,11 @@ struct BatchEntry {
 #[derive(Debug)]
 pub enum NextBatch {
     /// Send this batch (its composition; the caller reads the groups back and assembles it).
-    /// `log` is set when its composition must be written (and fsynced) before sending.
+    /// Unless `durable`, its composition must be written (and fsynced) before sending.
     Send {
         record: BatchRecord,
         groups: Vec<WaitingGroup>,
-        log: Option<Entry>,
+        durable: bool,
     },
     /// Nothing to send until something changes.
     Wait,
@@ -888,11 +888,10 @@ impl State {
             return Ok(NextBatch::Wait);
         }
         if let Some((_, b)) = self.batches.range(sent_through + 1..).next() {
-            let log = (!b.durable).then(|| Entry::Batch(b.record.clone()));
             return Ok(NextBatch::Send {
                 record: b.record.clone(),
                 groups: b.groups.clone(),
-                log,
+                durable: b.durable,
             });
         }
         log_now.extend(self.drop_stale());
@@ -930,9 +929,9 @@ impl State {
         );
         self.publish_gauges();
         Ok(NextBatch::Send {
-            log: Some(Entry::Batch(record.clone())),
             record,
             groups: window,
+            durable: false,
         })
     }
 

@@ -172,8 +172,18 @@ async fn every_rpc_needs_the_right_role_over_tls() {
     }));
     let url = format!("https://{addr}");
 
-    let actor_rpcs = ["LeasePrompts", "RenewLeases", "ReleaseLeases", "StreamRollouts"];
-    let learner_rpcs = ["RegisterLearner", "StreamBatches", "AckBatch", "CommitBatches"];
+    let actor_rpcs = [
+        "LeasePrompts",
+        "RenewLeases",
+        "ReleaseLeases",
+        "StreamRollouts",
+    ];
+    let learner_rpcs = [
+        "RegisterLearner",
+        "StreamBatches",
+        "AckBatch",
+        "CommitBatches",
+    ];
     for role in [None, Some("actor"), Some("learner"), Some("status")] {
         let mut c = client(&url, &secrets, role).await;
         for (rpc, code) in codes(&mut c).await {
@@ -242,8 +252,16 @@ async fn every_rpc_needs_the_right_role_over_tls() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (after.learner_step, after.policy_version, after.batches_acked),
-        (before.learner_step, before.policy_version, before.batches_acked)
+        (
+            after.learner_step,
+            after.policy_version,
+            after.batches_acked
+        ),
+        (
+            before.learner_step,
+            before.policy_version,
+            before.batches_acked
+        )
     );
 
     // A client without TLS cannot use the TLS port.
