@@ -910,6 +910,7 @@ async fn batches_survive_restarts_until_a_checkpoint_covers_them() {
     let dir = tempfile::tempdir().unwrap();
     let a = ReplayArgs {
         data_dir: Some(dir.path().join("data")),
+        max_pending_batches: 8,
         ..args(dir.path())
     };
     let tok = tokenizer();
