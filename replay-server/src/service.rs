@@ -37,7 +37,7 @@ use crate::error::{shown, ReplayError};
 use crate::metrics as m;
 use crate::rollout::score_group;
 use crate::state::{Admission, NextBatch, State, WaitingGroup, MAX_ID_BYTES, MAX_PREFETCH};
-use crate::wal::{Entry, GroupRecord, Wal};
+use crate::wal::{BatchRecord, Entry, GroupRecord, Wal};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -248,53 +248,95 @@ impl Shared {
         let mut sent_through = trained_through;
         loop {
             changes.borrow_and_update();
-            let next = {
+            // Every batch the prefetch window allows now: their compositions share one fsync.
+            let (ready, failure) = {
                 let mut state = self.state();
                 let mut log_now = Vec::new();
-                let next = state.next_batch(&incarnation, sent_through, prefetch, &mut log_now);
+                let mut ready = Vec::new();
+                let mut cursor = sent_through;
+                let failure = loop {
+                    match state.next_batch(&incarnation, cursor, prefetch, &mut log_now) {
+                        Ok(NextBatch::Send {
+                            record,
+                            groups,
+                            durable,
+                        }) => {
+                            cursor = record.batch_id;
+                            ready.push((record, groups, durable));
+                        }
+                        Ok(NextBatch::Wait) => break None,
+                        Err(e) => break Some(e),
+                    }
+                };
                 if !log_now.is_empty() {
                     // Stale drops: ordered with the state change, durable with the next fsync.
                     drop(self.wal.submit(log_now));
                 }
-                next
+                (ready, failure)
             };
-            let (record, groups, durable) = match next {
-                Err(e) => {
+            if ready.is_empty() {
+                if let Some(e) = failure {
                     let _ = tx.send(Err(Status::from(e))).await;
                     break;
                 }
-                Ok(NextBatch::Wait) => {
-                    tokio::select! {
-                        changed = changes.changed() => if changed.is_err() { break },
-                        _ = tx.closed() => break,
-                        _ = shutting_down(&mut shutdown) => {
-                            let _ = tx.send(Err(Status::unavailable("replay server is shutting down"))).await;
-                            break;
-                        }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                    _ = shutting_down(&mut shutdown) => {
+                        let _ = tx.send(Err(Status::unavailable("replay server is shutting down"))).await;
+                        break;
                     }
-                    continue;
                 }
-                Ok(NextBatch::Send {
-                    record,
-                    groups,
-                    durable,
-                }) => (record, groups, durable),
-            };
-            let id = record.batch_id;
-            if !durable {
-                // The composition is durable before the batch leaves: a restart serves the
-                // same batch under the same id.
-                if let Err(e) = self.wal.write(vec![Entry::Batch(record.clone())]).await {
-                    error!(error = %e, batch_id = id, "cannot log a batch composition");
+                continue;
+            }
+            // The compositions are durable before the batches leave: a restart serves the
+            // same batches under the same ids.
+            let compositions: Vec<Entry> = ready
+                .iter()
+                .filter(|(_, _, durable)| !durable)
+                .map(|(record, _, _)| Entry::Batch(record.clone()))
+                .collect();
+            if !compositions.is_empty() {
+                if let Err(e) = self.wal.write(compositions).await {
+                    error!(error = %e, "cannot log batch compositions");
                     let _ = tx
                         .send(Err(Status::unavailable(format!(
-                            "cannot persist batch {id}: {e}"
+                            "cannot persist batch compositions: {e}"
                         ))))
                         .await;
                     break;
                 }
-                self.state().batch_durable(id);
+                let mut state = self.state();
+                for (record, _, _) in &ready {
+                    state.batch_durable(record.batch_id);
+                }
             }
+            let mut broken = false;
+            for (record, groups, _) in ready {
+                match self.send_batch(&incarnation, record, groups, &tx).await {
+                    Some(id) => sent_through = id,
+                    None => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            if broken {
+                break;
+            }
+        }
+    }
+
+    /// Reads one decided batch back, logs it, sends it. `None` when the stream is over.
+    async fn send_batch(
+        self: &Arc<Self>,
+        incarnation: &str,
+        record: BatchRecord,
+        groups: Vec<WaitingGroup>,
+        tx: &mpsc::Sender<Result<TrainingBatch, Status>>,
+    ) -> Option<u64> {
+        let id = record.batch_id;
+        {
             let shared = self.clone();
             let assembled = tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
@@ -319,22 +361,22 @@ impl Shared {
                             "cannot read batch {id}: {e}"
                         ))))
                         .await;
-                    break;
+                    return None;
                 }
                 Err(e) => {
                     error!(error = %e, "batch assembly task failed");
                     let _ = tx
                         .send(Err(Status::internal("batch assembly failed")))
                         .await;
-                    break;
+                    return None;
                 }
             };
-            self.state().sent(&incarnation, id);
+            self.state().sent(incarnation, id);
             if tx.send(Ok(batch)).await.is_err() {
-                break;
+                return None;
             }
             debug!(batch_id = id, "batch sent");
-            sent_through = id;
+            Some(id)
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::rollout::{validate_group, Limits, ResponseScore};
 use crate::wal::{BatchRecord, Entry, LearnerRecord, Location, LogState, QueueRecord, SeqList};
 
 /// How long an actor told to back off should wait.
-pub const RETRY_AFTER_MS: u64 = 500;
+pub const RETRY_AFTER_MS: u64 = 200;
 /// Most prompts handed out by one LeasePrompts call.
 pub const MAX_PROMPTS_PER_LEASE: usize = 1024;
 /// Most lease ids in one RenewLeases / ReleaseLeases call.
