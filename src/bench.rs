@@ -1,12 +1,14 @@
 //! `hindsight bench ...`: every speed claim of the project as one command that measures ours
 //! and a named peer in the same run, on the same machine, and prints both and the ratio.
 //! `verify` lives in `verify.rs`, `generate` in `bench_generate.rs`, `train` in `bench_train.rs`.
+//! `replay` (`bench_replay.rs`) has no peer: it loads our replay server with its own client
+//! and holds it to a stated goal.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::{bench_generate, bench_train, verify};
+use crate::{bench_generate, bench_replay, bench_train, verify};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -27,6 +29,10 @@ pub enum BenchWhat {
     /// Learner step time and peak memory (forward + loss + backward + AdamW) next to
     /// PyTorch + transformers with the same model, batch shape and dtype.
     Train(bench_train::BenchTrainArgs),
+    /// Replay server load: groups/s acknowledged, ack latency p50/p99, batches/s to a
+    /// simulated learner and the server's memory, at 1 to 128 concurrent rollout streams,
+    /// with the server as a separate process and its write-ahead log on.
+    Replay(bench_replay::BenchReplayArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -35,6 +41,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchWhat::Verify(a) => verify::bench(a),
         BenchWhat::Generate(a) => bench_generate::run(a),
         BenchWhat::Train(a) => bench_train::run(a),
+        BenchWhat::Replay(a) => bench_replay::run(a),
     }
 }
 

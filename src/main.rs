@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_replay;
 mod bench_train;
 mod certs;
 mod convert;
@@ -79,7 +80,8 @@ enum Command {
     /// Write a model (GGUF, smollm2, tiny, checkpoint dir) as a Hugging Face checkpoint directory.
     Convert(convert::ConvertArgs),
     /// Benchmarks next to a peer in the same run: `verify` (verifiers vs the reference oracle),
-    /// `generate` (sampling vs llama.cpp and PyTorch), `train` (learner step vs PyTorch).
+    /// `generate` (sampling vs llama.cpp and PyTorch), `train` (learner step vs PyTorch);
+    /// `replay` (replay server load: groups/s, ack latency, memory).
     Bench(bench::BenchArgs),
     /// Make a private CA, a server certificate and per-role tokens for a secured cluster.
     Certs(certs::CertsArgs),
