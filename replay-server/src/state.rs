@@ -496,6 +496,10 @@ impl State {
         check_id("actor_id", &req.actor_id, MAX_ID_BYTES)?;
         self.reap(now_ms);
         let actor = actor_label(&req.actor_id).to_owned();
+        let room = self.room(now_ms).map_err(|reason| ReplayError::Full {
+            reason,
+            retry_after_ms: RETRY_AFTER_MS,
+        })?;
         // The version an actor reports is shown in Status only; it never moves the server's
         // version counter (only a learner does).
         self.touch_actor(
@@ -503,10 +507,6 @@ impl State {
             Some(req.policy_version.min(self.newest_version)),
             now_ms,
         );
-        let room = self.room(now_ms).map_err(|reason| ReplayError::Full {
-            reason,
-            retry_after_ms: RETRY_AFTER_MS,
-        })?;
         let count = (req.max_prompts as usize)
             .min(room)
             .min(MAX_PROMPTS_PER_LEASE);
@@ -968,6 +968,15 @@ impl State {
         incarnation: String,
     ) -> Result<(RegisterLearnerResponse, Vec<Entry>)> {
         check_id("learner_id", &req.learner_id, MAX_ID_BYTES)?;
+        // Far beyond any real run, and leaves room for every `+ 1` that follows (found by
+        // fuzzing: u64::MAX overflowed the version counter and the step arithmetic).
+        const MAX_COUNTER: u64 = 1 << 62;
+        if req.learner_step > MAX_COUNTER || req.policy_version > MAX_COUNTER {
+            return Err(ReplayError::Invalid(format!(
+                "learner_step {} / policy_version {} is beyond {MAX_COUNTER}",
+                req.learner_step, req.policy_version
+            )));
+        }
         let (committed, trained) = (req.committed_through_batch_id, req.trained_through_batch_id);
         if trained < committed {
             return Err(ReplayError::Invalid(format!(
