@@ -96,14 +96,47 @@ struct Group {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Lease { actor: Text, max: u8, version: Num },
-    Renew { actor: Text, leases: Vec<LeaseRef> },
-    Release { actor: Text, leases: Vec<LeaseRef> },
-    Submit { groups: Vec<Group> },
-    Register { learner: Text, step: Num, version: Num, committed: Num, trained: Num },
-    Stream { honest_incarnation: bool, trained: Num, prefetch: u8, take: u8 },
-    Ack { batch: Num, step: Num, version: Num, honest_incarnation: bool },
-    Commit { through: Num, step: Num, version: Num, honest_incarnation: bool },
+    Lease {
+        actor: Text,
+        max: u8,
+        version: Num,
+    },
+    Renew {
+        actor: Text,
+        leases: Vec<LeaseRef>,
+    },
+    Release {
+        actor: Text,
+        leases: Vec<LeaseRef>,
+    },
+    Submit {
+        groups: Vec<Group>,
+    },
+    Register {
+        learner: Text,
+        step: Num,
+        version: Num,
+        committed: Num,
+        trained: Num,
+    },
+    Stream {
+        honest_incarnation: bool,
+        trained: Num,
+        prefetch: u8,
+        take: u8,
+    },
+    Ack {
+        batch: Num,
+        step: Num,
+        version: Num,
+        honest_incarnation: bool,
+    },
+    Commit {
+        through: Num,
+        step: Num,
+        version: Num,
+        honest_incarnation: bool,
+    },
 }
 
 struct Harness {
@@ -127,6 +160,10 @@ static MEMORY: std::sync::Mutex<Option<Memory>> = std::sync::Mutex::new(None);
 
 fn harness() -> &'static Harness {
     HARNESS.get_or_init(|| {
+        // libFuzzer's C main does not ignore SIGPIPE as a Rust main does: without this, a
+        // write to a connection the client dropped kills the process (the server is fine).
+        // SAFETY: setting a signal disposition before any thread of ours starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -147,11 +184,18 @@ fn harness() -> &'static Harness {
             },
             ..ReplayArgs::default()
         };
-        let tokenizer = hindsight_policy::load_tokenizer("tiny", &dir.path().join("cache")).unwrap();
-        let answers = ["the sea is calm.", "", "Yes, no; maybe!", "ÄÖÜ 漢字 🙂", "a b c d e f g h"]
-            .iter()
-            .map(|t| tokenizer.encode(t).unwrap())
-            .collect();
+        let tokenizer =
+            hindsight_policy::load_tokenizer("tiny", &dir.path().join("cache")).unwrap();
+        let answers = [
+            "the sea is calm.",
+            "",
+            "Yes, no; maybe!",
+            "ÄÖÜ 漢字 🙂",
+            "a b c d e f g h",
+        ]
+        .iter()
+        .map(|t| tokenizer.encode(t).unwrap())
+        .collect();
         let client = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -242,10 +286,34 @@ fn check(code: Code, what: &str) {
     assert!(
         !matches!(
             code,
-            Code::Internal | Code::Unknown | Code::Unavailable | Code::DataLoss | Code::Unimplemented
+            Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented
         ),
         "{what} answered {code:?}"
     );
+}
+
+/// The connection was dropped under the call (hyper's HTTP/2 server closes a connection that
+/// resets streams faster than any real client, which this harness does): whether the
+/// request took effect is unknown, so only the server's liveness is checked afterwards.
+fn connection_lost(code: Code) -> bool {
+    matches!(code, Code::Cancelled | Code::Unavailable)
+}
+
+/// The server's Status, on a fresh connection if the shared one was dropped; panics when the
+/// server stopped answering.
+async fn status(client: &mut ReplayClient<Channel>) -> ReplayStatusResponse {
+    let mut last = None;
+    for _ in 0..50 {
+        match client.status(ReplayStatusRequest::default()).await {
+            Ok(s) => return s.into_inner(),
+            Err(e) if connection_lost(e.code()) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("status answered {e:?}"),
+        }
+    }
+    panic!("the replay server stopped answering: {last:?}")
 }
 
 fuzz_target!(|ops: Vec<Op>| {
@@ -255,15 +323,15 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut client = h.client.clone();
     h.rt.block_on(async {
         for op in ops.into_iter().take(16) {
-            let before = client
-                .status(ReplayStatusRequest::default())
-                .await
-                .expect("status answers")
-                .into_inner();
+            let before = status(&mut client).await;
             let what = format!("{op:?}");
             let what = &what[..what.len().min(300)];
             let refused = match op {
-                Op::Lease { actor, max, version } => {
+                Op::Lease {
+                    actor,
+                    max,
+                    version,
+                } => {
                     let r = client
                         .lease_prompts(LeaseRequest {
                             actor_id: text(actor),
@@ -333,7 +401,8 @@ fuzz_target!(|ops: Vec<Op>| {
                                             Tokens::Raw(t) => t.into_iter().take(512).collect(),
                                         };
                                         let n = token_ids.len();
-                                        let m = n.saturating_add_signed(isize::from(r.skew.signum()));
+                                        let m =
+                                            n.saturating_add_signed(isize::from(r.skew.signum()));
                                         Response {
                                             logprobs: vec![float(r.logprob, -0.5); m],
                                             entropies: vec![float(r.entropy, 0.3); n],
@@ -369,14 +438,26 @@ fuzz_target!(|ops: Vec<Op>| {
                         }
                     }
                 }
-                Op::Register { learner, step, version, committed, trained } => {
+                Op::Register {
+                    learner,
+                    step,
+                    version,
+                    committed,
+                    trained,
+                } => {
                     let r = client
                         .register_learner(RegisterLearnerRequest {
                             learner_id: text(learner),
                             learner_step: num(step, before.learner_step),
                             policy_version: num(version, before.policy_version),
-                            committed_through_batch_id: num(committed, before.committed_through_batch_id),
-                            trained_through_batch_id: num(trained, before.committed_through_batch_id),
+                            committed_through_batch_id: num(
+                                committed,
+                                before.committed_through_batch_id,
+                            ),
+                            trained_through_batch_id: num(
+                                trained,
+                                before.committed_through_batch_id,
+                            ),
                         })
                         .await;
                     match r {
@@ -389,14 +470,26 @@ fuzz_target!(|ops: Vec<Op>| {
                         Err(s) => Some(s.code()),
                     }
                 }
-                Op::Stream { honest_incarnation, trained, prefetch, take } => {
+                Op::Stream {
+                    honest_incarnation,
+                    trained,
+                    prefetch,
+                    take,
+                } => {
                     let r = client
                         .stream_batches(BatchStreamRequest {
                             learner_id: "fuzz-learner".into(),
                             rank: 0,
                             world_size: 1,
-                            incarnation: if honest_incarnation { mem.incarnation.clone() } else { "forged".into() },
-                            trained_through_batch_id: num(trained, before.committed_through_batch_id),
+                            incarnation: if honest_incarnation {
+                                mem.incarnation.clone()
+                            } else {
+                                "forged".into()
+                            },
+                            trained_through_batch_id: num(
+                                trained,
+                                before.committed_through_batch_id,
+                            ),
                             prefetch: u32::from(prefetch),
                         })
                         .await;
@@ -405,7 +498,9 @@ fuzz_target!(|ops: Vec<Op>| {
                         Ok(s) => {
                             let mut s = s.into_inner();
                             for _ in 0..(take % 4) {
-                                match tokio::time::timeout(Duration::from_millis(30), s.message()).await {
+                                match tokio::time::timeout(Duration::from_millis(30), s.message())
+                                    .await
+                                {
                                     Ok(Ok(Some(b))) => mem.served.push(b.batch_id),
                                     Ok(Err(st)) => {
                                         check(st.code(), what);
@@ -418,7 +513,12 @@ fuzz_target!(|ops: Vec<Op>| {
                         }
                     }
                 }
-                Op::Ack { batch, step, version, honest_incarnation } => {
+                Op::Ack {
+                    batch,
+                    step,
+                    version,
+                    honest_incarnation,
+                } => {
                     let served = mem.served.first().copied().unwrap_or(0);
                     let r = client
                         .ack_batch(AckBatchRequest {
@@ -426,7 +526,11 @@ fuzz_target!(|ops: Vec<Op>| {
                             batch_id: num(batch, served),
                             learner_step: num(step, before.learner_step + 1),
                             policy_version: num(version, before.policy_version + 1),
-                            incarnation: if honest_incarnation { mem.incarnation.clone() } else { "forged".into() },
+                            incarnation: if honest_incarnation {
+                                mem.incarnation.clone()
+                            } else {
+                                "forged".into()
+                            },
                         })
                         .await;
                     match r {
@@ -439,10 +543,19 @@ fuzz_target!(|ops: Vec<Op>| {
                         Err(s) => Some(s.code()),
                     }
                 }
-                Op::Commit { through, step, version, honest_incarnation } => client
+                Op::Commit {
+                    through,
+                    step,
+                    version,
+                    honest_incarnation,
+                } => client
                     .commit_batches(CommitBatchesRequest {
                         learner_id: "fuzz-learner".into(),
-                        incarnation: if honest_incarnation { mem.incarnation.clone() } else { "forged".into() },
+                        incarnation: if honest_incarnation {
+                            mem.incarnation.clone()
+                        } else {
+                            "forged".into()
+                        },
                         through_batch_id: num(through, before.batches_acked),
                         learner_step: num(step, before.learner_step),
                         policy_version: num(version, before.policy_version),
@@ -453,11 +566,10 @@ fuzz_target!(|ops: Vec<Op>| {
             };
             if let Some(code) = refused {
                 check(code, what);
-                let after = client
-                    .status(ReplayStatusRequest::default())
-                    .await
-                    .expect("status answers")
-                    .into_inner();
+                let after = status(&mut client).await;
+                if connection_lost(code) {
+                    continue;
+                }
                 assert_eq!(
                     decisive(&before),
                     decisive(&after),
