@@ -38,7 +38,7 @@ pub async fn run(args: StatusArgs) -> Result<()> {
                 .check(HealthCheckRequest::default())
                 .await
             {
-                Ok(h) => println!("{name} {url}: {}", h.into_inner().status().as_str_name()),
+                Ok(h) => println!("{name} {:?} at {url}", h.into_inner().status()),
                 Err(e) => println!("{name} {url}: health check failed: {}", e.message()),
             },
             Err(e) => println!("{name} {url}: unreachable ({e:#})"),

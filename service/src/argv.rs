@@ -107,6 +107,18 @@ impl ToArgv for crate::ShutdownArgs {
     }
 }
 
+/// `T` as a process would parse it from an empty command line: every field its default or
+/// its `HINDSIGHT_*` variable. A launcher (`hindsight up`) starts from this and sets what it
+/// decides, so a variable set for the launcher still reaches the child's other flags.
+pub fn from_env<T: clap::Args + clap::FromArgMatches>() -> anyhow::Result<T> {
+    let cmd = T::augment_args(clap::Command::new("x").no_binary_name(true));
+    let matches = cmd
+        .try_get_matches_from(Vec::<String>::new())
+        .map_err(|e| crate::ConfigError::wrap(anyhow::anyhow!("{}", e.to_string().trim())))?;
+    T::from_arg_matches(&matches)
+        .map_err(|e| crate::ConfigError::wrap(anyhow::anyhow!("{}", e.to_string().trim())))
+}
+
 /// Test support: checks that `args` renders to flags that parse back to an equal value
 /// (compared by `Debug`), and that the rendering names every flag `T` has (so a field added
 /// to the struct but not to its `to_argv` is caught, given an `args` with every option set).

@@ -27,7 +27,7 @@ mod server;
 mod shutdown;
 mod tokens;
 
-pub use argv::{assert_round_trip, Argv, ToArgv};
+pub use argv::{assert_round_trip, from_env, Argv, ToArgv};
 pub use auth::{AuthLayer, AuthService};
 pub use certs::{
     make_certs, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE, TOKENS_FILE,
