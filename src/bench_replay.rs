@@ -22,17 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hindsight_proto::v1::health_check_response::ServingStatus;
-use hindsight_proto::v1::health_client::HealthClient;
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::{
-    AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, HealthCheckRequest, LeaseRequest,
+    AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, LeaseRequest,
     RegisterLearnerRequest, Response as RolloutResponse, RolloutGroup,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// The figure the replay server is held to (printed with every run).
 pub const GOAL: &str = "goal: >= 3000 groups/s at 32 streams, p99 < 25 ms, WAL on";
@@ -225,6 +226,9 @@ fn server_args(
     let mut a: Vec<String> = [
         "--log-level",
         "info",
+        // The bench reads the server's figures over gRPC; no metrics port to collide.
+        "--metrics-addr",
+        "off",
         "replay-server",
         "--model",
         "tiny",
@@ -1084,7 +1088,7 @@ impl Server {
             }
             if let Ok(channel) = connect(&self.url).await {
                 let answer = HealthClient::new(channel)
-                    .check(HealthCheckRequest {})
+                    .check(HealthCheckRequest::default())
                     .await;
                 if answer.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32) {
                     return Ok(());

@@ -1,6 +1,12 @@
 //! `hindsight`: the one binary of Hindsight. Every role is a subcommand (`replay-server`,
-//! `learner`, `actor`), `up` runs a whole local cluster, and `fetch-model` / `status` are tools.
-//! Every flag is also an environment variable (shown in `--help`).
+//! `learner`, `actor`), `up` runs a whole local cluster, and `fetch-model` / `status` /
+//! `health` are tools.
+//!
+//! The service shell every role shares: every flag `--foo-bar` is also the environment
+//! variable `HINDSIGHT_FOO_BAR` (the same name for the same meaning in every role; shown in
+//! `--help`), each role serves `/metrics`, `/healthz` and `/readyz` on its metrics port
+//! (`telemetry.rs`), SIGTERM drains within `--shutdown-timeout-secs` (a hard bound enforced
+//! here), and a configuration error is one line and exit code 2 (1 for anything else).
 
 mod bench;
 mod bench_generate;
@@ -8,6 +14,8 @@ mod bench_replay;
 mod bench_train;
 mod certs;
 mod convert;
+mod env;
+mod health;
 mod status;
 mod supervise;
 mod telemetry;
@@ -16,6 +24,8 @@ mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -46,9 +56,11 @@ struct Cli {
         default_value = "info"
     )]
     log_level: String,
-    /// Address of this process's Prometheus `/metrics` endpoint (none = no exporter).
-    #[arg(long, global = true, env = "HINDSIGHT_METRICS_ADDR")]
-    metrics_addr: Option<SocketAddr>,
+    /// Address of this process's HTTP port serving `/metrics`, `/healthz` and `/readyz`, or
+    /// `off`. Default for the roles: replay-server 0.0.0.0:9101, learner 0.0.0.0:9102, actor
+    /// 0.0.0.0:9103; other subcommands serve none unless given.
+    #[arg(long, global = true, env = "HINDSIGHT_METRICS_ADDR", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
+    metrics_addr: Option<MetricsAddr>,
     /// Compute threads of this process (candle / rayon); 0 = all cores. Set it when several
     /// processes share a machine.
     #[arg(long, global = true, env = "HINDSIGHT_THREADS", default_value_t = 0)]
@@ -89,9 +101,77 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Make a private CA, a server certificate and per-role tokens for a secured cluster.
     Certs(certs::CertsArgs),
+    /// Probe one process (gRPC health or HTTP /readyz): exit code 0 when serving / ready,
+    /// 1 otherwise. The container HEALTHCHECK.
+    Health(health::HealthArgs),
 }
 
-async fn shutdown_signal() {
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MetricsAddr {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("none") {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse()
+        .map(MetricsAddr::At)
+        .map_err(|e| format!("{e}: expected HOST:PORT with an IP address (0.0.0.0:9101) or `off`"))
+}
+
+/// Default metrics / probe ports of the roles (documented in README and ARCHITECTURE).
+pub const REPLAY_METRICS_PORT: u16 = 9101;
+pub const LEARNER_METRICS_PORT: u16 = 9102;
+pub const ACTOR_METRICS_PORT: u16 = 9103;
+
+impl Command {
+    /// The metrics port a role serves when `--metrics-addr` is not given.
+    fn default_metrics_addr(&self) -> Option<SocketAddr> {
+        let port = match self {
+            Command::ReplayServer(_) => REPLAY_METRICS_PORT,
+            Command::Learner(_) => LEARNER_METRICS_PORT,
+            Command::Actor(_) => ACTOR_METRICS_PORT,
+            _ => return None,
+        };
+        Some(SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+
+    /// The drain bound of a role (none for tools).
+    fn shutdown_bound(&self) -> Option<Duration> {
+        match self {
+            Command::ReplayServer(a) => Some(a.shutdown.bound()),
+            Command::Learner(a) => Some(a.shutdown.bound()),
+            Command::Actor(a) => Some(a.shutdown.bound()),
+            _ => None,
+        }
+    }
+}
+
+/// Resolves at SIGTERM or Ctrl-C. With a `bound`, it also starts the hard stop: whatever the
+/// role is still doing `bound` after the signal, the process exits then (code 0: each role's
+/// own drain ends before the bound, so this only cuts what it already gave up on).
+async fn shutdown_signal(bound: Option<Duration>) {
+    wait_for_signal().await;
+    if let Some(bound) = bound {
+        tracing::info!(
+            bound_secs = bound.as_secs_f64(),
+            "shutdown requested; draining"
+        );
+        std::thread::spawn(move || {
+            std::thread::sleep(bound);
+            tracing::warn!(
+                bound_secs = bound.as_secs_f64(),
+                "still not stopped at --shutdown-timeout-secs; exiting now"
+            );
+            std::process::exit(0);
+        });
+    }
+}
+
+async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -134,7 +214,9 @@ fn tune_allocator(command: &Command) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    // Old per-role variable names (HINDSIGHT_REPLAY_MODEL, ...) still work, with a warning.
+    let renamed = env::apply_old_names();
     let cli = Cli::parse();
     tune_allocator(&cli.command);
     if cli.threads > 0 {
@@ -142,11 +224,21 @@ fn main() -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
     }
     telemetry::init_logging(cli.log_format, &cli.log_level);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    for (old, new) in renamed {
+        tracing::warn!("{old} is deprecated; set {new} instead (read it this time)");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    runtime.block_on(async move {
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
         let role = match &cli.command {
             Command::ReplayServer(_) => "replay-server",
             Command::Learner(_) => "learner",
@@ -158,18 +250,47 @@ fn main() -> Result<()> {
             Command::Bench(_) => "bench",
             Command::Convert(_) => "convert",
             Command::Certs(_) => "certs",
+            Command::Health(_) => "health",
         };
-        if let Some(addr) = cli.metrics_addr {
-            telemetry::init_metrics(addr, role)?;
+        let metrics_addr = match cli.metrics_addr {
+            Some(MetricsAddr::Off) => None,
+            Some(MetricsAddr::At(addr)) => Some(addr),
+            None => cli.command.default_metrics_addr(),
+        };
+        // Tools run beside a role (`health` in its container, `status` exec'd into it) and
+        // share its environment: only a long-running process serves the metrics port.
+        let tool = matches!(
+            cli.command,
+            Command::Health(_)
+                | Command::Status(_)
+                | Command::Certs(_)
+                | Command::FetchModel { .. }
+                | Command::Verify(_)
+                | Command::Convert(_)
+        );
+        if let (Some(addr), false) = (metrics_addr, tool) {
+            telemetry::init_metrics(addr, role).await?;
         }
+        let bound = cli.command.shutdown_bound();
         let span = tracing::info_span!("hindsight", role);
-        let result = async move {
-            match cli.command {
+        async move {
+            let done: Result<()> = match cli.command {
                 Command::ReplayServer(args) => {
-                    hindsight_replay_server::run(args, shutdown_signal()).await
+                    hindsight_replay_server::run(args, shutdown_signal(bound)).await
                 }
-                Command::Learner(args) => hindsight_learner::run(args, shutdown_signal()).await,
-                Command::Actor(args) => hindsight_actor::run(args, shutdown_signal()).await,
+                Command::Learner(args) => {
+                    hindsight_learner::run(args, shutdown_signal(bound)).await
+                }
+                Command::Actor(args) => hindsight_actor::run(args, shutdown_signal(bound)).await,
+                Command::Health(args) => {
+                    return health::run(args, metrics_addr).await.map(|serving| {
+                        if serving {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    })
+                }
                 Command::Up(args) => up::run(args, cli.log_format).await,
                 Command::FetchModel { model, .. } if model != "smollm2" => {
                     println!("{model}: nothing to fetch (built in or local)");
@@ -190,15 +311,25 @@ fn main() -> Result<()> {
                     tokio::task::spawn_blocking(move || convert::run(args)).await?
                 }
                 Command::Certs(args) => certs::run(args),
-            }
+            };
+            done.map(|()| ExitCode::SUCCESS)
         }
         .instrument(span)
-        .await;
-        if let Err(e) = &result {
-            tracing::error!(error = format!("{e:#}"), "exiting with an error");
+        .await
+    });
+    match result {
+        Ok(code) => code,
+        // One line, whatever the error; a configuration error is 2 (like a usage error).
+        Err(e) if hindsight_service::ConfigError::is_in(&e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
-        result
-    })
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "exiting with an error");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,24 +1,27 @@
-//! `hindsight status`: asks each service's Health endpoint and the replay server's Status RPC,
-//! and prints one readable report (or JSON with `--json`).
+//! `hindsight status`: asks each server's standard gRPC health service, the learner's newest
+//! weight version (`Weights.Latest`) and the replay server's `Status` RPC, and prints one
+//! readable report.
 
 use anyhow::{Context, Result};
-use hindsight_proto::v1::health_client::HealthClient;
 use hindsight_proto::v1::replay_client::ReplayClient;
-use hindsight_proto::v1::{HealthCheckRequest, ReplayStatusRequest};
+use hindsight_proto::v1::weights_client::WeightsClient;
+use hindsight_proto::v1::{LatestWeightsRequest, ReplayStatusRequest};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Replay server URL.
     #[arg(
         long,
-        env = "HINDSIGHT_REPLAY_URL",
+        env = "HINDSIGHT_REPLAY",
         default_value = "http://127.0.0.1:50051"
     )]
     pub replay: String,
     /// Learner URL.
     #[arg(
         long,
-        env = "HINDSIGHT_LEARNER_URL",
+        env = "HINDSIGHT_LEARNER",
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
@@ -29,26 +32,31 @@ pub struct StatusArgs {
 
 pub async fn run(args: StatusArgs) -> Result<()> {
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
-    for url in [&args.replay, &args.learner] {
-        match security.connect_authed(url, 1).await {
+    for (name, url) in [("replay-server", &args.replay), ("learner", &args.learner)] {
+        match security.connect(url, 1).await {
             Ok(channel) => match HealthClient::new(channel)
-                .check(HealthCheckRequest {})
+                .check(HealthCheckRequest::default())
                 .await
             {
-                Ok(h) => {
-                    let h = h.into_inner();
-                    println!(
-                        "{url}: {} {:?} up {:.0}s, policy version {}, {:?}",
-                        h.role,
-                        h.status(),
-                        h.uptime_ms as f64 / 1000.0,
-                        h.policy_version,
-                        h.details
-                    );
-                }
-                Err(e) => println!("{url}: health check failed: {}", e.message()),
+                Ok(h) => println!("{name} {:?} at {url}", h.into_inner().status()),
+                Err(e) => println!("{name} {url}: health check failed: {}", e.message()),
             },
-            Err(e) => println!("{url}: unreachable ({e})"),
+            Err(e) => println!("{name} {url}: unreachable ({e:#})"),
+        }
+    }
+    if let Ok(channel) = security.connect_authed(&args.learner, 1).await {
+        match WeightsClient::new(channel)
+            .latest(LatestWeightsRequest::default())
+            .await
+        {
+            Ok(m) => {
+                let m = m.into_inner();
+                println!(
+                    "learner: weights version {} (step {}, {} bytes)",
+                    m.version, m.learner_step, m.total_bytes
+                );
+            }
+            Err(e) => println!("learner: Weights.Latest failed: {}", e.message()),
         }
     }
     let mut replay = ReplayClient::new(

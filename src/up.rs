@@ -237,8 +237,6 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             .map(OsString::from)
             .collect();
             all.extend(role_args.into_iter().map(OsString::from));
-            all.push("--cache-dir".into());
-            all.push(cache.clone().into_os_string());
             let spec = Spec {
                 name: name.to_string(),
                 program: exe.clone(),
@@ -250,67 +248,54 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             Ok((spec, metrics))
         };
 
-    let mut replay_args: Vec<String> = vec![
-        "replay-server".into(),
-        "--listen".into(),
-        replay_addr.to_string(),
-        "--model".into(),
-        args.model.clone(),
-        "--seed".into(),
-        args.seed.to_string(),
-        "--hindsight".into(),
-        args.hindsight.clone(),
-        "--prompts-per-batch".into(),
-        args.prompts_per_batch.to_string(),
-        "--group-size".into(),
-        args.group_size.to_string(),
-        "--responses-per-prompt".into(),
-        args.responses_per_prompt.to_string(),
-        "--max-new-tokens".into(),
-        args.max_new_tokens.to_string(),
-        "--lease-timeout-ms".into(),
-        (args.lease_timeout_secs.max(1) * 1000).to_string(),
-        "--max-staleness".into(),
-        args.max_staleness.to_string(),
-        "--data-dir".into(),
-        run_dir.join("replay-data").display().to_string(),
-        "--batch-log".into(),
-        run_dir.join("batches.jsonl").display().to_string(),
-    ];
-    if let Some(p) = &args.prompts {
-        replay_args.push("--prompts".into());
-        replay_args.push(p.display().to_string());
-    }
-    replay_args.extend(security.server_args());
-    let mut learner_args: Vec<String> = vec![
-        "learner".into(),
-        "--replay".into(),
-        replay_url.clone(),
-        "--listen".into(),
-        learner_addr.to_string(),
-        "--model".into(),
-        args.model.clone(),
-        "--max-steps".into(),
-        args.steps.to_string(),
-        "--checkpoint-dir".into(),
-        run_dir.join("checkpoints").display().to_string(),
-        "--step-log".into(),
-        steps_path.display().to_string(),
-        "--micro-batch".into(),
-        args.micro_batch.to_string(),
-        "--checkpoint-every".into(),
-        args.checkpoint_every.to_string(),
-        "--linger".into(),
-    ];
-    if args.resume {
-        learner_args.push("--resume".into());
-    }
-    learner_args.extend(security.server_args());
-    learner_args.extend(security.client_args("learner"));
+    // Every child's arguments are its role's typed `Args`, rendered (`ToArgv`): no flag is
+    // spelled here, so a renamed flag cannot silently drift.
+    use hindsight_service::ToArgv;
+    let replay = hindsight_replay_server::ReplayArgs {
+        listen: replay_addr,
+        model: args.model.clone(),
+        cache_dir: Some(cache.clone()),
+        prompts: args.prompts.clone(),
+        seed: args.seed,
+        hindsight: if args.hindsight == "off" {
+            hindsight_replay_server::Hindsight::Off
+        } else {
+            hindsight_replay_server::Hindsight::On
+        },
+        prompts_per_batch: args.prompts_per_batch,
+        group_size: args.group_size,
+        responses_per_prompt: args.responses_per_prompt,
+        max_new_tokens: args.max_new_tokens,
+        lease_timeout_ms: args.lease_timeout_secs.max(1) * 1000,
+        max_staleness: args.max_staleness,
+        data_dir: Some(run_dir.join("replay-data")),
+        batch_log: Some(run_dir.join("batches.jsonl")),
+        security: security.server_args(),
+        ..hindsight_service::from_env()?
+    };
+    let mut replay_args = vec!["replay-server".to_string()];
+    replay_args.extend(replay.to_argv());
+    let mut learner: hindsight_learner::LearnerArgs = hindsight_learner::LearnerArgs {
+        replay: replay_url.clone(),
+        listen: learner_addr,
+        model: args.model.clone(),
+        cache_dir: Some(cache.clone()),
+        max_steps: args.steps,
+        checkpoint_dir: Some(run_dir.join("checkpoints")),
+        step_log: Some(steps_path.clone()),
+        micro_batch: args.micro_batch,
+        checkpoint_every: args.checkpoint_every,
+        linger: true,
+        resume: args.resume,
+        server_security: security.server_args(),
+        client_security: security.client_args("learner"),
+        ..hindsight_service::from_env()?
+    };
     if let Some(lr) = args.lr {
-        learner_args.push("--lr".into());
-        learner_args.push(lr.to_string());
+        learner.lr = lr;
     }
+    let mut learner_args = vec!["learner".to_string()];
+    learner_args.extend(learner.to_argv());
 
     let mut specs = vec![
         spec("replay-server", replay_args, &[])?,
@@ -323,27 +308,25 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         )?,
     ];
     for i in 0..args.actors {
-        let mut actor_args: Vec<String> = vec![
-            "actor".into(),
-            "--replay".into(),
-            replay_url.clone(),
-            "--learner".into(),
-            learner_url.clone(),
-            "--model".into(),
-            args.model.clone(),
-            "--actor-id".into(),
-            format!("actor-{i}"),
-            "--seed".into(),
-            (args.seed + i as u64).to_string(),
-        ];
-        actor_args.extend(security.client_args("actor"));
+        let actor = hindsight_actor::ActorArgs {
+            replay: replay_url.clone(),
+            learner: learner_url.clone(),
+            model: args.model.clone(),
+            cache_dir: Some(cache.clone()),
+            actor_id: Some(format!("actor-{i}")),
+            seed: args.seed + i as u64,
+            security: security.client_args("actor"),
+            ..hindsight_service::from_env()?
+        };
+        let mut actor_args = vec!["actor".to_string()];
+        actor_args.extend(actor.to_argv());
         specs.push(spec(&format!("actor-{i}"), actor_args, &[])?);
     }
     let endpoints = Endpoints {
         path: run_dir.join("endpoints.json"),
         replay: replay_url,
         learner: learner_url,
-        status_args: security.client_args("status"),
+        status_args: security.client_args("status").to_argv(),
         metrics: specs.iter().map(|(s, m)| (s.name.clone(), *m)).collect(),
     };
     let policy = RestartPolicy::new(
@@ -665,39 +648,31 @@ impl Security {
         }
     }
 
-    /// Flags of a gRPC server.
-    fn server_args(&self) -> Vec<String> {
+    /// Security settings of a gRPC server.
+    fn server_args(&self) -> hindsight_service::ServerSecurityArgs {
         match self {
-            Security::Insecure => vec!["--insecure".into()],
-            Security::Secure { dir } => vec![
-                "--tls-cert".into(),
-                dir.join(hindsight_service::SERVER_CERT_FILE)
-                    .display()
-                    .to_string(),
-                "--tls-key".into(),
-                dir.join(hindsight_service::SERVER_KEY_FILE)
-                    .display()
-                    .to_string(),
-                "--auth-tokens".into(),
-                dir.join(hindsight_service::TOKENS_FILE)
-                    .display()
-                    .to_string(),
-            ],
+            Security::Insecure => hindsight_service::ServerSecurityArgs {
+                insecure: true,
+                ..Default::default()
+            },
+            Security::Secure { dir } => hindsight_service::ServerSecurityArgs {
+                tls_cert: Some(dir.join(hindsight_service::SERVER_CERT_FILE)),
+                tls_key: Some(dir.join(hindsight_service::SERVER_KEY_FILE)),
+                auth_tokens: Some(dir.join(hindsight_service::TOKENS_FILE)),
+                insecure: false,
+            },
         }
     }
 
-    /// Flags of a client with `role`'s credentials.
-    fn client_args(&self, role: &str) -> Vec<String> {
+    /// Security settings of a client with `role`'s credentials.
+    fn client_args(&self, role: &str) -> hindsight_service::ClientSecurityArgs {
         match self {
-            Security::Insecure => Vec::new(),
-            Security::Secure { dir } => vec![
-                "--tls-ca".into(),
-                dir.join(hindsight_service::CA_CERT_FILE)
-                    .display()
-                    .to_string(),
-                "--token-file".into(),
-                dir.join(format!("{role}.token")).display().to_string(),
-            ],
+            Security::Insecure => Default::default(),
+            Security::Secure { dir } => hindsight_service::ClientSecurityArgs {
+                tls_ca: Some(dir.join(hindsight_service::CA_CERT_FILE)),
+                token_file: Some(dir.join(format!("{role}.token"))),
+                ..Default::default()
+            },
         }
     }
 }

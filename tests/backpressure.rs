@@ -43,6 +43,8 @@ fn start_server(dir: &Path, extra: &[&str]) -> Server {
         .args([
             "--threads",
             "1",
+            "--metrics-addr",
+            "off",
             "replay-server",
             "--insecure",
             "--model",

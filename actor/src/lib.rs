@@ -4,27 +4,31 @@
 //! in newer weight versions from the learner between generation batches.
 //!
 //! Actors are stateless and elastic: start or kill any number at any time. A killed actor's
-//! leases expire on the replay server and its prompts are handed to another actor.
+//! leases expire on the replay server and its prompts are handed to another actor; a stopped
+//! one (SIGTERM) stops leasing, finishes and streams the generation in progress if it can
+//! within `--shutdown-timeout-secs`, and gives back whatever it still holds
+//! (`ReleaseLeases`), so nothing it held waits for lease expiry.
+//!
+//! An actor has no gRPC server: its health is the HTTP `/healthz` and `/readyz` of its
+//! metrics port (ready once it has weights and its lease loop gets answers).
 
 pub mod metrics;
 pub mod weights;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hindsight_policy::{Device, Sampler, SamplingParams};
-use hindsight_proto::v1::health_server::{Health, HealthServer};
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::weights_client::WeightsClient;
 use hindsight_proto::v1::{
-    health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse, LeaseRequest,
-    ReleaseLeasesRequest, Response as RolloutResponse, RolloutAck, RolloutGroup,
+    LeaseRequest, ReleaseLeasesRequest, Response as RolloutResponse, RolloutAck, RolloutGroup,
 };
+use hindsight_service::ConfigResultExt as _;
 use tokio::sync::{mpsc, watch};
 
 use tracing::{info, warn};
@@ -35,14 +39,14 @@ pub struct ActorArgs {
     /// Replay server to lease prompts from and stream rollouts to.
     #[arg(
         long,
-        env = "HINDSIGHT_REPLAY_URL",
+        env = "HINDSIGHT_REPLAY",
         default_value = "http://127.0.0.1:50051"
     )]
     pub replay: String,
     /// Learner whose Weights service publishes new versions.
     #[arg(
         long,
-        env = "HINDSIGHT_LEARNER_URL",
+        env = "HINDSIGHT_LEARNER",
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
@@ -61,20 +65,17 @@ pub struct ActorArgs {
     /// Base seed of the sampler (mixed with the actor id and the batch number).
     #[arg(long, env = "HINDSIGHT_SEED", default_value_t = 0)]
     pub seed: u64,
-    /// Optional gRPC Health endpoint of this actor.
-    #[arg(long, env = "HINDSIGHT_ACTOR_LISTEN")]
-    pub listen: Option<SocketAddr>,
     /// Precision of the generation weights: `f32` (log-probs match the learner's to ~1e-5)
     /// or `bf16` (bf16 weights and inputs, f32 sums: faster, see README for the mismatch).
-    #[arg(long, env = "HINDSIGHT_ACTOR_PRECISION", default_value = "f32")]
+    #[arg(long, env = "HINDSIGHT_PRECISION", default_value = "f32")]
     pub precision: hindsight_policy::Precision,
     /// Device to generate on: `cpu` (the continuous-batching engine) or `cuda` / `cuda:N`
     /// (candle's CUDA forward; needs a `--features cuda` build).
-    #[arg(long, env = "HINDSIGHT_ACTOR_DEVICE", default_value = "cpu")]
+    #[arg(long, env = "HINDSIGHT_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Sequences generated at once; as one finishes, the next response of the lease takes
     /// its slot (continuous batching).
-    #[arg(long, env = "HINDSIGHT_ACTOR_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
+    #[arg(long, env = "HINDSIGHT_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
     /// How this actor proves itself to the replay server and the learner (`--tls-ca`,
     /// `--token-file`; `hindsight certs` makes them).
@@ -83,6 +84,51 @@ pub struct ActorArgs {
     /// Stop after this many accepted groups (0 = run until stopped).
     #[arg(long, env = "HINDSIGHT_MAX_GROUPS", default_value_t = 0)]
     pub max_groups: u64,
+    /// The drain bound after SIGTERM.
+    #[command(flatten)]
+    pub shutdown: hindsight_service::ShutdownArgs,
+}
+
+impl Default for ActorArgs {
+    /// The same values as the command-line defaults (tested).
+    fn default() -> Self {
+        ActorArgs {
+            replay: "http://127.0.0.1:50051".into(),
+            learner: "http://127.0.0.1:50052".into(),
+            model: "tiny".into(),
+            cache_dir: None,
+            actor_id: None,
+            prompts_per_lease: 2,
+            seed: 0,
+            precision: hindsight_policy::Precision::F32,
+            device: "cpu".into(),
+            max_batch: hindsight_policy::sampler::DEFAULT_MAX_BATCH,
+            security: Default::default(),
+            max_groups: 0,
+            shutdown: Default::default(),
+        }
+    }
+}
+
+impl hindsight_service::ToArgv for ActorArgs {
+    /// The flags that parse back to these settings (every one, defaults included).
+    fn to_argv(&self) -> Vec<String> {
+        let mut a = hindsight_service::Argv::new();
+        a.opt("--replay", &self.replay)
+            .opt("--learner", &self.learner)
+            .opt("--model", &self.model)
+            .path_some("--cache-dir", &self.cache_dir)
+            .opt_some("--actor-id", &self.actor_id)
+            .opt("--prompts-per-lease", self.prompts_per_lease)
+            .opt("--seed", self.seed)
+            .opt("--precision", self.precision)
+            .opt("--device", &self.device)
+            .opt("--max-batch", self.max_batch)
+            .extend(&self.security)
+            .opt("--max-groups", self.max_groups)
+            .extend(&self.shutdown);
+        a.into_vec()
+    }
 }
 
 fn default_actor_id() -> String {
@@ -103,30 +149,6 @@ fn mix(a: u64, b: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-struct ActorHealth {
-    started: Instant,
-    id: String,
-    version: Arc<AtomicU64>,
-}
-
-#[tonic::async_trait]
-impl Health for ActorHealth {
-    async fn check(
-        &self,
-        _: tonic::Request<HealthCheckRequest>,
-    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(HealthCheckResponse {
-            status: ServingStatus::Serving as i32,
-            role: "actor".into(),
-            instance_id: self.id.clone(),
-            build_version: env!("CARGO_PKG_VERSION").into(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            policy_version: self.version.load(Ordering::Relaxed),
-            details: Default::default(),
-        }))
-    }
 }
 
 /// A channel that carries this actor's credentials.
@@ -172,7 +194,12 @@ async fn run_actor(
     actor_id: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let device = hindsight_policy::parse_device(&args.device)?;
+    if args.max_batch == 0 {
+        return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
+            "--max-batch must be at least 1"
+        )));
+    }
+    let device = hindsight_policy::parse_device(&args.device).config_err()?;
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     let cache = args
         .cache_dir
@@ -181,9 +208,10 @@ async fn run_actor(
     let spec = args.model.clone();
     let loaded =
         tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &Device::Cpu))
-            .await??;
+            .await?
+            .with_context(|| format!("loading --model {}", args.model))
+            .config_err()?;
     let tokenizer = loaded.tokenizer;
-    anyhow::ensure!(args.max_batch > 0, "--max-batch must be at least 1");
     let mut sampler = Sampler::with_precision(
         &loaded.config,
         &loaded.weights,
@@ -202,33 +230,22 @@ async fn run_actor(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    if let Some(addr) = args.listen {
-        let health = ActorHealth {
-            started: Instant::now(),
-            id: actor_id.clone(),
-            version: version.clone(),
-        };
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        let mut stop = stop_rx.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(HealthServer::new(health))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                ),
-        );
-    }
 
     let mut replay = ReplayClient::new(connect(&security, &args.replay).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
     let mut weights = WeightsClient::new(connect(&security, &args.learner).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+    // Leases this actor holds and has no ack for: given back when it stops.
+    let held = Held::default();
+    // Ends with this function, whichever way it returns.
+    let _guard = AbortOnDrop(tokio::spawn(drain_guard(
+        stop_rx.clone(),
+        args.shutdown.drain_bound(),
+        replay.clone(),
+        actor_id.clone(),
+        held.clone(),
+    )));
     let mut stream: Option<RolloutStream> = None;
     let mut accepted_groups = 0u64;
     let mut batch_no = 0u64;
@@ -294,6 +311,7 @@ async fn run_actor(
             .await
         {
             Ok(r) => {
+                hindsight_service::set_ready();
                 if let Some(since) = paused_since.take() {
                     info!(
                         paused_secs = format!("{:.1}", since.elapsed().as_secs_f64()),
@@ -305,6 +323,7 @@ async fn run_actor(
                 r.into_inner()
             }
             Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                hindsight_service::set_ready();
                 // Back-pressure: enough work waits for the learner. Wait as told.
                 let wait_ms = e
                     .metadata()
@@ -329,6 +348,7 @@ async fn run_actor(
                 continue;
             }
             Err(e) => {
+                hindsight_service::set_not_ready("the replay server does not answer LeasePrompts");
                 lease_failures += 1;
                 let wait = Duration::from_millis(200 * (1u64 << lease_failures.min(5)));
                 warn!(code = ?e.code(), error = e.message(), retry_in_ms = wait.as_millis() as u64, "LeasePrompts failed; retrying");
@@ -347,6 +367,7 @@ async fn run_actor(
             }
             continue;
         }
+        held.set(lease.prompts.iter().map(|p| p.lease_id.clone()));
         let sampling = lease.sampling.unwrap_or_default();
         let per_prompt = sampling.responses_per_prompt.max(1) as usize;
         let inputs: Vec<Vec<u32>> = lease
@@ -379,13 +400,7 @@ async fn run_actor(
                     error = format!("{e:#}"),
                     "generation failed; giving the leases back"
                 );
-                let ids = lease.prompts.iter().map(|p| p.lease_id.clone()).collect();
-                let _ = replay
-                    .release_leases(ReleaseLeasesRequest {
-                        actor_id: actor_id.clone(),
-                        lease_ids: ids,
-                    })
-                    .await;
+                release(&mut replay, &actor_id, held.take()).await;
                 continue;
             }
         };
@@ -451,6 +466,7 @@ async fn run_actor(
                 match s.acks.message().await {
                     Ok(Some(ack)) => {
                         acked += 1;
+                        held.remove(&ack.lease_id);
                         if ack.accepted {
                             accepted_groups += 1;
                             tracing::debug!(lease_id = %ack.lease_id, group_seq = ack.group_seq, "group accepted");
@@ -480,11 +496,151 @@ async fn run_actor(
             }
             break;
         }
+        // Groups without an ack (the stream broke): give their leases back now rather than
+        // leave them to expire (releasing a lease whose group did land is a no-op).
+        release(&mut replay, &actor_id, held.take()).await;
         if args.max_groups > 0 && accepted_groups >= args.max_groups {
             info!(accepted_groups, "reached --max-groups");
             break;
         }
     }
+    hindsight_service::set_not_ready("stopping");
+    release(&mut replay, &actor_id, held.take()).await;
+    // End the rollout stream cleanly (the server then sees its end, not a reset).
+    if let Some(RolloutStream { tx, mut acks }) = stream.take() {
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(Some(_)) = acks.message().await {}
+        })
+        .await;
+    }
     info!(accepted_groups, "actor stopping");
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Lease ids this actor holds without an ack, shared with the drain guard.
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<Vec<String>>>);
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn set(&self, ids: impl IntoIterator<Item = String>) {
+        *self.lock() = ids.into_iter().collect();
+    }
+    fn remove(&self, id: &str) {
+        self.lock().retain(|h| h != id);
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+/// Gives `lease_ids` back to the replay server (their prompts are re-queued at once).
+/// Best effort, bounded: a lease that cannot be given back still expires on the server.
+async fn release(replay: &mut ReplayClient<Authed>, actor_id: &str, lease_ids: Vec<String>) {
+    if lease_ids.is_empty() {
+        return;
+    }
+    let n = lease_ids.len();
+    let call = replay.release_leases(ReleaseLeasesRequest {
+        actor_id: actor_id.to_owned(),
+        lease_ids,
+    });
+    match tokio::time::timeout(Duration::from_secs(1), call).await {
+        Ok(Ok(r)) => info!(
+            leases = n,
+            released = r.into_inner().released,
+            "gave leases back"
+        ),
+        Ok(Err(e)) => {
+            warn!(code = ?e.code(), error = e.message(), leases = n, "ReleaseLeases failed; they expire on the server")
+        }
+        Err(_) => warn!(
+            leases = n,
+            "ReleaseLeases timed out; they expire on the server"
+        ),
+    }
+}
+
+/// After a stop request the main loop has `bound` to finish the generation in progress and
+/// stream it; past that, this gives back every lease still held and ends the process (exit
+/// code 0: nothing it held is lost, its prompts are re-queued at once).
+async fn drain_guard(
+    mut stop: watch::Receiver<bool>,
+    bound: Duration,
+    mut replay: ReplayClient<Authed>,
+    actor_id: String,
+    held: Held,
+) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    hindsight_service::set_not_ready("draining");
+    info!(
+        bound_secs = bound.as_secs_f64(),
+        "stopping: no new leases; finishing the generation in progress"
+    );
+    tokio::time::sleep(bound).await;
+    let ids = held.take();
+    warn!(
+        leases = ids.len(),
+        "the generation in progress did not finish within the drain bound; giving its leases back"
+    );
+    release(&mut replay, &actor_id, ids).await;
+    std::process::exit(0);
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ActorArgs,
+    }
+
+    #[test]
+    fn clap_defaults_match_default_impl() {
+        let parsed = Cli::parse_from(["actor"]).args;
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", ActorArgs::default()));
+    }
+
+    #[test]
+    fn renders_to_flags_that_parse_back() {
+        hindsight_service::assert_round_trip(&ActorArgs {
+            replay: "https://replay:50051".into(),
+            learner: "https://learner:50052".into(),
+            model: "smollm2".into(),
+            cache_dir: Some("/c".into()),
+            actor_id: Some("actor-7".into()),
+            prompts_per_lease: 3,
+            seed: 42,
+            precision: hindsight_policy::Precision::Bf16,
+            device: "cuda:0".into(),
+            max_batch: 5,
+            security: hindsight_service::ClientSecurityArgs {
+                tls_ca: Some("/s/ca.pem".into()),
+                token_file: Some("/s/actor.token".into()),
+                token: Some("t".into()),
+                tls_domain: Some("replay".into()),
+            },
+            max_groups: 6,
+            shutdown: hindsight_service::ShutdownArgs {
+                shutdown_timeout_secs: 4,
+            },
+        });
+    }
 }

@@ -21,18 +21,18 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hindsight_proto::v1::health_server::{Health, HealthServer};
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::weights_server::WeightsServer;
 use hindsight_proto::v1::{
-    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest,
-    CommitBatchesRequest, HealthCheckRequest, HealthCheckResponse, RegisterLearnerRequest,
+    AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, RegisterLearnerRequest,
 };
+use hindsight_service::ConfigResultExt as _;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
+use tonic::server::NamedService;
 use tracing::{info, warn};
 
 pub use advantage::AdvantageKind;
@@ -47,16 +47,13 @@ pub struct LearnerArgs {
     /// Replay server to pull batches from.
     #[arg(
         long,
-        env = "HINDSIGHT_REPLAY_URL",
+        env = "HINDSIGHT_REPLAY",
         default_value = "http://127.0.0.1:50051"
     )]
     pub replay: String,
-    /// Address of the learner's gRPC server (Weights + Health).
-    #[arg(
-        long,
-        env = "HINDSIGHT_LEARNER_LISTEN",
-        default_value = "127.0.0.1:50052"
-    )]
+    /// Address of the learner's gRPC server (Weights + health; all interfaces by default,
+    /// for containers).
+    #[arg(long, env = "HINDSIGHT_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
     /// Model to train: "tiny", "smollm2" or a path to a .gguf file.
     #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
@@ -99,7 +96,7 @@ pub struct LearnerArgs {
     /// Device to train on: `cpu` (the hand-written whole-model pass) or `cuda` / `cuda:N`
     /// (candle's CUDA backend with differentiable primitives; needs a `--features cuda`
     /// build).
-    #[arg(long, env = "HINDSIGHT_LEARNER_DEVICE", default_value = "cpu")]
+    #[arg(long, env = "HINDSIGHT_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Stop after this many optimizer steps in total (0 = run until stopped).
     #[arg(long, env = "HINDSIGHT_MAX_STEPS", default_value_t = 0)]
@@ -141,32 +138,80 @@ pub struct LearnerArgs {
     /// Number of learner ranks (only 1 is supported for now).
     #[arg(long, env = "HINDSIGHT_WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
+    /// The drain bound after SIGTERM.
+    #[command(flatten)]
+    pub shutdown: hindsight_service::ShutdownArgs,
 }
 
-struct LearnerHealth {
-    started: Instant,
-    store: WeightStore,
-    id: String,
-    step: watch::Receiver<u64>,
+impl Default for LearnerArgs {
+    /// The same values as the command-line defaults (tested).
+    fn default() -> Self {
+        LearnerArgs {
+            replay: "http://127.0.0.1:50051".into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 50052)),
+            model: "tiny".into(),
+            cache_dir: None,
+            lr: 1e-6,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            advantage: AdvantageKind::ReinforcePp,
+            reference_model: false,
+            kl_beta: 0.001,
+            clip: 0.2,
+            dual_clip: 3.0,
+            micro_batch: 4,
+            device: "cpu".into(),
+            max_steps: 0,
+            checkpoint_dir: None,
+            checkpoint_every: 50,
+            resume: false,
+            step_log: None,
+            keep_versions: 2,
+            learner_id: "learner-0".into(),
+            rank: 0,
+            linger: false,
+            prefetch: 2,
+            server_security: Default::default(),
+            client_security: Default::default(),
+            world_size: 1,
+            shutdown: Default::default(),
+        }
+    }
 }
 
-#[tonic::async_trait]
-impl Health for LearnerHealth {
-    async fn check(
-        &self,
-        _: tonic::Request<HealthCheckRequest>,
-    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
-        let mut details = std::collections::HashMap::new();
-        details.insert("step".to_string(), self.step.borrow().to_string());
-        Ok(tonic::Response::new(HealthCheckResponse {
-            status: ServingStatus::Serving as i32,
-            role: "learner".into(),
-            instance_id: self.id.clone(),
-            build_version: env!("CARGO_PKG_VERSION").into(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            policy_version: self.store.latest_version(),
-            details,
-        }))
+impl hindsight_service::ToArgv for LearnerArgs {
+    /// The flags that parse back to these settings (every one, defaults included).
+    fn to_argv(&self) -> Vec<String> {
+        let mut a = hindsight_service::Argv::new();
+        a.opt("--replay", &self.replay)
+            .opt("--listen", self.listen)
+            .opt("--model", &self.model)
+            .path_some("--cache-dir", &self.cache_dir)
+            .opt("--lr", self.lr)
+            .opt("--weight-decay", self.weight_decay)
+            .opt("--max-grad-norm", self.max_grad_norm)
+            .value_enum("--advantage", &self.advantage)
+            .switch("--reference-model", self.reference_model)
+            .opt("--kl-beta", self.kl_beta)
+            .opt("--clip", self.clip)
+            .opt("--dual-clip", self.dual_clip)
+            .opt("--micro-batch", self.micro_batch)
+            .opt("--device", &self.device)
+            .opt("--max-steps", self.max_steps)
+            .path_some("--checkpoint-dir", &self.checkpoint_dir)
+            .opt("--checkpoint-every", self.checkpoint_every)
+            .switch("--resume", self.resume)
+            .path_some("--step-log", &self.step_log)
+            .opt("--keep-versions", self.keep_versions)
+            .opt("--learner-id", &self.learner_id)
+            .opt("--rank", self.rank)
+            .switch("--linger", self.linger)
+            .opt("--prefetch", self.prefetch)
+            .extend(&self.server_security)
+            .extend(&self.client_security)
+            .opt("--world-size", self.world_size)
+            .extend(&self.shutdown);
+        a.into_vec()
     }
 }
 
@@ -189,14 +234,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     if args.world_size != 1 || args.rank != 0 {
-        bail!(
+        return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
             "--world-size {} / --rank {}: multi-rank training (gradient all-reduce) is not implemented yet; run one learner with --world-size 1",
             args.world_size,
             args.rank
-        );
+        )));
     }
     metrics::describe();
-    let device = hindsight_policy::parse_device(&args.device)?;
+    let device = hindsight_policy::parse_device(&args.device).config_err()?;
+    if args.resume && args.checkpoint_dir.is_none() {
+        return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
+            "--resume needs --checkpoint-dir"
+        )));
+    }
     let server_security = hindsight_service::ServerSecurity::from_args(&args.server_security)?;
     let client_security = hindsight_service::ClientSecurity::from_args(&args.client_security)?;
     let cache = args
@@ -207,7 +257,9 @@ pub async fn run(
     let loaded = tokio::task::spawn_blocking(move || {
         hindsight_policy::load(&spec, &cache, &hindsight_policy::Device::Cpu)
     })
-    .await??;
+    .await?
+    .with_context(|| format!("loading --model {}", args.model))
+    .config_err()?;
     info!(model = %loaded.name, params = loaded.weights.num_parameters(), device = %args.device, "model loaded");
     let config = TrainConfig {
         lr: args.lr,
@@ -261,18 +313,17 @@ pub async fn run(
     }
     ::metrics::gauge!(metrics::STEP).set(state.step as f64);
 
-    // gRPC server: Weights + Health.
-    let (step_tx, step_rx) = watch::channel(state.step);
+    // gRPC server: Weights + the standard health service, NOT_SERVING until the weights
+    // it serves are in place (first registration), and again while draining.
+    let (step_tx, _step_rx) = watch::channel(state.step);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health = LearnerHealth {
-        started: Instant::now(),
-        store: store.clone(),
-        id: args.learner_id.clone(),
-        step: step_rx,
-    };
+    let (health, health_server) =
+        hindsight_service::GrpcHealth::new(&[<WeightsServer<WeightStore> as NamedService>::NAME])
+            .await;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("binding learner gRPC address {}", args.listen))?;
+        .with_context(|| format!("binding the learner to --listen {}", args.listen))
+        .config_err()?;
     info!(addr = %listener.local_addr()?, "learner serving Weights and Health");
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(
@@ -282,7 +333,7 @@ pub async fn run(
                 WeightsServer::new(store.clone())
                     .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
             )
-            .add_service(HealthServer::new(health))
+            .add_service(health_server)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async move {
@@ -292,8 +343,11 @@ pub async fn run(
     );
     let shutdown_task = {
         let stop_tx = stop_tx.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             shutdown.await;
+            info!("shutting down: NOT_SERVING; finishing the step in progress, then a checkpoint");
+            health.draining().await;
             let _ = stop_tx.send(true);
         })
     };
@@ -319,6 +373,7 @@ pub async fn run(
         stop_rx.clone(),
         &tokenizer,
         &client_security,
+        &health,
     )
     .await;
     if let Err(e) = &result {
@@ -472,6 +527,7 @@ async fn train_loop(
     mut stop: watch::Receiver<bool>,
     tokenizer: &hindsight_policy::ChatTokenizer,
     security: &hindsight_service::ClientSecurity,
+    health: &hindsight_service::GrpcHealth,
 ) -> Result<()> {
     let mut lp = Loop {
         args,
@@ -528,6 +584,11 @@ async fn train_loop(
         }
         info!(%incarnation, step = state.step, policy_version = state.policy_version,
             trained_through = state.last_batch_id, "registered with the replay server");
+        // The weights actors should follow are published (version 0: the base model every
+        // process loads itself): ready, unless already stopping.
+        if !*stop.borrow() {
+            health.serving().await;
+        }
         let request = BatchStreamRequest {
             learner_id: args.learner_id.clone(),
             rank: args.rank,
@@ -674,4 +735,72 @@ fn record_metrics(s: &StepStats) {
     gauge!(metrics::TRAIN_TOKENS_PER_SECOND).set(s.train_tokens_per_second);
     gauge!(metrics::BATCH_REWARD).set(s.reward_mean);
     gauge!(metrics::CLIP_FRACTION).set(s.clip_fraction);
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LearnerArgs,
+    }
+
+    #[test]
+    fn clap_defaults_match_default_impl() {
+        let parsed = Cli::parse_from(["learner"]).args;
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", LearnerArgs::default())
+        );
+    }
+
+    #[test]
+    fn renders_to_flags_that_parse_back() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        hindsight_service::assert_round_trip(&LearnerArgs {
+            replay: "https://replay:50051".into(),
+            listen: "10.0.0.2:6000".parse().unwrap(),
+            model: "/m/model.gguf".into(),
+            cache_dir: p("/c"),
+            lr: 3e-5,
+            weight_decay: 0.5,
+            max_grad_norm: 2.5,
+            advantage: AdvantageKind::Grpo,
+            reference_model: true,
+            kl_beta: 0.01,
+            clip: 0.3,
+            dual_clip: 4.0,
+            micro_batch: 3,
+            device: "cuda:1".into(),
+            max_steps: 10,
+            checkpoint_dir: p("/ck"),
+            checkpoint_every: 7,
+            resume: true,
+            step_log: p("/s.jsonl"),
+            keep_versions: 4,
+            learner_id: "learner-x".into(),
+            rank: 1,
+            linger: true,
+            prefetch: 5,
+            server_security: hindsight_service::ServerSecurityArgs {
+                tls_cert: p("/s/c.pem"),
+                tls_key: p("/s/k.pem"),
+                auth_tokens: p("/s/t.txt"),
+                insecure: true,
+            },
+            client_security: hindsight_service::ClientSecurityArgs {
+                tls_ca: p("/s/ca.pem"),
+                token_file: p("/s/learner.token"),
+                token: Some("t".into()),
+                tls_domain: Some("replay".into()),
+            },
+            world_size: 2,
+            shutdown: hindsight_service::ShutdownArgs {
+                shutdown_timeout_secs: 9,
+            },
+        });
+    }
 }

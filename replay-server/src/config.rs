@@ -1,7 +1,7 @@
 //! Command-line / environment configuration of the replay server ([`ReplayArgs`]).
 //!
-//! Every flag is also an environment variable (`HINDSIGHT_REPLAY_*`), so a container can
-//! be configured without a command line. [`ReplayArgs::validate`] rejects inconsistent
+//! Every flag `--foo-bar` is also the environment variable `HINDSIGHT_FOO_BAR` (the same
+//! name as in every other role), so a container can be configured without a command line. [`ReplayArgs::validate`] rejects inconsistent
 //! settings before anything is bound.
 
 use std::net::SocketAddr;
@@ -22,109 +22,100 @@ pub enum Hindsight {
 /// Settings of the replay server.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ReplayArgs {
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "HINDSIGHT_REPLAY_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], 50051)))]
+    /// Address the gRPC server listens on (all interfaces by default, for containers).
+    #[arg(long, env = "HINDSIGHT_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], 50051)))]
     pub listen: SocketAddr,
     /// Model whose tokenizer templates the prompts: `tiny`, `smollm2` or a `.gguf` path.
-    #[arg(long, env = "HINDSIGHT_REPLAY_MODEL", default_value = "tiny")]
+    #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
     pub model: String,
     /// Where downloaded tokenizers / models are cached (default: the policy crate's).
-    #[arg(long, env = "HINDSIGHT_REPLAY_CACHE_DIR")]
+    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Training prompts as JSONL records; without it a seeded set is generated.
-    #[arg(long, env = "HINDSIGHT_REPLAY_PROMPTS")]
+    #[arg(long, env = "HINDSIGHT_PROMPTS")]
     pub prompts: Option<PathBuf>,
     /// Size of the generated prompt set (when --prompts is not given).
-    #[arg(long, env = "HINDSIGHT_REPLAY_NUM_PROMPTS", default_value_t = 512)]
+    #[arg(long, env = "HINDSIGHT_NUM_PROMPTS", default_value_t = 512)]
     pub num_prompts: usize,
     /// Seed of the prompt generator and of the per-epoch prompt shuffle.
-    #[arg(long, env = "HINDSIGHT_REPLAY_SEED", default_value_t = 0)]
+    #[arg(long, env = "HINDSIGHT_SEED", default_value_t = 0)]
     pub seed: u64,
     /// n: samples per prompt in a training batch (originals + replays).
-    #[arg(long, env = "HINDSIGHT_REPLAY_GROUP_SIZE", default_value_t = 8)]
+    #[arg(long, env = "HINDSIGHT_GROUP_SIZE", default_value_t = 8)]
     pub group_size: u32,
     /// m: responses the actors generate per prompt with hindsight on (m <= n).
-    #[arg(
-        long,
-        env = "HINDSIGHT_REPLAY_RESPONSES_PER_PROMPT",
-        default_value_t = 6
-    )]
+    #[arg(long, env = "HINDSIGHT_RESPONSES_PER_PROMPT", default_value_t = 6)]
     pub responses_per_prompt: u32,
     /// Hindsight instruction replay on or off.
-    #[arg(long, env = "HINDSIGHT_REPLAY_HINDSIGHT", value_enum, default_value_t = Hindsight::On)]
+    #[arg(long, env = "HINDSIGHT_HINDSIGHT", value_enum, default_value_t = Hindsight::On)]
     pub hindsight: Hindsight,
     /// Prompts (groups) per training batch.
-    #[arg(long, env = "HINDSIGHT_REPLAY_PROMPTS_PER_BATCH", default_value_t = 4)]
+    #[arg(long, env = "HINDSIGHT_PROMPTS_PER_BATCH", default_value_t = 4)]
     pub prompts_per_batch: u32,
     /// lambda_0 of the HiR selection schedule.
-    #[arg(long, env = "HINDSIGHT_REPLAY_LAMBDA0", default_value_t = 2.0)]
+    #[arg(long, env = "HINDSIGHT_LAMBDA0", default_value_t = 2.0)]
     pub lambda0: f64,
     /// eta (decay) of the HiR selection schedule.
-    #[arg(long, env = "HINDSIGHT_REPLAY_ETA", default_value_t = 0.05)]
+    #[arg(long, env = "HINDSIGHT_ETA", default_value_t = 0.05)]
     pub eta: f64,
     /// Groups generated more than this many policy versions ago are dropped.
-    #[arg(long, env = "HINDSIGHT_REPLAY_MAX_STALENESS", default_value_t = 4)]
+    #[arg(long, env = "HINDSIGHT_MAX_STALENESS", default_value_t = 4)]
     pub max_staleness: u64,
     /// Back-pressure: batches' worth of groups waiting for the learner (leased, waiting for a
     /// batch, or in a batch not trained yet); at the bound leases are refused with
     /// RESOURCE_EXHAUSTED and a retry delay. Waiting groups live in the log, not in memory.
-    #[arg(
-        long,
-        env = "HINDSIGHT_REPLAY_MAX_PENDING_BATCHES",
-        default_value_t = 2
-    )]
+    #[arg(long, env = "HINDSIGHT_MAX_PENDING_BATCHES", default_value_t = 2)]
     pub max_pending_batches: u32,
     /// Back-pressure: log bytes of groups waiting for the learner.
     #[arg(
         long,
-        env = "HINDSIGHT_REPLAY_MAX_PENDING_BYTES",
+        env = "HINDSIGHT_MAX_PENDING_BYTES",
         default_value_t = 1 << 30
     )]
     pub max_pending_bytes: u64,
     /// Size after which the write-ahead log starts a new segment file.
     #[arg(
         long,
-        env = "HINDSIGHT_REPLAY_SEGMENT_BYTES",
+        env = "HINDSIGHT_SEGMENT_BYTES",
         default_value_t = crate::wal::DEFAULT_SEGMENT_BYTES
     )]
     pub segment_bytes: u64,
     /// A prompt lease not completed, renewed or released within this time is re-queued.
-    #[arg(
-        long,
-        env = "HINDSIGHT_REPLAY_LEASE_TIMEOUT_MS",
-        default_value_t = 120_000
-    )]
+    #[arg(long, env = "HINDSIGHT_LEASE_TIMEOUT_MS", default_value_t = 120_000)]
     pub lease_timeout_ms: u64,
     /// Sampling temperature the actors use.
-    #[arg(long, env = "HINDSIGHT_REPLAY_TEMPERATURE", default_value_t = 1.0)]
+    #[arg(long, env = "HINDSIGHT_TEMPERATURE", default_value_t = 1.0)]
     pub temperature: f32,
     /// Nucleus sampling threshold the actors use.
-    #[arg(long, env = "HINDSIGHT_REPLAY_TOP_P", default_value_t = 1.0)]
+    #[arg(long, env = "HINDSIGHT_TOP_P", default_value_t = 1.0)]
     pub top_p: f32,
     /// Longest response the actors generate, in tokens.
-    #[arg(long, env = "HINDSIGHT_REPLAY_MAX_NEW_TOKENS", default_value_t = 256)]
+    #[arg(long, env = "HINDSIGHT_MAX_NEW_TOKENS", default_value_t = 256)]
     pub max_new_tokens: u32,
     /// Directory of the write-ahead log. Without it the log lives in a temporary directory
     /// that is removed at exit (nothing survives a restart).
-    #[arg(long, env = "HINDSIGHT_REPLAY_DATA_DIR")]
+    #[arg(long, env = "HINDSIGHT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Append every sample of every batch built to this JSONL file (provenance, verdicts,
     /// instruction and response text).
-    #[arg(long, env = "HINDSIGHT_REPLAY_BATCH_LOG")]
+    #[arg(long, env = "HINDSIGHT_BATCH_LOG")]
     pub batch_log: Option<PathBuf>,
     /// Largest gRPC message accepted or sent.
-    #[arg(long, env = "HINDSIGHT_REPLAY_MAX_MESSAGE_BYTES", default_value_t = hindsight_proto::MAX_MESSAGE_BYTES)]
+    #[arg(long, env = "HINDSIGHT_MAX_MESSAGE_BYTES", default_value_t = hindsight_proto::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
     /// TLS and per-role credentials (`hindsight certs` makes them), or `--insecure`.
     #[command(flatten)]
     pub security: hindsight_service::ServerSecurityArgs,
+    /// The drain bound after SIGTERM.
+    #[command(flatten)]
+    pub shutdown: hindsight_service::ShutdownArgs,
 }
 
 impl Default for ReplayArgs {
     /// The same values as the command-line defaults.
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             model: "tiny".to_owned(),
             cache_dir: None,
             prompts: None,
@@ -148,7 +139,41 @@ impl Default for ReplayArgs {
             batch_log: None,
             max_message_bytes: hindsight_proto::MAX_MESSAGE_BYTES,
             security: hindsight_service::ServerSecurityArgs::default(),
+            shutdown: hindsight_service::ShutdownArgs::default(),
         }
+    }
+}
+
+impl hindsight_service::ToArgv for ReplayArgs {
+    /// The flags that parse back to these settings (every one, defaults included).
+    fn to_argv(&self) -> Vec<String> {
+        let mut a = hindsight_service::Argv::new();
+        a.opt("--listen", self.listen)
+            .opt("--model", &self.model)
+            .path_some("--cache-dir", &self.cache_dir)
+            .path_some("--prompts", &self.prompts)
+            .opt("--num-prompts", self.num_prompts)
+            .opt("--seed", self.seed)
+            .opt("--group-size", self.group_size)
+            .opt("--responses-per-prompt", self.responses_per_prompt)
+            .value_enum("--hindsight", &self.hindsight)
+            .opt("--prompts-per-batch", self.prompts_per_batch)
+            .opt("--lambda0", self.lambda0)
+            .opt("--eta", self.eta)
+            .opt("--max-staleness", self.max_staleness)
+            .opt("--max-pending-batches", self.max_pending_batches)
+            .opt("--max-pending-bytes", self.max_pending_bytes)
+            .opt("--segment-bytes", self.segment_bytes)
+            .opt("--lease-timeout-ms", self.lease_timeout_ms)
+            .opt("--temperature", self.temperature)
+            .opt("--top-p", self.top_p)
+            .opt("--max-new-tokens", self.max_new_tokens)
+            .path_some("--data-dir", &self.data_dir)
+            .path_some("--batch-log", &self.batch_log)
+            .opt("--max-message-bytes", self.max_message_bytes)
+            .extend(&self.security)
+            .extend(&self.shutdown);
+        a.into_vec()
     }
 }
 
@@ -242,6 +267,44 @@ mod tests {
         default.validate().unwrap();
         assert_eq!(default.actor_responses(), 6);
         assert_eq!(default.replays_per_batch(), 8);
+    }
+
+    #[test]
+    fn renders_to_flags_that_parse_back() {
+        hindsight_service::assert_round_trip(&ReplayArgs {
+            listen: "10.1.2.3:7000".parse().unwrap(),
+            model: "smollm2".into(),
+            cache_dir: Some("/c".into()),
+            prompts: Some("/p.jsonl".into()),
+            num_prompts: 9,
+            seed: 3,
+            group_size: 5,
+            responses_per_prompt: 2,
+            hindsight: Hindsight::Off,
+            prompts_per_batch: 7,
+            lambda0: 0.125,
+            eta: 0.3,
+            max_staleness: 11,
+            max_pending_batches: 12,
+            max_pending_bytes: 13,
+            segment_bytes: 8192,
+            lease_timeout_ms: 14,
+            temperature: 0.7,
+            top_p: 0.9,
+            max_new_tokens: 15,
+            data_dir: Some("/d".into()),
+            batch_log: Some("/b.jsonl".into()),
+            max_message_bytes: 4096,
+            security: hindsight_service::ServerSecurityArgs {
+                tls_cert: Some("/s/c.pem".into()),
+                tls_key: Some("/s/k.pem".into()),
+                auth_tokens: Some("/s/t.txt".into()),
+                insecure: true,
+            },
+            shutdown: hindsight_service::ShutdownArgs {
+                shutdown_timeout_secs: 3,
+            },
+        });
     }
 
     #[test]

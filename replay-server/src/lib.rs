@@ -27,19 +27,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use hindsight_proto::v1::health_server::HealthServer;
 use hindsight_proto::v1::replay_server::ReplayServer;
+use hindsight_service::ConfigResultExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
+use tonic::server::NamedService;
 use tracing::{info, warn};
 
 pub use codec::{ByteCodec, PromptCodec};
 pub use config::{Hindsight, ReplayArgs};
 
 use prompts::PromptSet;
-use service::{HealthService, ReplayService, Shared};
+use service::{ReplayService, Shared};
 use state::{Settings, State, WaitingGroup};
 use wal::{Entry, LogState, SeqList, Wal};
 
@@ -48,10 +49,11 @@ pub async fn run(
     args: ReplayArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    args.validate()?;
+    args.validate().config_err()?;
     let listener = TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("binding the replay server to {}", args.listen))?;
+        .with_context(|| format!("binding the replay server to --listen {}", args.listen))
+        .config_err()?;
     serve(args, listener, shutdown).await
 }
 
@@ -62,12 +64,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    args.validate()?;
+    args.validate().config_err()?;
     let (model, cache_dir) = (args.model.clone(), args.cache_dir.clone());
     let codec =
         tokio::task::spawn_blocking(move || codec::load_codec(&model, cache_dir.as_deref()))
             .await
-            .context("tokenizer loading task failed")??;
+            .context("tokenizer loading task failed")?
+            .with_context(|| format!("loading the tokenizer of --model {}", args.model))
+            .config_err()?;
     serve_with_codec(args, codec, listener, shutdown).await
 }
 
@@ -161,7 +165,7 @@ pub async fn serve_with_codec(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    args.validate()?;
+    args.validate().config_err()?;
     // Refuse a half-configured security set-up before anything is loaded.
     let security = hindsight_service::ServerSecurity::from_args(&args.security)?;
     metrics::describe();
@@ -177,7 +181,12 @@ pub async fn serve_with_codec(
             PromptSet::load(path.as_deref(), count, seed, codec.as_ref())
         })
     };
-    let prompts = Arc::new(load.await.context("prompt loading task failed")??);
+    let prompts = Arc::new(
+        load.await
+            .context("prompt loading task failed")?
+            .context("loading the prompts")
+            .config_err()?,
+    );
 
     // Without --data-dir the log lives in a temporary directory removed at exit.
     let (dir, _temp) = match args.data_dir.clone() {
@@ -255,17 +264,26 @@ pub async fn serve_with_codec(
         codec,
         args.temperature,
         batch_log,
-        format!("replay-{instance}"),
         shutdown_rx,
     );
     let reaper = tokio::spawn(service::reaper(shared.clone()));
 
+    // Standard gRPC health: NOT_SERVING until here (the log is replayed and the state
+    // rebuilt), SERVING while serving, NOT_SERVING again from the moment it drains.
+    let (health, health_server) =
+        hindsight_service::GrpcHealth::new(&[<ReplayServer<ReplayService> as NamedService>::NAME])
+            .await;
+    let drain_bound = args.shutdown.drain_bound();
+    let (drain_started_tx, mut drain_started_rx) = watch::channel(false);
     let signal = {
         let shutdown_tx = shutdown_tx.clone();
+        let health = health.clone();
         async move {
             shutdown.await;
-            info!("shutting down");
+            info!("shutting down: NOT_SERVING, no new connections, draining streams");
+            health.draining().await;
             shutdown_tx.send_replace(true);
+            drain_started_tx.send_replace(true);
         }
     };
     let incoming = TcpListenerStream::new(listener).map(|conn| {
@@ -275,7 +293,7 @@ pub async fn serve_with_codec(
         conn
     });
     let max = args.max_message_bytes;
-    let result = security
+    let server = security
         .server()?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -284,14 +302,42 @@ pub async fn serve_with_codec(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(HealthServer::new(HealthService::new(shared.clone())))
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await;
+        .add_service(health_server)
+        .serve_with_incoming_shutdown(incoming, signal);
+    health.serving().await;
+    // A client that keeps a call open past the bound does not hold the exit: every
+    // acknowledged group is already in the log, so the rest of the drain is cut short.
+    let bounded = async {
+        let _ = drain_started_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(drain_bound).await;
+    };
+    let mut cut_short = false;
+    let result = tokio::select! {
+        r = server => r,
+        _ = bounded => {
+            warn!(bound_secs = drain_bound.as_secs_f64(), "calls still open after the drain bound; leaving them");
+            cut_short = true;
+            Ok(())
+        }
+    };
     shutdown_tx.send_replace(true);
     let _ = reaper.await;
     drop(shared);
-    // Everything queued is written and fsynced before the process exits.
-    let _ = tokio::task::spawn_blocking(move || wal.close()).await;
+    // Everything queued is written and fsynced before the process exits. Calls left open at
+    // the drain bound still hold the log: then it is not waited for (every acknowledged
+    // group is already fsynced, and recovery drops a torn last record).
+    if cut_short {
+        drop(wal);
+    } else {
+        let closed = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::task::spawn_blocking(move || wal.close()),
+        )
+        .await;
+        if closed.is_err() {
+            warn!("the write-ahead log writer did not stop within 5 s; exiting without it");
+        }
+    }
     info!("stopped");
     result.context("replay gRPC server failed")
 }

@@ -1,5 +1,5 @@
-//! The gRPC services: `Replay` (leases, rollout ingest, exactly-once batch service) and
-//! `Health`, and the one mapping of domain errors to gRPC status codes.
+//! The gRPC service `Replay` (leases, rollout ingest, exactly-once batch service) and the one
+//! mapping of domain errors to gRPC status codes.
 //!
 //! Handlers take the state lock only for short synchronous sections. Verification runs on
 //! the blocking pool, log writes go to the write-ahead log's writer thread (group commit), and
@@ -13,15 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hindsight_proto::v1::health_check_response::ServingStatus;
-use hindsight_proto::v1::health_server::Health;
 use hindsight_proto::v1::replay_server::Replay;
 use hindsight_proto::v1::{
     AckBatchRequest, AckBatchResponse, BatchStreamRequest, CommitBatchesRequest,
-    CommitBatchesResponse, HealthCheckRequest, HealthCheckResponse, LeaseRequest, LeaseResponse,
-    RegisterLearnerRequest, RegisterLearnerResponse, ReleaseLeasesRequest, ReleaseLeasesResponse,
-    RenewLeasesRequest, RenewLeasesResponse, ReplayStatusRequest, ReplayStatusResponse, RolloutAck,
-    RolloutGroup, TrainingBatch,
+    CommitBatchesResponse, LeaseRequest, LeaseResponse, RegisterLearnerRequest,
+    RegisterLearnerResponse, ReleaseLeasesRequest, ReleaseLeasesResponse, RenewLeasesRequest,
+    RenewLeasesResponse, ReplayStatusRequest, ReplayStatusResponse, RolloutAck, RolloutGroup,
+    TrainingBatch,
 };
 use metrics::{counter, histogram};
 use tokio::sync::{mpsc, watch};
@@ -89,8 +87,6 @@ pub struct Shared {
     /// Bumped whenever batches may be sendable (wakes learner streams).
     changes: watch::Sender<u64>,
     shutdown: watch::Receiver<bool>,
-    instance_id: String,
-    started: Instant,
 }
 
 impl Shared {
@@ -102,7 +98,6 @@ impl Shared {
         codec: Arc<dyn PromptCodec>,
         temperature: f32,
         batch_log: Option<(BatchLog, u64)>,
-        instance_id: String,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         let (batch_log, logged) = match batch_log {
@@ -118,8 +113,6 @@ impl Shared {
             batch_logged_through: AtomicU64::new(logged),
             changes: watch::channel(0).0,
             shutdown,
-            instance_id,
-            started: Instant::now(),
         })
     }
 
@@ -646,46 +639,6 @@ impl Replay for ReplayService {
         _request: Request<ReplayStatusRequest>,
     ) -> Result<Response<ReplayStatusResponse>, Status> {
         Ok(Response::new(self.shared.state().status(now_ms())))
-    }
-}
-
-/// The `Health` service.
-#[derive(Clone)]
-pub struct HealthService {
-    shared: Arc<Shared>,
-}
-
-impl HealthService {
-    /// A service over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
-}
-
-#[tonic::async_trait]
-impl Health for HealthService {
-    async fn check(
-        &self,
-        _request: Request<HealthCheckRequest>,
-    ) -> Result<Response<HealthCheckResponse>, Status> {
-        let (policy_version, details) = {
-            let state = self.shared.state();
-            (state.newest_version(), state.details())
-        };
-        let status = if self.shared.draining() {
-            ServingStatus::NotServing
-        } else {
-            ServingStatus::Serving
-        };
-        Ok(Response::new(HealthCheckResponse {
-            status: status as i32,
-            role: "replay-server".into(),
-            instance_id: self.shared.instance_id.clone(),
-            build_version: env!("CARGO_PKG_VERSION").into(),
-            uptime_ms: self.shared.started.elapsed().as_millis() as u64,
-            policy_version,
-            details,
-        }))
     }
 }
 

@@ -7,19 +7,20 @@ use std::time::Duration;
 
 use hindsight_constraints::{CompiledRecord, PromptRecord};
 use hindsight_policy::ChatTokenizer;
-use hindsight_proto::v1::health_client::HealthClient;
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::{
-    health_check_response::ServingStatus, AckBatchRequest, BatchStreamRequest,
-    CommitBatchesRequest, HealthCheckRequest, LeaseRequest, LeaseResponse, RegisterLearnerRequest,
-    RegisterLearnerResponse, ReleaseLeasesRequest, RenewLeasesRequest, ReplayStatusRequest,
-    ReplayStatusResponse, Response, RolloutAck, RolloutGroup, TrainingBatch,
+    AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, LeaseRequest, LeaseResponse,
+    RegisterLearnerRequest, RegisterLearnerResponse, ReleaseLeasesRequest, RenewLeasesRequest,
+    ReplayStatusRequest, ReplayStatusResponse, Response, RolloutAck, RolloutGroup, TrainingBatch,
 };
 use hindsight_replay_server::{serve, Hindsight, ReplayArgs};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 const ALL3: &str = "the sea is calm and blue. any other questions?";
 const NO_COMMA_FAILS: &str = "the sea, calm and blue. any other questions?";
@@ -284,17 +285,23 @@ async fn hir_batch_has_originals_and_top_k_rewritten_replays() {
     let tok = tokenizer();
     let rec = compiled();
 
-    let health = HealthClient::connect(format!("http://{}", server.addr))
-        .await
-        .unwrap();
-    let h = health
-        .clone()
-        .check(HealthCheckRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(h.status, ServingStatus::Serving as i32);
-    assert_eq!(h.role, "replay-server");
+    let mut health = HealthClient::new(
+        Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    for service in ["", "hindsight.v1.Replay"] {
+        let h = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(h.status(), ServingStatus::Serving, "{service:?}");
+    }
 
     let l = lease(&mut client, "actor-a", 2).await;
     assert_eq!(l.prompts.len(), 2);
@@ -1275,4 +1282,61 @@ async fn fuzz_findings_are_refused_without_a_state_change() {
         .iter()
         .all(|a| a.actor_id != "refused-newcomer"));
     server.shutdown().await;
+}
+
+/// The standard health service says NOT_SERVING as soon as the server drains, and the drain
+/// is bounded: a client that keeps a call open (a health Watch never ends by itself) does not
+/// keep the server from exiting past `--shutdown-timeout-secs`.
+#[tokio::test]
+async fn health_turns_not_serving_while_draining_and_the_drain_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ReplayArgs {
+        shutdown: hindsight_service::ShutdownArgs {
+            shutdown_timeout_secs: 2,
+        },
+        ..args(dir.path())
+    })
+    .await;
+    let mut health = HealthClient::new(
+        Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    // The first answer may still be NOT_SERVING if the watch raced the start.
+    while seen.last() != Some(&ServingStatus::Serving) {
+        let m = tokio::time::timeout(Duration::from_secs(30), watch.message())
+            .await
+            .expect("a health update")
+            .unwrap()
+            .unwrap();
+        seen.push(m.status());
+    }
+    let started = std::time::Instant::now();
+    let Server { stop, task, .. } = server;
+    let _ = stop.unwrap().send(());
+    let m = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a health update after the signal")
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.status(), ServingStatus::NotServing);
+    // The watch stays open: the server cuts it at the drain bound (2 s less the margin).
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the drain is bounded")
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    drop(watch);
 }

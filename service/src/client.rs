@@ -126,8 +126,13 @@ pub struct ClientSecurity {
 }
 
 impl ClientSecurity {
-    /// Reads the CA and the token. Without any flag: plain `http://` and no token.
+    /// Reads the CA and the token. Without any flag: plain `http://` and no token. Errors
+    /// are [`crate::ConfigError`]s.
     pub fn from_args(args: &ClientSecurityArgs) -> Result<Self> {
+        Self::from_args_inner(args).map_err(crate::ConfigError::wrap)
+    }
+
+    fn from_args_inner(args: &ClientSecurityArgs) -> Result<Self> {
         crate::install_crypto_provider();
         let ca = match &args.tls_ca {
             Some(path) => {
@@ -167,8 +172,13 @@ impl ClientSecurity {
         self.interceptor.clone()
     }
 
-    /// The endpoint for `url`, with TLS for `https://` (checked against the flags).
+    /// The endpoint for `url`, with TLS for `https://` (checked against the flags). Errors
+    /// (a bad URL, a URL that does not fit the flags) are [`crate::ConfigError`]s.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint> {
+        self.endpoint_inner(url).map_err(crate::ConfigError::wrap)
+    }
+
+    fn endpoint_inner(&self, url: &str) -> Result<Endpoint> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("bad URL {url:?}"))?
             .connect_timeout(CONNECT_TIMEOUT);

@@ -7,26 +7,37 @@
 //!   (which [`Role`] may call which gRPC method; [`default_policy`] is Hindsight's table).
 //! - Client side: [`ClientSecurityArgs`] -> [`ClientSecurity`] -> a channel (TLS when the URL
 //!   is `https://`) and a [`TokenInterceptor`] that sends the role's token.
+//! - Health: [`GrpcHealth`] (the standard `grpc.health.v1` service of a gRPC server, open to
+//!   probes) and the process readiness behind every role's HTTP `/readyz` ([`set_ready`],
+//!   [`set_not_ready`], [`readiness`]).
 //! - [`make_certs`]: a private CA, a server certificate and one token per role, for
 //!   `hindsight certs`.
 //!
 //! A server refuses to start without TLS and tokens unless `--insecure` says so explicitly:
 //! a replay server reachable by anyone would accept poisoned rollouts into training.
 
+mod argv;
 mod auth;
 mod certs;
 mod client;
+mod config_error;
+mod health;
 mod role;
 mod server;
+mod shutdown;
 mod tokens;
 
+pub use argv::{assert_round_trip, from_env, Argv, ToArgv};
 pub use auth::{AuthLayer, AuthService};
 pub use certs::{
     make_certs, CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE, TOKENS_FILE,
 };
 pub use client::{AuthChannel, ClientSecurity, ClientSecurityArgs, TokenInterceptor};
+pub use config_error::{ConfigError, ConfigResultExt};
+pub use health::{readiness, set_not_ready, set_ready, GrpcHealth};
 pub use role::{default_policy, Access, ParseRoleError, Policy, Role};
 pub use server::{SecureServer, ServerSecurity, ServerSecurityArgs};
+pub use shutdown::{ShutdownArgs, DEFAULT_SHUTDOWN_TIMEOUT_SECS};
 pub use tokens::{TokenFileError, TokenProblem, TokenTable};
 
 /// Makes ring the process's rustls crypto provider. tonic's server builds its rustls config

@@ -79,7 +79,7 @@ pub fn default_policy(path: &str) -> Access {
     }
     match (service, method) {
         // Probes carry no credentials, and health says nothing secret.
-        ("grpc.health.v1.Health", _) | ("hindsight.v1.Health", _) => Access::Open,
+        ("grpc.health.v1.Health", _) => Access::Open,
         (
             "hindsight.v1.Replay",
             "LeasePrompts" | "RenewLeases" | "ReleaseLeases" | "StreamRollouts",
@@ -118,7 +118,8 @@ mod tests {
         let cases: &[(&str, Access)] = &[
             ("/grpc.health.v1.Health/Check", Access::Open),
             ("/grpc.health.v1.Health/Watch", Access::Open),
-            ("/hindsight.v1.Health/Check", Access::Open),
+            // The old hindsight.v1.Health is gone: not open any more.
+            ("/hindsight.v1.Health/Check", Access::Roles(&[])),
             ("/hindsight.v1.Replay/LeasePrompts", Access::Roles(&[Actor])),
             ("/hindsight.v1.Replay/RenewLeases", Access::Roles(&[Actor])),
             (
@@ -160,11 +161,11 @@ mod tests {
             ("/grpc.reflection.v1.ServerReflection/X", Access::Roles(&[])),
             ("/", Access::Roles(&[])),
             ("", Access::Roles(&[])),
-            ("/hindsight.v1.Health", Access::Roles(&[])),
-            ("/hindsight.v1.Health/", Access::Roles(&[])),
+            ("/grpc.health.v1.Health", Access::Roles(&[])),
+            ("/grpc.health.v1.Health/", Access::Roles(&[])),
             // Extra segments do not ride on an open service's access.
             (
-                "/hindsight.v1.Health/../hindsight.v1.Replay/LeasePrompts",
+                "/grpc.health.v1.Health/../hindsight.v1.Replay/LeasePrompts",
                 Access::Roles(&[]),
             ),
         ];

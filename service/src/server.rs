@@ -64,8 +64,13 @@ impl std::fmt::Debug for TlsPem {
 }
 
 impl ServerSecurity {
-    /// Validates the flags and reads the files. Errors are one line naming the flag to fix.
+    /// Validates the flags and reads the files. Errors are one line naming the flag to fix,
+    /// and are [`crate::ConfigError`]s.
     pub fn from_args(args: &ServerSecurityArgs) -> Result<Self> {
+        Self::from_args_inner(args).map_err(crate::ConfigError::wrap)
+    }
+
+    fn from_args_inner(args: &ServerSecurityArgs) -> Result<Self> {
         crate::install_crypto_provider();
         if args.insecure {
             let given: Vec<&str> = [

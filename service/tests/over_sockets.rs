@@ -68,8 +68,7 @@ macro_rules! echo_service {
 
 echo_service!(Replay, "hindsight.v1.Replay");
 echo_service!(Weights, "hindsight.v1.Weights");
-echo_service!(HindsightHealth, "hindsight.v1.Health");
-echo_service!(GrpcHealth, "grpc.health.v1.Health");
+echo_service!(HealthEcho, "grpc.health.v1.Health");
 echo_service!(Unlisted, "hindsight.v1.Admin");
 
 /// Serves the stand-ins on 127.0.0.1:0 with `builder` (TLS and layer already applied).
@@ -79,8 +78,7 @@ async fn serve(mut builder: SecureServer) -> SocketAddr {
     let router = builder
         .add_service(Replay)
         .add_service(Weights)
-        .add_service(HindsightHealth)
-        .add_service(GrpcHealth)
+        .add_service(HealthEcho)
         .add_service(Unlisted);
     tokio::spawn(
         router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
@@ -218,9 +216,14 @@ const TABLE: &[(&str, &[Role])] = &[
     ("/hindsight.v1.Weights/Publish", &[]),
     ("/hindsight.v1.Replay/Reset", &[]),
     ("/hindsight.v1.Admin/Shutdown", &[]),
+    // The project's own health service was replaced by the standard one: closed.
+    ("/hindsight.v1.Health/Check", &[]),
 ];
 
-const HEALTH: [&str; 2] = ["/grpc.health.v1.Health/Check", "/hindsight.v1.Health/Check"];
+const HEALTH: [&str; 2] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
 
 /// Checks the whole access table against a server at `url`; `client(role)` builds a client.
 async fn check_table(url: &str, client: impl Fn(Option<Role>) -> ClientSecurity) {
@@ -504,7 +507,7 @@ async fn connect_retries_until_the_server_is_up_and_gives_up_with_the_count() {
         ServerSecurity::insecure()
             .server()
             .unwrap()
-            .add_service(GrpcHealth)
+            .add_service(HealthEcho)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .unwrap();
@@ -514,4 +517,76 @@ async fn connect_retries_until_the_server_is_up_and_gives_up_with_the_count() {
         .await
         .unwrap();
     assert!(channel.is_ok(), "{:?}", channel.err());
+}
+
+/// The real standard health service (`tonic-health` behind [`hindsight_service::GrpcHealth`])
+/// on a TLS server with tokens: a probe without a token gets an answer, over TLS only, and the
+/// answer follows the handle (NOT_SERVING until ready, again while draining).
+#[tokio::test]
+async fn standard_health_answers_probes_without_a_token_over_tls() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let certs = Certs::new();
+    let (health, health_server) =
+        hindsight_service::GrpcHealth::new(&["hindsight.v1.Replay"]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = certs
+        .server()
+        .server()
+        .unwrap()
+        .add_service(health_server)
+        .add_service(Replay);
+    tokio::spawn(
+        router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let no_token = certs.client(None);
+    let check = |service: &'static str| {
+        let no_token = no_token.clone();
+        let url = url.clone();
+        async move {
+            let channel = no_token.connect(&url, 20).await.unwrap();
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status())
+        }
+    };
+    for service in ["", "hindsight.v1.Replay"] {
+        let got = tokio::time::timeout(STEP, check(service)).await.unwrap();
+        assert_eq!(got.unwrap(), ServingStatus::NotServing, "{service:?}");
+    }
+    health.serving().await;
+    for service in ["", "hindsight.v1.Replay"] {
+        let got = tokio::time::timeout(STEP, check(service)).await.unwrap();
+        assert_eq!(got.unwrap(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = tokio::time::timeout(STEP, check("hindsight.v1.Nope"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    // The other services still want a token.
+    let s = call(&no_token, &url, LEASE).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    // Plain text to the TLS port gets no health answer.
+    let plain = format!("http://127.0.0.1:{}", addr.port());
+    let channel = ClientSecurity::plain().connect(&plain, 1).await;
+    if let Ok(channel) = channel {
+        let r = tokio::time::timeout(
+            STEP,
+            HealthClient::new(channel).check(HealthCheckRequest::default()),
+        )
+        .await
+        .unwrap();
+        assert!(r.is_err(), "plain text answered: {r:?}");
+    }
+    health.draining().await;
+    let got = tokio::time::timeout(STEP, check("")).await.unwrap();
+    assert_eq!(got.unwrap(), ServingStatus::NotServing);
 }
