@@ -1,6 +1,11 @@
 //! Logs and metrics for every role: `tracing` (human-readable or JSON lines) and the one
 //! Prometheus exporter, which serves `/metrics` on `--metrics-addr` from the moment a process
-//! starts. The service crates only *record* series through the `metrics` facade.
+//! starts. The service crates only *record* series through the `metrics` facade; histogram
+//! buckets (`buckets.rs`) and the process-wide series (`process.rs`: build info, start time,
+//! memory, CPU) are added here.
+
+pub mod buckets;
+pub mod process;
 
 use std::net::SocketAddr;
 
@@ -38,11 +43,13 @@ pub fn init_logging(format: LogFormat, level: &str) {
 /// Starts the Prometheus exporter's HTTP listener on `addr` (serves `/metrics`), labelling
 /// every series with the process's role.
 pub fn init_metrics(addr: SocketAddr, role: &str) -> Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
-        .add_global_label("role", role)
+        .add_global_label("role", role);
+    buckets::with_buckets(builder)?
         .install()
         .with_context(|| format!("starting the Prometheus exporter on {addr}"))?;
+    process::start();
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     Ok(())
 }
