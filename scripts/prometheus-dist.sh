@@ -69,7 +69,14 @@ if [ -z "$deb" ]; then
     }
 fi
 
-version="$(dpkg-deb -f "$deb" Version)"
+[ -f "$deb" ] || {
+    echo "prometheus-dist: no such package file: $deb" >&2
+    exit 1
+}
+version="$(dpkg-deb -f "$deb" Version)" || {
+    echo "prometheus-dist: $deb is not a Debian package" >&2
+    exit 1
+}
 # Debian versions may hold ':' (epoch) and '+': keep the directory name plain.
 version="${version#*:}"
 dest="$cache/prometheus-${version//[^A-Za-z0-9.+_-]/_}"

@@ -276,24 +276,9 @@ impl Prometheus {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
 
-    /// An instant query through `/api/v1/query`: the `result` array, or the error Prometheus
-    /// gave.
+    /// An instant query (see [`query`]).
     pub fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let (code, body) = http_get(
-            self.addr,
-            &format!("/api/v1/query?query={}", urlencode(expr)),
-        )
-        .map_err(|e| format!("querying prometheus: {e}"))?;
-        let v: Value = serde_json::from_str(&body)
-            .map_err(|e| format!("HTTP {code}, not JSON ({e}): {body:.300}"))?;
-        if v["status"] != "success" {
-            return Err(format!(
-                "HTTP {code}: {} {}",
-                v["errorType"].as_str().unwrap_or(""),
-                v["error"].as_str().unwrap_or(&body)
-            ));
-        }
-        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+        query(self.addr, expr)
     }
 
     /// `/api/v1/targets`' active targets.
@@ -314,14 +299,33 @@ impl Drop for Prometheus {
     }
 }
 
-/// Evaluates every query of `dashboard` against `prom` and returns one line per query that
-/// failed or returned no series (empty: every panel has data).
-pub fn panels_without_data(prom: &Prometheus, dashboard: &Value, scrape_secs: u64) -> Vec<String> {
+/// An instant query through the HTTP API of the Prometheus at `addr` (`/api/v1/query`): the
+/// `result` array, or the error Prometheus gave.
+pub fn query(addr: SocketAddr, expr: &str) -> Result<Vec<Value>, String> {
+    let (code, body) = http_get(addr, &format!("/api/v1/query?query={}", urlencode(expr)))
+        .map_err(|e| format!("querying prometheus at {addr}: {e}"))?;
+    let v: Value = serde_json::from_str(&body)
+        .map_err(|e| format!("HTTP {code}, not JSON ({e}): {body:.300}"))?;
+    if v["status"] != "success" {
+        return Err(format!(
+            "HTTP {code}: {} {}",
+            v["errorType"].as_str().unwrap_or(""),
+            v["error"].as_str().unwrap_or(&body)
+        ));
+    }
+    Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
+/// Evaluates every query of `dashboard` against the Prometheus at `addr` (scraping every
+/// `scrape_secs`) and returns one line per query that failed or returned no series, naming
+/// its panel (empty: every panel has data). The compose test can call it with Prometheus's
+/// published loopback port.
+pub fn panels_without_data(addr: SocketAddr, dashboard: &Value, scrape_secs: u64) -> Vec<String> {
     let vars = dashboard_variables(dashboard, scrape_secs);
     let mut missing = Vec::new();
     for q in dashboard_queries(dashboard) {
         let expr = substitute(&q.expr, &vars);
-        match prom.query(&expr) {
+        match query(addr, &expr) {
             Ok(result) if !result.is_empty() => {}
             Ok(_) => missing.push(format!(
                 "panel {:?} query {}: no series for {expr}",
