@@ -7,7 +7,11 @@
 //!   readiness the roles set through `hindsight_service::set_ready` / `set_not_ready`).
 //!
 //! It serves from the moment a process starts. The service crates only *record* series
-//! through the `metrics` facade.
+//! through the `metrics` facade; histogram buckets (`buckets.rs`) and the process-wide
+//! series (`process.rs`: build info, start time, memory, CPU) are added here.
+
+pub mod buckets;
+pub mod process;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -49,9 +53,9 @@ pub fn init_logging(format: LogFormat, level: &str) {
 }
 
 /// The Prometheus recorder's settings, in one place: every series is labelled with the
-/// process's role.
-pub fn prometheus_builder(role: &str) -> PrometheusBuilder {
-    PrometheusBuilder::new().add_global_label("role", role)
+/// process's role, and histograms get explicit buckets (so they add up across processes).
+pub fn prometheus_builder(role: &str) -> Result<PrometheusBuilder> {
+    buckets::with_buckets(PrometheusBuilder::new().add_global_label("role", role))
 }
 
 /// How often the recorder's upkeep (histogram bucket maintenance) runs.
@@ -64,7 +68,7 @@ pub async fn init_metrics(addr: SocketAddr, role: &str) -> Result<SocketAddr> {
         .await
         .with_context(|| format!("binding the metrics port --metrics-addr {addr}"))
         .map_err(hindsight_service::ConfigError::wrap)?;
-    let handle = prometheus_builder(role)
+    let handle = prometheus_builder(role)?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
     let upkeep = handle.clone();
@@ -74,6 +78,7 @@ pub async fn init_metrics(addr: SocketAddr, role: &str) -> Result<SocketAddr> {
             upkeep.run_upkeep();
         }
     });
+    process::start();
     let local = listener.local_addr()?;
     tokio::spawn(serve_http(listener, handle));
     tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
@@ -173,7 +178,7 @@ mod tests {
     /// this is the one test of this binary's unit tests that changes it.)
     #[tokio::test]
     async fn metrics_and_probes_over_http() {
-        let recorder = prometheus_builder("test").build_recorder();
+        let recorder = prometheus_builder("test").unwrap().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             metrics::counter!("hindsight_test_things_total").increment(3);

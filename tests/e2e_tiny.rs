@@ -76,24 +76,35 @@ fn tiny_cluster_trains_with_hindsight_replay() {
             .unwrap();
     let m = &endpoints["metrics"];
     let replay = scrape(m["replay-server"].as_str().unwrap());
+    // Counters exist from start-up at zero: these must have moved.
     for name in [
-        "hindsight_rollout_groups_total",
-        "hindsight_verifications_total",
-        "hindsight_pass_rate",
-        "hindsight_replays_emitted_total",
-        "hindsight_batches_total",
-        "hindsight_learner_step",
+        "hindsight_replay_groups_total",
+        "hindsight_replay_verifications_total",
+        "hindsight_replay_batches_total",
+        "hindsight_replay_prompts_leased_total",
+        "hindsight_replay_learner_step",
+        "hindsight_replay_batch_wait_seconds_count",
+    ] {
+        assert!(
+            series(&replay, name).iter().sum::<f64>() > 0.0,
+            "replay server's {name} is missing or zero:\n{replay}"
+        );
+    }
+    for name in [
+        "hindsight_replay_pass_rate",
+        "hindsight_replay_replays_emitted_total",
+        "hindsight_replay_prompts_queued",
+        "hindsight_replay_max_staleness",
     ] {
         assert!(
             !series(&replay, name).is_empty(),
             "replay server lacks {name}:\n{replay}"
         );
     }
+    // Histograms have explicit buckets (summable across processes), not quantiles.
     assert!(
-        series(&replay, "hindsight_verifications_total")
-            .iter()
-            .sum::<f64>()
-            > 0.0
+        replay.contains("hindsight_replay_ingest_seconds_bucket{") && !replay.contains("quantile="),
+        "{replay}"
     );
     let learner = scrape(m["learner"].as_str().unwrap());
     assert_eq!(
@@ -101,12 +112,29 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         vec![3.0],
         "{learner}"
     );
-    assert_eq!(series(&learner, "hindsight_weight_version"), vec![3.0]);
-    assert!(!series(&learner, "hindsight_loss").is_empty());
-    assert!(
-        !series(&learner, "hindsight_step_seconds_count").is_empty(),
+    assert_eq!(
+        series(&learner, "hindsight_learner_policy_version"),
+        vec![3.0]
+    );
+    assert_eq!(series(&learner, "hindsight_learner_steps_total"), vec![3.0]);
+    assert!(!series(&learner, "hindsight_learner_loss").is_empty());
+    assert_eq!(
+        series(&learner, "hindsight_learner_step_seconds_count"),
+        vec![3.0],
         "{learner}"
     );
+    assert_eq!(
+        series(&learner, "hindsight_learner_idle_seconds_count"),
+        vec![3.0],
+        "{learner}"
+    );
+    // Busy time is recorded after the ack, which may still be under way for step 3.
+    assert!(
+        learner.contains("hindsight_learner_busy_seconds_bucket{"),
+        "{learner}"
+    );
+    assert_eq!(series(&learner, "hindsight_build_info"), vec![1.0]);
+    assert!(!series(&learner, "process_resident_memory_bytes").is_empty());
     // Actors pick up newer weights between generation batches.
     let started = Instant::now();
     loop {
@@ -115,7 +143,9 @@ fn tiny_cluster_trains_with_hindsight_replay() {
             .map(|a| {
                 let page = scrape(m[*a].as_str().unwrap());
                 assert!(
-                    !series(&page, "hindsight_actor_generated_tokens_total").is_empty(),
+                    series(&page, "hindsight_actor_generated_tokens_total")
+                        .first()
+                        .is_some_and(|t| *t > 0.0),
                     "{page}"
                 );
                 series(&page, "hindsight_actor_policy_version")

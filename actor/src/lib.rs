@@ -224,7 +224,7 @@ async fn run_actor(
     info!(model = %loaded.name, precision = %args.precision, max_batch = args.max_batch, device = %args.device, "actor ready");
 
     let version = Arc::new(AtomicU64::new(0));
-    ::metrics::gauge!(metrics::POLICY_VERSION).set(0.0);
+    metrics::init();
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -264,8 +264,7 @@ async fn run_actor(
                         match w {
                             Ok(()) => {
                                 version.store(manifest.version, Ordering::Relaxed);
-                                ::metrics::gauge!(metrics::POLICY_VERSION)
-                                    .set(manifest.version as f64);
+                                metrics::record_versions(manifest.version, manifest.version);
                                 ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
                                 ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS)
                                     .record(started.elapsed().as_secs_f64());
@@ -340,7 +339,8 @@ async fn run_actor(
                     paused_since = Some(Instant::now());
                     ::metrics::gauge!(metrics::LEASE_BACKOFF).set(1.0);
                 }
-                ::metrics::counter!(metrics::LEASE_BACKOFF_SECONDS).increment(wait_ms);
+                ::metrics::histogram!(metrics::LEASE_BACKOFF_SECONDS)
+                    .record(wait_ms as f64 / 1000.0);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {},
                     _ = stop_rx.wait_for(|s| *s) => {},
@@ -368,6 +368,7 @@ async fn run_actor(
             continue;
         }
         held.set(lease.prompts.iter().map(|p| p.lease_id.clone()));
+        ::metrics::counter!(metrics::PROMPTS_LEASED).increment(lease.prompts.len() as u64);
         let sampling = lease.sampling.unwrap_or_default();
         let per_prompt = sampling.responses_per_prompt.max(1) as usize;
         let inputs: Vec<Vec<u32>> = lease

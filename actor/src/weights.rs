@@ -21,6 +21,7 @@ pub async fn newer_manifest(
         .await
         .context("Weights.Latest")?
         .into_inner();
+    crate::metrics::record_versions(current, m.version);
     Ok((m.version > current).then_some(m))
 }
 
@@ -72,6 +73,8 @@ pub async fn fetch(
                 "chunk {next} of weights version {} fails its checksum",
                 manifest.version
             );
+            ::metrics::counter!(crate::metrics::WEIGHT_FETCH_BYTES)
+                .increment(chunk.data.len() as u64);
             payload.extend_from_slice(&chunk.data);
             next += 1;
         }

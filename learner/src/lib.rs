@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hindsight_proto::v1::replay_client::ReplayClient;
@@ -311,7 +311,7 @@ pub async fn run(
     if let Some(path) = &args.step_log {
         truncate_step_log(path, state.step)?;
     }
-    ::metrics::gauge!(metrics::STEP).set(state.step as f64);
+    metrics::init(state.step);
 
     // gRPC server: Weights + the standard health service, NOT_SERVING until the weights
     // it serves are in place (first registration), and again while draining.
@@ -611,6 +611,8 @@ async fn train_loop(
                 continue;
             }
         };
+        // Idle: waiting for a batch to train; busy: from its arrival until the next wait.
+        let mut waiting_since = Instant::now();
         loop {
             let next = tokio::select! {
                 b = stream.next() => b,
@@ -642,6 +644,9 @@ async fn train_loop(
                 );
                 continue;
             }
+            let busy_since = Instant::now();
+            ::metrics::histogram!(metrics::IDLE_SECONDS)
+                .record((busy_since - waiting_since).as_secs_f64());
             let step = state.step + 1;
             // CPU-heavy: keep it off the async workers.
             let (stats, payload) =
@@ -701,6 +706,9 @@ async fn train_loop(
             if due && lp.checkpoint(trainer, state)? && acked.is_ok() {
                 commit(&mut client, args, &incarnation, state).await;
             }
+            waiting_since = Instant::now();
+            ::metrics::histogram!(metrics::BUSY_SECONDS)
+                .record((waiting_since - busy_since).as_secs_f64());
             if let Err(e) = acked {
                 // The weights hold the step either way; registering again tells the server.
                 warn!(code = ?e.code(), error = %e.message(), "AckBatch failed; registering again");
@@ -728,12 +736,16 @@ async fn train_loop(
 fn record_metrics(s: &StepStats) {
     use ::metrics::{counter, gauge, histogram};
     gauge!(metrics::STEP).set(s.step as f64);
+    counter!(metrics::STEPS).increment(1);
     gauge!(metrics::LOSS).set(s.loss);
     histogram!(metrics::STEP_SECONDS).record(s.step_seconds);
     gauge!(metrics::GRAD_NORM).set(s.grad_norm);
     counter!(metrics::TRAIN_TOKENS).increment(s.response_tokens as u64);
     gauge!(metrics::TRAIN_TOKENS_PER_SECOND).set(s.train_tokens_per_second);
-    gauge!(metrics::BATCH_REWARD).set(s.reward_mean);
+    gauge!(metrics::REWARD_MEAN).set(s.reward_mean);
+    gauge!(metrics::SUCCESS_RATE).set(s.success_rate);
+    counter!(metrics::SAMPLES, "kind" => "original").increment(u64::from(s.original_samples));
+    counter!(metrics::SAMPLES, "kind" => "replay").increment(u64::from(s.replay_samples));
     gauge!(metrics::CLIP_FRACTION).set(s.clip_fraction);
 }
 

@@ -78,7 +78,7 @@ impl WeightStore {
             }
         }
         self.latest.send_replace(version);
-        ::metrics::gauge!(crate::metrics::WEIGHT_VERSION).set(version as f64);
+        ::metrics::gauge!(crate::metrics::POLICY_VERSION).set(version as f64);
         ::metrics::gauge!(crate::metrics::WEIGHT_BYTES).set(manifest.total_bytes as f64);
         manifest
     }

@@ -169,6 +169,7 @@ pub async fn serve_with_codec(
     // Refuse a half-configured security set-up before anything is loaded.
     let security = hindsight_service::ServerSecurity::from_args(&args.security)?;
     metrics::describe();
+    metrics::init(args.max_staleness);
 
     let load = {
         let (path, count, seed, codec) = (

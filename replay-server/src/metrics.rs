@@ -1,4 +1,9 @@
-//! Metric names and descriptions of the replay server, in one place.
+//! Metric names, histogram buckets and descriptions of the replay server, in one place.
+//!
+//! Naming: `hindsight_replay_<what>_<base unit>`, counters end in `_total`; time that adds up
+//! (leases paused) is a histogram per episode whose `_sum` is the seconds counter. Every
+//! histogram has explicit buckets ([`BUCKETS`]); the only per-actor label (`actor`) is capped
+//! at 64 actors.
 //!
 //! The server only *records* through the [`metrics`] facade macros; the `hindsight` CLI
 //! installs the Prometheus exporter. [`describe`] registers units and help texts and is
@@ -7,43 +12,43 @@
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 /// Rollout groups received, by `result` (`accepted`, `invalid`, `expired`, `stale`, ...).
-pub const ROLLOUT_GROUPS_TOTAL: &str = "hindsight_rollout_groups_total";
+pub const ROLLOUT_GROUPS_TOTAL: &str = "hindsight_replay_groups_total";
 /// Responses in accepted groups.
-pub const RESPONSES_TOTAL: &str = "hindsight_responses_total";
+pub const RESPONSES_TOTAL: &str = "hindsight_replay_responses_total";
 /// Per-constraint verdicts, by `instruction_id` and `result` (`pass` / `fail`).
-pub const VERIFICATIONS_TOTAL: &str = "hindsight_verifications_total";
+pub const VERIFICATIONS_TOTAL: &str = "hindsight_replay_verifications_total";
 /// Success rate (reward 1) of the original responses of the last batch.
-pub const PASS_RATE: &str = "hindsight_pass_rate";
+pub const PASS_RATE: &str = "hindsight_replay_pass_rate";
 /// Mean constraint-level accuracy of the original responses of the last batch.
-pub const CONSTRAINT_ACCURACY: &str = "hindsight_constraint_accuracy";
+pub const CONSTRAINT_ACCURACY: &str = "hindsight_replay_constraint_accuracy";
 /// Hindsight replays put into batches.
-pub const REPLAYS_EMITTED_TOTAL: &str = "hindsight_replays_emitted_total";
+pub const REPLAYS_EMITTED_TOTAL: &str = "hindsight_replay_replays_emitted_total";
 /// Replays missing because fewer than K candidates had 0 < CLA < 1.
 pub const REPLAY_SHORTFALL_TOTAL: &str = "hindsight_replay_shortfall_total";
 /// Training batches assembled.
-pub const BATCHES_TOTAL: &str = "hindsight_batches_total";
+pub const BATCHES_TOTAL: &str = "hindsight_replay_batches_total";
 /// Leases that expired (their prompt was re-queued).
-pub const LEASES_EXPIRED_TOTAL: &str = "hindsight_leases_expired_total";
+pub const LEASES_EXPIRED_TOTAL: &str = "hindsight_replay_leases_expired_total";
 /// Groups dropped for exceeding the staleness bound (their prompt was re-queued).
-pub const GROUPS_STALE_TOTAL: &str = "hindsight_groups_stale_total";
+pub const GROUPS_STALE_TOTAL: &str = "hindsight_replay_groups_stale_total";
 /// Prompts waiting in the queue of the current epoch.
-pub const PROMPTS_QUEUED: &str = "hindsight_prompts_queued";
+pub const PROMPTS_QUEUED: &str = "hindsight_replay_prompts_queued";
 /// Accepted groups not yet in a batch.
-pub const GROUPS_WAITING: &str = "hindsight_groups_waiting";
+pub const GROUPS_WAITING: &str = "hindsight_replay_groups_waiting";
 /// Active prompt leases.
-pub const LEASES_ACTIVE: &str = "hindsight_leases_active";
+pub const LEASES_ACTIVE: &str = "hindsight_replay_leases_active";
 /// Batches built and not yet acknowledged by the learner.
-pub const BATCHES_UNACKED: &str = "hindsight_batches_unacked";
+pub const BATCHES_UNACKED: &str = "hindsight_replay_batches_unacked";
 /// Learner steps completed (from AckBatch).
-pub const LEARNER_STEP: &str = "hindsight_learner_step";
+pub const LEARNER_STEP: &str = "hindsight_replay_learner_step";
 /// Newest policy version published by the learner (from AckBatch).
-pub const POLICY_VERSION: &str = "hindsight_policy_version";
+pub const POLICY_VERSION: &str = "hindsight_replay_policy_version";
 /// Policy version each actor last reported, by `actor`.
-pub const ACTOR_POLICY_VERSION: &str = "hindsight_actor_policy_version";
+pub const ACTOR_POLICY_VERSION: &str = "hindsight_replay_actor_policy_version";
 /// Actors seen within one lease timeout.
-pub const ACTORS_ACTIVE: &str = "hindsight_actors_active";
+pub const ACTORS_ACTIVE: &str = "hindsight_replay_actors_active";
 /// Time to verify one rollout group (all its responses).
-pub const VERIFY_SECONDS: &str = "hindsight_verify_seconds";
+pub const VERIFY_SECONDS: &str = "hindsight_replay_verify_seconds";
 /// Time from receiving a rollout group to acknowledging it (verification + log fsync).
 pub const INGEST_SECONDS: &str = "hindsight_replay_ingest_seconds";
 /// Prompts handed out in leases.
@@ -56,14 +61,58 @@ pub const PENDING_GROUPS: &str = "hindsight_replay_pending_groups";
 pub const PENDING_BYTES: &str = "hindsight_replay_pending_bytes";
 /// 1 while the limiter refuses leases (back-pressure), else 0.
 pub const LEASES_PAUSED: &str = "hindsight_replay_leases_paused";
-/// Time leases spent paused by the limiter, in milliseconds.
-pub const LEASES_PAUSED_SECONDS_TOTAL: &str = "hindsight_replay_leases_paused_milliseconds_total";
+/// Each pause of leases by the limiter (`_sum`: seconds paused in all).
+pub const LEASES_PAUSED_SECONDS: &str = "hindsight_replay_leases_paused_seconds";
 /// Newest batch id covered by a learner checkpoint.
 pub const COMMITTED_BATCH: &str = "hindsight_replay_committed_batch_id";
 /// Time to read a batch's groups back from the log and assemble it.
 pub const ASSEMBLE_SECONDS: &str = "hindsight_replay_batch_assembly_seconds";
+/// Prompts leased again after they were put back (an expired or released lease, a stale or
+/// orphaned group).
+pub const PROMPTS_LEASED_AGAIN_TOTAL: &str = "hindsight_replay_prompts_leased_again_total";
+/// Prompts put back in the queue, by `reason` (`expired`, `released`, `stale`, `orphaned`).
+pub const PROMPTS_REQUEUED_TOTAL: &str = "hindsight_replay_prompts_requeued_total";
+/// Time from a batch's composition to the learner's ack of it: the prefetch window's wait plus
+/// the training step (batches composed before a restart are not timed).
+pub const BATCH_WAIT_SECONDS: &str = "hindsight_replay_batch_wait_seconds";
+/// The staleness bound in versions (`--max-staleness`), for alerts on lagging actors.
+pub const MAX_STALENESS: &str = "hindsight_replay_max_staleness";
 /// Requests refused by validation or the protocol, by `rpc`.
 pub const REQUESTS_REFUSED_TOTAL: &str = "hindsight_replay_requests_refused_total";
+
+/// Explicit histogram buckets (seconds) of every replay-server histogram.
+pub const BUCKETS: &[(&str, &[f64])] = &[
+    (
+        VERIFY_SECONDS,
+        &[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ],
+    ),
+    (
+        INGEST_SECONDS,
+        &[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ],
+    ),
+    (
+        ASSEMBLE_SECONDS,
+        &[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ],
+    ),
+    (
+        BATCH_WAIT_SECONDS,
+        &[
+            0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0,
+        ],
+    ),
+    (
+        LEASES_PAUSED_SECONDS,
+        &[
+            0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+        ],
+    ),
+];
 
 /// Registers units and help texts of every replay-server metric.
 pub fn describe() {
@@ -174,10 +223,30 @@ pub fn describe() {
         "Log bytes of the groups waiting for the learner"
     );
     describe_gauge!(LEASES_PAUSED, "1 while back-pressure refuses leases");
+    describe_histogram!(
+        LEASES_PAUSED_SECONDS,
+        Unit::Seconds,
+        "Each pause of leases by back-pressure (sum: seconds paused)"
+    );
     describe_counter!(
-        LEASES_PAUSED_SECONDS_TOTAL,
-        Unit::Milliseconds,
-        "Time leases spent paused by back-pressure"
+        PROMPTS_LEASED_AGAIN_TOTAL,
+        Unit::Count,
+        "Prompts leased again after they were put back"
+    );
+    describe_counter!(
+        PROMPTS_REQUEUED_TOTAL,
+        Unit::Count,
+        "Prompts put back in the queue, by reason (expired, released, stale, orphaned)"
+    );
+    describe_histogram!(
+        BATCH_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time from a batch's composition to the learner's ack of it"
+    );
+    describe_gauge!(
+        MAX_STALENESS,
+        Unit::Count,
+        "The staleness bound (--max-staleness): groups further behind are dropped"
     );
     describe_gauge!(
         COMMITTED_BATCH,
@@ -193,4 +262,42 @@ pub fn describe() {
         Unit::Count,
         "Requests refused by validation or the protocol, by rpc"
     );
+}
+
+/// Creates the counters at zero and sets the configuration gauges, so that `rate()`, alerts
+/// and dashboards see this process from its start (a counter that has never moved would
+/// otherwise have no series at all).
+pub fn init(max_staleness: u64) {
+    use metrics::{counter, gauge};
+    gauge!(MAX_STALENESS).set(max_staleness as f64);
+    for name in [
+        RESPONSES_TOTAL,
+        REPLAYS_EMITTED_TOTAL,
+        REPLAY_SHORTFALL_TOTAL,
+        BATCHES_TOTAL,
+        LEASES_EXPIRED_TOTAL,
+        GROUPS_STALE_TOTAL,
+        PROMPTS_LEASED_TOTAL,
+        PROMPTS_LEASED_AGAIN_TOTAL,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for reason in ["expired", "released", "stale", "orphaned"] {
+        counter!(PROMPTS_REQUEUED_TOTAL, "reason" => reason).absolute(0);
+    }
+    for result in [
+        "accepted",
+        "invalid",
+        "duplicate",
+        "expired",
+        "stale",
+        "orphaned",
+    ] {
+        counter!(ROLLOUT_GROUPS_TOTAL, "result" => result).absolute(0);
+    }
+    gauge!(LEASES_PAUSED).set(0.0);
+    // Histograms too: their buckets read zero until the first observation.
+    for (name, _) in BUCKETS {
+        let _ = ::metrics::histogram!(*name);
+    }
 }

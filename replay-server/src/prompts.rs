@@ -194,6 +194,11 @@ impl PromptQueue {
         }
     }
 
+    /// Put-back prompts waiting (they are leased before the epoch's next).
+    pub fn put_back(&self) -> usize {
+        self.requeued.len()
+    }
+
     /// Prompts queued in the current epoch (put back ones included).
     pub fn len(&self) -> usize {
         self.requeued.len() + self.order.len().saturating_sub(self.position)

@@ -22,7 +22,7 @@ use hindsight_proto::v1::{
     RenewLeasesRequest, RenewLeasesResponse, ReplayStatusResponse, RolloutAck, RolloutGroup,
     SamplingConfig,
 };
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 
 use crate::codec::PromptCodec;
 use crate::config::{Hindsight, ReplayArgs};
@@ -158,6 +158,8 @@ struct BatchEntry {
     bytes: u64,
     /// The composition record is fsynced (a batch is never sent before).
     durable: bool,
+    /// When it was composed (for the batch wait histogram; unknown after a restart).
+    composed: Option<std::time::Instant>,
 }
 
 /// What a learner stream should do next.
@@ -372,6 +374,7 @@ impl State {
                 groups,
                 bytes,
                 durable: true,
+                composed: None,
             },
         );
     }
@@ -472,7 +475,7 @@ impl State {
     fn resume_leases(&mut self, now_ms: u64) {
         if let Some(since) = self.paused_since_ms.take() {
             let secs = now_ms.saturating_sub(since) as f64 / 1000.0;
-            counter!(m::LEASES_PAUSED_SECONDS_TOTAL).increment((secs * 1000.0) as u64);
+            histogram!(m::LEASES_PAUSED_SECONDS).record(secs);
             gauge!(m::LEASES_PAUSED).set(0.0);
             tracing::info!(paused_seconds = secs, "leases resumed");
         }
@@ -512,7 +515,9 @@ impl State {
             .min(MAX_PROMPTS_PER_LEASE);
         let deadline_ms = now_ms.saturating_add(self.settings.lease_timeout_ms);
         let mut prompts = Vec::with_capacity(count);
+        let mut again = 0u64;
         for _ in 0..count {
+            again += u64::from(self.queue.put_back() > 0);
             let Some(index) = self.queue.pop() else { break };
             let Some(entry) = self.prompts.get(index) else {
                 break;
@@ -535,6 +540,7 @@ impl State {
             });
         }
         counter!(m::PROMPTS_LEASED_TOTAL).increment(prompts.len() as u64);
+        counter!(m::PROMPTS_LEASED_AGAIN_TOTAL).increment(again.min(prompts.len() as u64));
         self.publish_gauges();
         Ok(LeaseResponse {
             retry_after_ms: if prompts.is_empty() {
@@ -580,7 +586,7 @@ impl State {
         for id in &req.lease_ids {
             if self.leases.get(id).is_some_and(|l| l.actor_id == actor) {
                 if let Some(lease) = self.leases.remove(id) {
-                    self.queue.requeue(lease.prompt);
+                    self.requeue(lease.prompt, "released");
                     self.retired
                         .insert(id.clone(), lease.prompt, Retired::Released);
                     released += 1;
@@ -589,6 +595,12 @@ impl State {
         }
         self.publish_gauges();
         Ok(ReleaseLeasesResponse { released })
+    }
+
+    /// Puts a prompt back at the front of the queue, counted by `reason`.
+    fn requeue(&mut self, prompt: usize, reason: &'static str) {
+        self.queue.requeue(prompt);
+        counter!(m::PROMPTS_REQUEUED_TOTAL, "reason" => reason).increment(1);
     }
 
     /// Re-queues the prompts of leases past their deadline. Returns how many expired.
@@ -602,7 +614,7 @@ impl State {
         for id in &expired {
             if let Some(lease) = self.leases.remove(id) {
                 tracing::info!(lease_id = %id, actor_id = %lease.actor_id, "lease expired; prompt re-queued");
-                self.queue.requeue(lease.prompt);
+                self.requeue(lease.prompt, "expired");
                 self.retired
                     .insert(id.clone(), lease.prompt, Retired::Expired);
             }
@@ -773,7 +785,7 @@ impl State {
         self.leases.remove(lease_id);
         self.touch_actor(&group.actor_id, Some(version), now_ms);
         if let Some((result, reason)) = refused {
-            self.queue.requeue(entry.index);
+            self.requeue(entry.index, result);
             self.retired
                 .insert(lease_id.to_owned(), entry.index, Retired::Stale);
             self.publish_gauges();
@@ -842,7 +854,7 @@ impl State {
                     prompt_id = %g.entry.id, seq = g.seq, "dropping a stale waiting group; prompt re-queued");
                 self.counters.groups_stale += 1;
                 counter!(m::GROUPS_STALE_TOTAL).increment(1);
-                self.queue.requeue(g.entry.index);
+                self.requeue(g.entry.index, "stale");
                 self.waiting_bytes = self.waiting_bytes.saturating_sub(u64::from(g.location.len));
                 dropped.push(g.seq);
             } else {
@@ -925,6 +937,7 @@ impl State {
                 groups: window.clone(),
                 bytes,
                 durable: false,
+                composed: Some(std::time::Instant::now()),
             },
         );
         self.publish_gauges();
@@ -1113,6 +1126,9 @@ impl State {
             )));
         }
         self.learner.served.remove(&req.batch_id);
+        if let Some(composed) = self.batches.get(&req.batch_id).and_then(|b| b.composed) {
+            histogram!(m::BATCH_WAIT_SECONDS).record(composed.elapsed().as_secs_f64());
+        }
         self.learner.acked_through = req.batch_id;
         self.learner.step = step;
         self.learner.version = version;
