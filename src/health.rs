@@ -8,7 +8,6 @@
 //! - `--http host:port`, or a URL with a path (`http://host:9101/readyz`): HTTP `GET` of the
 //!   metrics port's `/readyz` (or the path given).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -21,11 +20,12 @@ use tonic_health::pb::HealthCheckRequest;
 pub struct HealthArgs {
     /// What to ask: a gRPC server URL (`http://host:50051`, `https://...`), or with --http a
     /// metrics port (`host:9101`, `http://host:9101`, `http://host:9101/readyz`).
-    #[arg(required_unless_present = "local", default_value = "")]
-    pub addr: String,
-    /// Ask this container's own process: `/readyz` on the port of `HINDSIGHT_METRICS_ADDR`
-    /// (`--metrics-addr`), which every role of a container sets. The image's HEALTHCHECK.
-    #[arg(long, conflicts_with_all = ["http", "service"])]
+    #[arg(required_unless_present = "local")]
+    pub addr: Option<String>,
+    /// Ask this machine's own process (a container's HEALTHCHECK): `/readyz` on 127.0.0.1 at
+    /// the port of HINDSIGHT_METRICS_ADDR, or, when that is not set, at the roles' default
+    /// metrics ports (9101, 9102, 9103; the first that answers decides).
+    #[arg(long, env = "HINDSIGHT_LOCAL", conflicts_with = "addr")]
     pub local: bool,
     /// Ask the HTTP `/readyz` of a metrics port instead of the gRPC health service.
     #[arg(long, env = "HINDSIGHT_HTTP")]
@@ -44,34 +44,26 @@ pub struct HealthArgs {
 /// Whether `addr` names an HTTP endpoint rather than a gRPC server: `--http`, or a URL with
 /// a path.
 fn is_http(args: &HealthArgs) -> bool {
-    if args.http {
+    if args.http || args.local {
         return true;
     }
-    let rest = args
-        .addr
+    let addr = args.addr.as_deref().unwrap_or_default();
+    let rest = addr
         .strip_prefix("http://")
-        .or_else(|| args.addr.strip_prefix("https://"))
-        .unwrap_or(&args.addr);
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
     rest.split_once('/')
         .is_some_and(|(_, path)| !path.is_empty())
 }
 
 /// Runs the probe: `Ok(true)` serving / ready, `Ok(false)` not (the line says why); `Err`
 /// for a configuration error (bad flags), which the caller reports with exit code 2.
-pub async fn run(mut args: HealthArgs, metrics_addr: Option<SocketAddr>) -> Result<bool> {
-    if args.local {
-        let Some(addr) = metrics_addr else {
-            bail!("health --local needs the process's metrics address: set HINDSIGHT_METRICS_ADDR (or --metrics-addr) as the role does");
-        };
-        // A wildcard listen address is reached on loopback from inside the container.
-        let ip = if addr.ip().is_unspecified() {
-            std::net::IpAddr::from([127, 0, 0, 1])
-        } else {
-            addr.ip()
-        };
-        args.addr = format!("http://{}/readyz", SocketAddr::new(ip, addr.port()));
-    }
+pub async fn run(mut args: HealthArgs) -> Result<bool> {
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    if args.local {
+        args.addr = Some(local_target()?);
+    }
+    let addr = args.addr.clone().unwrap_or_default();
     let http = is_http(&args);
     let what = if http {
         "HTTP readiness"
@@ -80,7 +72,7 @@ pub async fn run(mut args: HealthArgs, metrics_addr: Option<SocketAddr>) -> Resu
     };
     let probe = async {
         if http {
-            http_ready(&args.addr).await
+            http_ready(&addr).await
         } else {
             grpc_serving(&args).await
         }
@@ -91,22 +83,47 @@ pub async fn run(mut args: HealthArgs, metrics_addr: Option<SocketAddr>) -> Resu
     };
     match outcome? {
         Ok(line) => {
-            println!("{}: {line}", args.addr);
+            println!("{addr}: {line}");
             Ok(true)
         }
         Err(why) => {
-            eprintln!("{}: {what}: {why}", args.addr);
+            eprintln!("{addr}: {what}: {why}");
             Ok(false)
         }
     }
 }
 
+/// The `--local` target: this machine's metrics port from HINDSIGHT_METRICS_ADDR, else the
+/// first default role port that accepts a connection.
+fn local_target() -> Result<String> {
+    if let Ok(addr) = std::env::var("HINDSIGHT_METRICS_ADDR") {
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .with_context(|| format!("HINDSIGHT_METRICS_ADDR={addr:?}: no port"))
+            .map_err(hindsight_service::ConfigError::wrap)?;
+        return Ok(format!("127.0.0.1:{port}"));
+    }
+    for port in [
+        crate::REPLAY_METRICS_PORT,
+        crate::LEARNER_METRICS_PORT,
+        crate::ACTOR_METRICS_PORT,
+    ] {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(addr.to_string());
+        }
+    }
+    Ok(format!("127.0.0.1:{}", crate::REPLAY_METRICS_PORT))
+}
+
 /// `Ok(Ok(line))` serving, `Ok(Err(why))` not serving or unreachable, `Err` bad flags.
 async fn grpc_serving(args: &HealthArgs) -> Result<Result<String, String>> {
+    let url = args.addr.clone().unwrap_or_default();
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     // Validates the URL against the flags before anything is dialled.
-    security.endpoint(&args.addr)?;
-    let channel = match security.connect(&args.addr, 1).await {
+    security.endpoint(&url)?;
+    let channel = match security.connect(&url, 1).await {
         Ok(c) => c,
         Err(e) => return Ok(Err(format!("unreachable: {e:#}"))),
     };
@@ -210,9 +227,9 @@ mod tests {
     #[test]
     fn http_mode_follows_the_flag_or_a_path() {
         let a = |addr: &str, http: bool| HealthArgs {
-            addr: addr.into(),
-            http,
+            addr: Some(addr.into()),
             local: false,
+            http,
             service: String::new(),
             timeout_ms: 1,
             security: Default::default(),

@@ -283,7 +283,7 @@ fn main() -> ExitCode {
                 }
                 Command::Actor(args) => hindsight_actor::run(args, shutdown_signal(bound)).await,
                 Command::Health(args) => {
-                    return health::run(args, metrics_addr).await.map(|serving| {
+                    return health::run(args).await.map(|serving| {
                         if serving {
                             ExitCode::SUCCESS
                         } else {

@@ -292,6 +292,16 @@ fn every_role_is_probed_and_stops_cleanly_on_sigterm() {
         );
     }
     assert!(scrape(&format!("http://{replay_m}/metrics")).contains("role=\"replay-server\""));
+    // The container HEALTHCHECK form: the process's own port from HINDSIGHT_METRICS_ADDR.
+    let local = hindsight()
+        .args(["--metrics-addr", "off", "health", "--local"])
+        .env(
+            "HINDSIGHT_METRICS_ADDR",
+            format!("0.0.0.0:{}", learner_m.port()),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(local.status.code(), Some(0), "{local:?}");
 
     // Work flows: a learner step and groups from the actor.
     wait(&procs!(), "a learner step", timeout, || {

@@ -216,8 +216,6 @@ const TABLE: &[(&str, &[Role])] = &[
     ("/hindsight.v1.Weights/Publish", &[]),
     ("/hindsight.v1.Replay/Reset", &[]),
     ("/hindsight.v1.Admin/Shutdown", &[]),
-    // The project's own health service was replaced by the standard one: closed.
-    ("/hindsight.v1.Health/Check", &[]),
 ];
 
 const HEALTH: [&str; 2] = [
