@@ -6,6 +6,7 @@ mod bench;
 mod bench_generate;
 mod bench_replay;
 mod bench_train;
+mod bench_weights;
 mod certs;
 mod convert;
 mod status;

@@ -329,8 +329,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             replay_url.clone(),
             "--learner".into(),
             learner_url.clone(),
-            "--model".into(),
-            args.model.clone(),
+            // No --model: actors take the model and its weights from the learner.
             "--actor-id".into(),
             format!("actor-{i}"),
             "--seed".into(),

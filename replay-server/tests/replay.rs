@@ -131,6 +131,7 @@ fn group(
         policy_version: version,
         responses,
         generation_ms: 5,
+        model_fingerprint: String::new(),
     }
 }
 
@@ -149,6 +150,7 @@ async fn lease(client: &mut ReplayClient<Channel>, actor: &str, max: u32) -> Lea
             actor_id: actor.into(),
             max_prompts: max,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap()
@@ -192,6 +194,7 @@ async fn register(
             policy_version: version,
             committed_through_batch_id: committed,
             trained_through_batch_id: trained,
+            model_fingerprint: String::new(),
         })
         .await
         .map(|r| r.into_inner())
@@ -575,6 +578,7 @@ async fn invalid_groups_are_rejected_and_change_nothing() {
             actor_id: "x".repeat(10_000),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         },
     )] {
         let err = client.lease_prompts(req).await.unwrap_err();
@@ -733,6 +737,7 @@ async fn unacked_batches_are_redelivered_unchanged_and_backpressure_holds() {
             actor_id: "b".into(),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap_err();
@@ -753,6 +758,7 @@ async fn unacked_batches_are_redelivered_unchanged_and_backpressure_holds() {
             actor_id: "b".into(),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap_err();
