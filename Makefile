@@ -4,7 +4,7 @@ RUN_DIR ?= runs/demo
 STEPS ?= 3
 ACTORS ?= 2
 
-.PHONY: demo test model build check fmt
+.PHONY: demo test model build check fmt image cluster cluster-down
 
 ## Fetch SmolLM2-135M-Instruct, build, and train it with HiR on a local cluster.
 demo: build model
@@ -29,3 +29,15 @@ check:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Container images (no registry needed): hindsight:<version>/:latest and hindsight-prometheus.
+image: build
+	deploy/docker/build-image.sh
+	deploy/docker/build-prometheus-image.sh
+
+## The docker-compose cluster (deploy/compose): `make cluster ACTORS=4 MODEL=tiny`.
+cluster:
+	MODEL=$(or $(MODEL),smollm2) deploy/compose/cluster.sh up $(ACTORS)
+
+cluster-down:
+	deploy/compose/cluster.sh down

@@ -18,11 +18,35 @@ pub struct CertsArgs {
     pub names: Vec<String>,
     /// Overwrite certificates and tokens already in --out (clients holding the old ones stop
     /// working).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_existing")]
     pub force: bool,
+    /// Keep the certificates and tokens already in --out when they are all there (exit 0
+    /// without writing): for a one-shot container that runs on every `up`. A directory with
+    /// only some of them is still refused.
+    #[arg(long)]
+    pub keep_existing: bool,
+}
+
+/// Every file `make_certs` writes, to decide whether --keep-existing may keep a directory.
+fn complete(out: &std::path::Path) -> bool {
+    let roles = hindsight_service::Role::ALL
+        .iter()
+        .map(|r| format!("{}.token", r.as_str()));
+    [CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE, TOKENS_FILE]
+        .into_iter()
+        .map(String::from)
+        .chain(roles)
+        .all(|name| out.join(name).is_file())
 }
 
 pub fn run(args: CertsArgs) -> Result<()> {
+    if args.keep_existing && complete(&args.out) {
+        println!(
+            "kept the certificates and tokens already in {}",
+            args.out.display()
+        );
+        return Ok(());
+    }
     let written = make_certs(&args.out, &args.names, args.force)?;
     println!("wrote into {}:", args.out.display());
     for path in &written {

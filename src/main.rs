@@ -68,8 +68,12 @@ enum Command {
     Actor(hindsight_actor::ActorArgs),
     /// Run a local cluster (replay server, learner, N actors) as separate processes.
     Up(up::UpArgs),
-    /// Download the default model (SmolLM2-135M-Instruct, GGUF) into the cache.
+    /// Download a model into the cache: `smollm2` (SmolLM2-135M-Instruct, GGUF, the
+    /// default) is fetched once; built-in (`tiny...`) and local models need nothing.
     FetchModel {
+        /// The model a cluster will run (the roles' --model).
+        #[arg(long, env = "HINDSIGHT_MODEL", default_value = "smollm2")]
+        model: String,
         /// Cache directory (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
         #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
@@ -168,7 +172,11 @@ fn main() -> Result<()> {
                 Command::Learner(args) => hindsight_learner::run(args, shutdown_signal()).await,
                 Command::Actor(args) => hindsight_actor::run(args, shutdown_signal()).await,
                 Command::Up(args) => up::run(args, cli.log_format).await,
-                Command::FetchModel { cache_dir } => {
+                Command::FetchModel { model, .. } if model != "smollm2" => {
+                    println!("{model}: nothing to fetch (built in or local)");
+                    Ok(())
+                }
+                Command::FetchModel { cache_dir, .. } => {
                     let dir = cache_dir.unwrap_or_else(hindsight_policy::default_cache_dir);
                     let path =
                         tokio::task::spawn_blocking(move || hindsight_policy::fetch_smollm2(&dir))

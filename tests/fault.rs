@@ -14,8 +14,10 @@
 //! it).
 
 mod common;
+#[path = "support/exactly_once.rs"]
+mod exactly_once;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -67,42 +69,15 @@ fn acknowledged(run_dir: &Path) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
     for entry in std::fs::read_dir(run_dir.join("logs")).unwrap() {
         let path = entry.unwrap().path();
-        if !path
+        if path
             .file_name()
             .unwrap()
             .to_string_lossy()
             .starts_with("actor-")
         {
-            continue;
-        }
-        let text = strip_ansi(&std::fs::read_to_string(&path).unwrap_or_default());
-        for line in text.lines().filter(|l| l.contains("group accepted")) {
-            let seq = line
-                .split("group_seq=")
-                .nth(1)
-                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse().ok());
-            if let Some(seq) = seq {
-                out.insert(seq);
-            }
-        }
-    }
-    out
-}
-
-/// `text` without terminal colour escapes (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
+            out.extend(exactly_once::acknowledged_in(
+                &std::fs::read_to_string(&path).unwrap_or_default(),
+            ));
         }
     }
     out
@@ -216,110 +191,17 @@ fn check_exactly_once(
     acked: &BTreeSet<u64>,
     status: &hindsight_proto::v1::ReplayStatusResponse,
 ) {
-    let fail = |why: String| -> ! { panic!("{name}: {why}{}", dump_logs(run_dir)) };
-    let steps = read_jsonl(&run_dir.join("steps.jsonl"));
-    let numbers: Vec<u64> = steps.iter().map(|s| s["step"].as_u64().unwrap()).collect();
-    if numbers != (1..=STEPS).collect::<Vec<_>>() {
-        fail(format!("step numbers in the step log: {numbers:?}"));
+    let ledger = exactly_once::Ledger {
+        steps: read_jsonl(&run_dir.join("steps.jsonl")),
+        batch_log: read_jsonl(&run_dir.join("batches.jsonl")),
+        acked: acked.clone(),
+        groups_waiting: status.groups_waiting,
+        groups_stale: status.groups_stale,
+    };
+    match ledger.check(Some(STEPS)) {
+        Ok(summary) => eprintln!("{name}: {summary}"),
+        Err(why) => panic!("{name}: {why}{}", dump_logs(run_dir)),
     }
-    let versions: Vec<u64> = steps
-        .iter()
-        .map(|s| s["policy_version"].as_u64().unwrap())
-        .collect();
-    if !versions.windows(2).all(|w| w[0] < w[1]) {
-        fail(format!("weight versions repeat or go back: {versions:?}"));
-    }
-    let trained_batches: Vec<u64> = steps
-        .iter()
-        .map(|s| s["batch_id"].as_u64().unwrap())
-        .collect();
-    if !trained_batches.windows(2).all(|w| w[0] < w[1]) {
-        fail(format!(
-            "batch ids trained out of order or twice: {trained_batches:?}"
-        ));
-    }
-
-    // The batch log: what each batch id is made of (a re-served batch is logged once).
-    let mut batches: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
-    for line in read_jsonl(&run_dir.join("batches.jsonl")) {
-        batches
-            .entry(line["batch_id"].as_u64().unwrap())
-            .or_default()
-            .insert(line["group_seq"].as_u64().unwrap());
-    }
-    let mut home: BTreeMap<u64, u64> = BTreeMap::new();
-    for (&batch, seqs) in &batches {
-        for &seq in seqs {
-            if let Some(other) = home.insert(seq, batch) {
-                fail(format!("group {seq} is in batches {other} and {batch}"));
-            }
-        }
-    }
-    let last_trained = *trained_batches.last().unwrap();
-    let skipped: Vec<u64> = batches
-        .keys()
-        .copied()
-        .filter(|b| *b <= last_trained && !trained_batches.contains(b))
-        .collect();
-    if !skipped.is_empty() {
-        fail(format!(
-            "batches {skipped:?} were served before batch {last_trained} but are not in the \
-             weights' history {trained_batches:?}"
-        ));
-    }
-    let mut trained: BTreeSet<u64> = BTreeSet::new();
-    for s in &steps {
-        let batch = s["batch_id"].as_u64().unwrap();
-        let seqs: BTreeSet<u64> = s["group_seqs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        if batches.get(&batch) != Some(&seqs) {
-            fail(format!(
-                "step {} trained groups {seqs:?} as batch {batch}, the batch log says {:?}",
-                s["step"],
-                batches.get(&batch)
-            ));
-        }
-        for seq in seqs {
-            if !trained.insert(seq) {
-                fail(format!("group {seq} trained twice"));
-            }
-        }
-    }
-
-    // Every acknowledged group is trained once, or still waits for the learner.
-    if acked.is_empty() {
-        fail("the actors' logs show no acknowledged group".into());
-    }
-    let mut unbatched = 0;
-    for seq in acked {
-        match home.get(seq) {
-            Some(batch) if *batch <= last_trained && !trained.contains(seq) => fail(format!(
-                "acknowledged group {seq} of trained batch {batch} was not trained"
-            )),
-            Some(_) => {}
-            None => unbatched += 1,
-        }
-    }
-    if unbatched as u64 > status.groups_waiting {
-        fail(format!(
-            "{unbatched} acknowledged groups are in no batch, but the replay server has only \
-             {} waiting: acknowledged groups were lost ({status:?})",
-            status.groups_waiting
-        ));
-    }
-    if status.groups_stale != 0 {
-        fail(format!("groups were dropped as stale: {status:?}"));
-    }
-    eprintln!(
-        "{name}: {} acknowledged groups: {} trained once, {} waiting; batches trained {trained_batches:?}",
-        acked.len(),
-        acked.iter().filter(|s| trained.contains(s)).count(),
-        acked.iter().filter(|s| !trained.contains(s)).count()
-    );
 }
 
 /// Actors log each acknowledged group at debug level; the checks read them.

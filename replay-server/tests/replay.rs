@@ -1206,3 +1206,80 @@ async fn generated_prompts_cycle_and_startup_errors_name_the_record() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("broken-one"), "{err:#}");
 }
+
+/// Findings of the `requests` fuzz target (replay-server/fuzz), kept as regressions: a
+/// registration at u64::MAX overflowed the version counter and the step arithmetic, and a
+/// lease refused by the limiter still recorded (and labelled) its actor.
+#[tokio::test]
+async fn fuzz_findings_are_refused_without_a_state_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ReplayArgs {
+        max_pending_batches: 1,
+        ..args(dir.path())
+    })
+    .await;
+    let mut client = server.client().await;
+    let before = status(&mut client).await;
+    for (step, version) in [
+        (u64::MAX, 0),
+        (0, u64::MAX),
+        (u64::MAX, u64::MAX),
+        ((1 << 62) + 1, 1),
+    ] {
+        let err = register(&mut client, step, version, 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{step}/{version}: {err:?}"
+        );
+    }
+    let after = status(&mut client).await;
+    assert_eq!(
+        (after.learner_step, after.policy_version),
+        (before.learner_step, before.policy_version)
+    );
+    // The largest accepted counters still leave room for the `+ 1` of every ack.
+    let inc = register(&mut client, 1 << 62, 1 << 62, 0, 0)
+        .await
+        .unwrap()
+        .incarnation;
+    assert!(status(&mut client).await.policy_version >= 1 << 62);
+
+    // Fill the limiter (one uncommitted batch), then lease as a new actor: refused with
+    // RESOURCE_EXHAUSTED, and the refused actor leaves no record behind.
+    let tok = tokenizer();
+    let l = lease(&mut client, "a", 2).await;
+    let v = status(&mut client).await.policy_version;
+    let acks = submit(
+        &mut client,
+        vec![
+            group(&l, 0, "a", v, texts_group(&tok, &[ALL3; 6], 0)),
+            group(&l, 1, "a", v, texts_group(&tok, &[ALL3; 6], 1)),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(acks.iter().all(|a| a.accepted), "{acks:?}");
+    let mut s = stream(&mut client, &inc, 0, 1).await.unwrap();
+    let _ = next_batch(&mut s).await;
+    let actors_before = status(&mut client).await.actors.len();
+    let err = client
+        .lease_prompts(LeaseRequest {
+            actor_id: "refused-newcomer".into(),
+            max_prompts: 1,
+            policy_version: 0,
+            model_fingerprint: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let after = status(&mut client).await;
+    assert_eq!(after.actors.len(), actors_before);
+    assert!(after
+        .actors
+        .iter()
+        .all(|a| a.actor_id != "refused-newcomer"));
+    server.shutdown().await;
+}
