@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Weight chunks are slices of the learner's payload and of the receive buffer
+        // (`bytes::Bytes`), not copies.
+        .bytes(".hindsight.v1.WeightChunk.data")
         .compile_protos(&["proto/hindsight.proto"], &["proto"])?;
     Ok(())
 }

@@ -2,13 +2,14 @@
 //! and a named peer in the same run, on the same machine, and prints both and the ratio.
 //! `verify` lives in `verify.rs`, `generate` in `bench_generate.rs`, `train` in `bench_train.rs`.
 //! `replay` (`bench_replay.rs`) has no peer: it loads our replay server with its own client
-//! and holds it to a stated goal.
+//! and holds it to a stated goal. `weights` (`bench_weights.rs`) has no peer either: it
+//! measures how fast a published weight version reaches N actors.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::{bench_generate, bench_replay, bench_train, verify};
+use crate::{bench_generate, bench_replay, bench_train, bench_weights, verify};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -33,6 +34,10 @@ pub enum BenchWhat {
     /// simulated learner and the server's memory, at 1 to 128 concurrent rollout streams,
     /// with the server as a separate process and its write-ahead log on.
     Replay(bench_replay::BenchReplayArgs),
+    /// Weight distribution: time from the learner's publication of a version to the last of
+    /// N actors generating with it (real gRPC on loopback), and the longest generation
+    /// pause a swap causes.
+    Weights(bench_weights::BenchWeightsArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -42,6 +47,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchWhat::Generate(a) => bench_generate::run(a),
         BenchWhat::Train(a) => bench_train::run(a),
         BenchWhat::Replay(a) => bench_replay::run(a),
+        BenchWhat::Weights(a) => bench_weights::run(a),
     }
 }
 

@@ -463,6 +463,7 @@ impl Material {
             policy_version: 0,
             responses,
             generation_ms: 0,
+            model_fingerprint: String::new(),
         }
     }
 }
@@ -645,6 +646,7 @@ async fn lease_prompts(load: Load) {
                     actor_id: "bench-leaser".into(),
                     max_prompts: want,
                     policy_version: 0,
+                    model_fingerprint: String::new(),
                 })
                 .await;
             match answer {
@@ -812,6 +814,7 @@ async fn simulated_learner(load: Load) -> u64 {
             policy_version: 0,
             committed_through_batch_id: 0,
             trained_through_batch_id: 0,
+            model_fingerprint: String::new(),
         })
         .await;
     let incarnation = match registered {

@@ -12,6 +12,7 @@ mod bench;
 mod bench_generate;
 mod bench_replay;
 mod bench_train;
+mod bench_weights;
 mod certs;
 mod convert;
 mod env;

@@ -311,7 +311,8 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         let actor = hindsight_actor::ActorArgs {
             replay: replay_url.clone(),
             learner: learner_url.clone(),
-            model: args.model.clone(),
+            // No --model: actors take the model and its weights from the learner.
+            model: None,
             cache_dir: Some(cache.clone()),
             actor_id: Some(format!("actor-{i}")),
             seed: args.seed + i as u64,

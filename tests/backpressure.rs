@@ -103,6 +103,7 @@ fn group(p: &Prompt, n: u64) -> RolloutGroup {
         policy_version: 0,
         responses,
         generation_ms: 1,
+        model_fingerprint: String::new(),
     }
 }
 
@@ -122,6 +123,7 @@ async fn load(url: &str, streams: usize, secs: f64) -> (Vec<u64>, u64) {
                         actor_id: format!("load-{s}"),
                         max_prompts: 16,
                         policy_version: 0,
+                        model_fingerprint: String::new(),
                     })
                     .await;
                 let prompts = match lease {

@@ -16,9 +16,17 @@ fn runtime_directives(text: &str) -> Vec<String> {
         .lines()
         .map(str::trim)
         .filter(|l| {
-            ["USER ", "WORKDIR ", "ENV ", "EXPOSE ", "HEALTHCHECK ", "ENTRYPOINT ", "CMD "]
-                .iter()
-                .any(|d| l.starts_with(d))
+            [
+                "USER ",
+                "WORKDIR ",
+                "ENV ",
+                "EXPOSE ",
+                "HEALTHCHECK ",
+                "ENTRYPOINT ",
+                "CMD ",
+            ]
+            .iter()
+            .any(|d| l.starts_with(d))
         })
         .map(String::from)
         .collect()
@@ -31,11 +39,25 @@ fn the_registry_dockerfile_matches_the_tested_image() {
         .arg("--print-dockerfile")
         .output()
         .expect("running deploy/docker/build-image.sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tested = runtime_directives(&String::from_utf8(out.stdout).unwrap());
-    let registry =
-        runtime_directives(&std::fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap());
-    assert!(tested.iter().any(|l| l.starts_with("HEALTHCHECK ")), "{tested:?}");
-    assert!(tested.iter().any(|l| l.starts_with("USER 10001")), "{tested:?}");
-    assert_eq!(tested, registry, "deploy/docker/Dockerfile drifted from build-image.sh");
+    let registry = runtime_directives(
+        &std::fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap(),
+    );
+    assert!(
+        tested.iter().any(|l| l.starts_with("HEALTHCHECK ")),
+        "{tested:?}"
+    );
+    assert!(
+        tested.iter().any(|l| l.starts_with("USER 10001")),
+        "{tested:?}"
+    );
+    assert_eq!(
+        tested, registry,
+        "deploy/docker/Dockerfile drifted from build-image.sh"
+    );
 }

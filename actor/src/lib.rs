@@ -50,9 +50,11 @@ pub struct ActorArgs {
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
-    /// Model to generate with (must be the learner's base model): "tiny", "smollm2" or a .gguf path.
-    #[arg(long, env = "HINDSIGHT_MODEL", default_value = "tiny")]
-    pub model: String,
+    /// Model to generate with, for local runs: "tiny", "smollm2", a .gguf path or a
+    /// checkpoint directory; its fingerprint must match the learner's. Without it the actor
+    /// takes the model (architecture, tokenizer, chat template, weights) from the learner.
+    #[arg(long, env = "HINDSIGHT_MODEL")]
+    pub model: Option<String>,
     /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
     #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -95,7 +97,7 @@ impl Default for ActorArgs {
         ActorArgs {
             replay: "http://127.0.0.1:50051".into(),
             learner: "http://127.0.0.1:50052".into(),
-            model: "tiny".into(),
+            model: None,
             cache_dir: None,
             actor_id: None,
             prompts_per_lease: 2,
@@ -116,7 +118,7 @@ impl hindsight_service::ToArgv for ActorArgs {
         let mut a = hindsight_service::Argv::new();
         a.opt("--replay", &self.replay)
             .opt("--learner", &self.learner)
-            .opt("--model", &self.model)
+            .opt_some("--model", &self.model)
             .path_some("--cache-dir", &self.cache_dir)
             .opt_some("--actor-id", &self.actor_id)
             .opt("--prompts-per-lease", self.prompts_per_lease)
@@ -177,6 +179,150 @@ async fn open_stream(client: &mut ReplayClient<Authed>) -> Result<RolloutStream>
     Ok(RolloutStream { tx, acks })
 }
 
+/// The model an actor generates with, once started.
+struct StartedModel {
+    name: String,
+    fingerprint: String,
+    /// The learner's version the sampler holds (`None`: local weights, version 0).
+    version: Option<u64>,
+}
+
+/// Loads `--model` or receives the learner's model, builds the sampler, and starts the
+/// background weight follower. An actor without `--model` waits for the learner's first
+/// published version; with `--model` it generates with its local weights (version 0) at
+/// once.
+async fn start_model(
+    args: &ActorArgs,
+    device: &Device,
+    client: &mut weights::Client,
+    stop: watch::Receiver<bool>,
+) -> Result<(StartedModel, Sampler, weights::Follower)> {
+    let mut backoff = Duration::from_millis(200);
+    let learner = loop {
+        match weights::learner_model(client).await {
+            Ok(m) => break m,
+            Err(e) if args.model.is_none() => {
+                warn!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot get the learner's model yet; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            // A local model works without the learner's description.
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "the learner does not describe its model; using --model unchecked until its manifest names one");
+                break None;
+            }
+        }
+    };
+    match &args.model {
+        Some(spec) => {
+            let cache = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(hindsight_policy::default_cache_dir);
+            let spec = spec.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                hindsight_policy::load(&spec, &cache, &Device::Cpu)
+            })
+            .await??;
+            let fingerprint = hindsight_policy::fingerprint(&loaded.config, &loaded.tokenizer)?;
+            if let Some(l) = &learner {
+                anyhow::ensure!(
+                    l.fingerprint == fingerprint,
+                    "--model {} has fingerprint {fingerprint}, the learner's model ({}) has {}: \
+                     drop --model to use the learner's, or give the learner's model",
+                    args.model.as_deref().unwrap_or_default(),
+                    l.name,
+                    l.fingerprint
+                );
+            }
+            let mut sampler = Sampler::with_precision(
+                &loaded.config,
+                &loaded.weights,
+                loaded.tokenizer.stop_token_ids(),
+                device,
+                args.precision,
+            )?;
+            sampler.set_max_batch(args.max_batch);
+            let spec = weights::FollowSpec {
+                fingerprint: fingerprint.clone(),
+                config: loaded.config.clone(),
+                device: device.clone(),
+                precision: args.precision,
+            };
+            // Local weights stand for version 0 (the learner's base model).
+            let follower = weights::Follower::start(client.clone(), spec, Some(0), stop);
+            Ok((
+                StartedModel {
+                    name: loaded.name,
+                    fingerprint,
+                    version: None,
+                },
+                sampler,
+                follower,
+            ))
+        }
+        None => {
+            let l = learner.context("the learner does not describe its model (an older learner?): give the actor --model")?;
+            info!(model = %l.name, fingerprint = %hindsight_policy::fingerprint::short(&l.fingerprint), "using the learner's model; waiting for its weights");
+            let spec = weights::FollowSpec {
+                fingerprint: l.fingerprint.clone(),
+                config: l.config.clone(),
+                device: device.clone(),
+                precision: args.precision,
+            };
+            let follower = weights::Follower::start(client.clone(), spec, None, stop);
+            let first = follower.next().await?;
+            let v = first.version;
+            let mut sampler = Sampler::from_prepared(
+                &l.config,
+                l.tokenizer.stop_token_ids(),
+                device,
+                args.precision,
+                first.weights,
+            )?;
+            sampler.set_max_batch(args.max_batch);
+            ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
+            Ok((
+                StartedModel {
+                    name: l.name,
+                    fingerprint: l.fingerprint,
+                    version: Some(v),
+                },
+                sampler,
+                follower,
+            ))
+        }
+    }
+}
+
+/// Installs a prepared version between two generation batches (O(1) on the CPU).
+fn install(sampler: &mut Sampler, update: weights::Update, version: &AtomicU64) -> Result<()> {
+    let from = version.load(Ordering::Relaxed);
+    let started = Instant::now();
+    sampler
+        .install(update.weights)
+        .with_context(|| format!("installing weights version {}", update.version))?;
+    let pause = started.elapsed().as_secs_f64();
+    version.store(update.version, Ordering::Relaxed);
+    metrics::record_versions(update.version, update.version);
+    ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
+    ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS)
+        .record(update.seen.elapsed().as_secs_f64());
+    info!(
+        policy_version = update.version,
+        from,
+        fetch_secs = format!("{:.2}", update.fetch_secs),
+        prepare_secs = format!("{:.2}", update.prepare_secs),
+        install_ms = format!("{:.1}", pause * 1000.0),
+        "weights updated"
+    );
+    Ok(())
+}
+
 /// Runs the actor until `shutdown` resolves (or `--max-groups` is reached).
 pub async fn run(
     args: ActorArgs,
@@ -201,28 +347,6 @@ async fn run_actor(
     }
     let device = hindsight_policy::parse_device(&args.device).config_err()?;
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
-    let cache = args
-        .cache_dir
-        .clone()
-        .unwrap_or_else(hindsight_policy::default_cache_dir);
-    let spec = args.model.clone();
-    let loaded =
-        tokio::task::spawn_blocking(move || hindsight_policy::load(&spec, &cache, &Device::Cpu))
-            .await?
-            .with_context(|| format!("loading --model {}", args.model))
-            .config_err()?;
-    let tokenizer = loaded.tokenizer;
-    let mut sampler = Sampler::with_precision(
-        &loaded.config,
-        &loaded.weights,
-        tokenizer.stop_token_ids(),
-        &device,
-        args.precision,
-    )?;
-    sampler.set_max_batch(args.max_batch);
-    drop(loaded.weights);
-    info!(model = %loaded.name, precision = %args.precision, max_batch = args.max_batch, device = %args.device, "actor ready");
-
     let version = Arc::new(AtomicU64::new(0));
     metrics::init();
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -234,7 +358,7 @@ async fn run_actor(
     let mut replay = ReplayClient::new(connect(&security, &args.replay).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
-    let mut weights = WeightsClient::new(connect(&security, &args.learner).await?)
+    let mut weights_client = WeightsClient::new(connect(&security, &args.learner).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
     // Leases this actor holds and has no ack for: given back when it stops.
     let held = Held::default();
@@ -246,6 +370,21 @@ async fn run_actor(
         actor_id.clone(),
         held.clone(),
     )));
+
+    // The model: local files (`--model`) or the learner's description; either way its
+    // fingerprint is checked against the learner's and stated with every lease and group.
+    let (model, mut sampler, follower) = tokio::select! {
+        m = start_model(&args, &device, &mut weights_client, stop_rx.clone()) => m?,
+        _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+    };
+    let fingerprint = model.fingerprint;
+    if let Some(v) = model.version {
+        version.store(v, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::POLICY_VERSION).set(v as f64);
+    }
+    info!(model = %model.name, fingerprint = %hindsight_policy::fingerprint::short(&fingerprint),
+        policy_version = version.load(Ordering::Relaxed), precision = %args.precision,
+        max_batch = args.max_batch, device = %args.device, "actor ready");
     let mut stream: Option<RolloutStream> = None;
     let mut accepted_groups = 0u64;
     let mut batch_no = 0u64;
@@ -253,50 +392,11 @@ async fn run_actor(
     let mut lease_failures = 0u32;
 
     while !*stop_rx.borrow() {
-        // 1. Newer weights? Swap them in between generation batches.
-        let current = version.load(Ordering::Relaxed);
-        match weights::newer_manifest(&mut weights, current).await {
-            Ok(Some(manifest)) => {
-                let started = Instant::now();
-                match weights::fetch(&mut weights, &manifest).await {
-                    Ok(payload) => {
-                        let w = tokio::task::block_in_place(|| sampler.load_safetensors(payload));
-                        match w {
-                            Ok(()) => {
-                                version.store(manifest.version, Ordering::Relaxed);
-                                metrics::record_versions(manifest.version, manifest.version);
-                                ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
-                                ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS)
-                                    .record(started.elapsed().as_secs_f64());
-                                info!(
-                                    policy_version = manifest.version,
-                                    from = current,
-                                    secs = format!("{:.2}", started.elapsed().as_secs_f64()),
-                                    "weights updated"
-                                );
-                            }
-                            // Checked before anything was freed: the old weights stay.
-                            Err(e) if sampler.has_weights() => warn!(
-                                error = format!("{e:#}"),
-                                "could not load weights; keeping the current version"
-                            ),
-                            // Failed part-way (out of memory): nothing left to generate with.
-                            Err(e) => {
-                                return Err(e.context(format!(
-                                    "loading weights version {}",
-                                    manifest.version
-                                )))
-                            }
-                        }
-                    }
-                    Err(e) => warn!(
-                        error = format!("{e:#}"),
-                        "weight fetch failed; keeping the current version"
-                    ),
-                }
-            }
+        // 1. A newer version prepared in the background? Swap it in between batches.
+        match follower.take() {
+            Ok(Some(update)) => install(&mut sampler, update, &version)?,
             Ok(None) => {}
-            Err(e) => warn!(error = format!("{e:#}"), "learner not answering Latest"),
+            Err(e) => return Err(e.context("following the learner's weights")),
         }
         let policy_version = version.load(Ordering::Relaxed);
 
@@ -306,6 +406,7 @@ async fn run_actor(
                 actor_id: actor_id.clone(),
                 max_prompts: args.prompts_per_lease,
                 policy_version,
+                model_fingerprint: fingerprint.clone(),
             })
             .await
         {
@@ -346,6 +447,13 @@ async fn run_actor(
                     _ = stop_rx.wait_for(|s| *s) => {},
                 }
                 continue;
+            }
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                // Not our model: retrying cannot help.
+                return Err(anyhow::anyhow!(
+                    "the replay server refused this actor: {}",
+                    e.message()
+                ));
             }
             Err(e) => {
                 hindsight_service::set_not_ready("the replay server does not answer LeasePrompts");
@@ -439,6 +547,7 @@ async fn run_actor(
                 policy_version,
                 responses,
                 generation_ms: (secs * 1000.0) as u64,
+                model_fingerprint: fingerprint.clone(),
             });
         }
 
@@ -482,6 +591,12 @@ async fn run_actor(
                         // INVALID_ARGUMENT ends the stream: that group is dropped (a bug on our
                         // side, logged loudly); its lease expires and the prompt is re-leased.
                         warn!(code = ?status.code(), message = status.message(), "rollout stream ended by the server");
+                        if status.code() == tonic::Code::FailedPrecondition {
+                            return Err(anyhow::anyhow!(
+                                "the replay server refused this actor's rollouts: {}",
+                                status.message()
+                            ));
+                        }
                         if status.code() == tonic::Code::InvalidArgument {
                             acked += 1;
                         }
@@ -624,7 +739,7 @@ mod args_tests {
         hindsight_service::assert_round_trip(&ActorArgs {
             replay: "https://replay:50051".into(),
             learner: "https://learner:50052".into(),
-            model: "smollm2".into(),
+            model: Some("smollm2".into()),
             cache_dir: Some("/c".into()),
             actor_id: Some("actor-7".into()),
             prompts_per_lease: 3,

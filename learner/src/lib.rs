@@ -278,10 +278,18 @@ pub async fn run(
         micro_batch: args.micro_batch,
     };
     let mut trainer = Trainer::new(&loaded, args.reference_model, config, &device)?;
+    let description = hindsight_policy::ModelDescription::new(&loaded.config, &loaded.tokenizer)?;
+    let fingerprint = description.fingerprint();
+    info!(model = %loaded.name, fingerprint = %fingerprint, "model fingerprint");
     let tokenizer = loaded.tokenizer;
     drop(loaded.weights);
 
-    let store = WeightStore::new(args.keep_versions, hindsight_proto::WEIGHT_CHUNK_BYTES);
+    let store = WeightStore::new(args.keep_versions, hindsight_proto::WEIGHT_CHUNK_BYTES)
+        .with_model(hindsight_proto::v1::ModelDescription {
+            fingerprint: fingerprint.clone(),
+            name: loaded.name.clone(),
+            description: description.to_bytes(),
+        });
     let mut state = TrainerState {
         base_model: args.model.clone(),
         ..Default::default()
@@ -329,6 +337,10 @@ pub async fn run(
     let server = tokio::spawn(
         server_security
             .server()?
+            // Weight chunks are large: big HTTP/2 windows keep the transfer from waiting
+            // on flow control (the receiver's windows matter most; see the actor's client).
+            .initial_connection_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
+            .initial_stream_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
             .add_service(
                 WeightsServer::new(store.clone())
                     .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
@@ -552,6 +564,7 @@ async fn train_loop(
                 policy_version: state.policy_version,
                 committed_through_batch_id: lp.committed,
                 trained_through_batch_id: state.last_batch_id,
+                model_fingerprint: store.model_fingerprint().to_owned(),
             })
             .await;
         let reg = match registered {
@@ -566,8 +579,11 @@ async fn train_loop(
             Err(e) => bail!("the replay server refused this learner: {}", e.message()),
         };
         incarnation = reg.incarnation;
+        // The weights we hold are published at once (version 0 included): an actor without
+        // a model of its own waits for them.
         if reg.policy_version != state.policy_version
             || store.latest_version() != reg.policy_version
+            || !store.has_published()
         {
             if reg.policy_version != state.policy_version {
                 info!(
@@ -577,10 +593,8 @@ async fn train_loop(
                 );
             }
             state.policy_version = reg.policy_version;
-            if state.policy_version > 0 {
-                let payload = tokio::task::block_in_place(|| trainer.export_weights())?;
-                store.publish(state.policy_version, state.step, payload);
-            }
+            let payload = tokio::task::block_in_place(|| trainer.export_weights())?;
+            store.publish(state.policy_version, state.step, payload);
         }
         info!(%incarnation, step = state.step, policy_version = state.policy_version,
             trained_through = state.last_batch_id, "registered with the replay server");

@@ -4,16 +4,22 @@
 //! [`WeightStore`]; it splits them into chunks, checksums every chunk and the whole payload,
 //! keeps the newest few versions, and wakes every actor long-polling `Latest`. Actors then
 //! stream the chunks with `Fetch` and verify each checksum before swapping weights in.
+//! Chunks are slices of the one payload buffer (`Bytes`), never copies. `Model` answers the
+//! model's description (architecture, tokenizer, chat template) so that an actor needs no
+//! model files, and every manifest names the model's fingerprint.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hindsight_proto::bytes::Bytes;
+
 use hindsight_proto::sha256_hex;
 use hindsight_proto::v1::weights_server::Weights;
 use hindsight_proto::v1::{
-    FetchWeightsRequest, LatestWeightsRequest, WeightChunk, WeightsManifest,
+    FetchWeightsRequest, LatestWeightsRequest, ModelDescription, ModelRequest, WeightChunk,
+    WeightsManifest,
 };
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -22,16 +28,18 @@ use tonic::{Request, Response, Status};
 /// One published version: its manifest and payload.
 pub struct Published {
     pub manifest: WeightsManifest,
-    pub payload: Arc<Vec<u8>>,
+    pub payload: Bytes,
 }
 
 /// The newest published versions, shared between the trainer and the gRPC service.
 #[derive(Clone)]
 pub struct WeightStore {
     inner: Arc<Mutex<VecDeque<Arc<Published>>>>,
-    latest: watch::Sender<u64>,
+    /// The newest published version, `None` before the first publication.
+    latest: watch::Sender<Option<u64>>,
     keep: usize,
     chunk_bytes: usize,
+    model: Option<Arc<ModelDescription>>,
 }
 
 fn now_ms() -> u64 {
@@ -44,18 +52,26 @@ fn now_ms() -> u64 {
 impl WeightStore {
     /// `keep` versions stay fetchable (at least 1).
     pub fn new(keep: usize, chunk_bytes: usize) -> Self {
-        let (latest, _) = watch::channel(0);
+        let (latest, _) = watch::channel(None);
         Self {
             inner: Arc::new(Mutex::new(VecDeque::new())),
             latest,
             keep: keep.max(1),
             chunk_bytes: chunk_bytes.max(1),
+            model: None,
         }
+    }
+
+    /// The model these weights belong to: answered by `Model`, its fingerprint named by
+    /// every manifest.
+    pub fn with_model(mut self, model: ModelDescription) -> Self {
+        self.model = Some(Arc::new(model));
+        self
     }
 
     /// Publishes `payload` (safetensors bytes) as `version`; returns its manifest.
     pub fn publish(&self, version: u64, learner_step: u64, payload: Vec<u8>) -> WeightsManifest {
-        let chunk_sha256 = payload.chunks(self.chunk_bytes).map(sha256_hex).collect();
+        let chunk_sha256 = chunk_digests(&payload, self.chunk_bytes);
         let manifest = WeightsManifest {
             version,
             format: "safetensors".into(),
@@ -65,10 +81,15 @@ impl WeightStore {
             sha256: sha256_hex(&payload),
             learner_step,
             published_unix_ms: now_ms(),
+            model_fingerprint: self
+                .model
+                .as_ref()
+                .map(|m| m.fingerprint.clone())
+                .unwrap_or_default(),
         };
         let published = Arc::new(Published {
             manifest: manifest.clone(),
-            payload: Arc::new(payload),
+            payload: Bytes::from(payload),
         });
         {
             let mut inner = self.inner.lock().expect("weight store lock");
@@ -77,7 +98,7 @@ impl WeightStore {
                 inner.pop_front();
             }
         }
-        self.latest.send_replace(version);
+        self.latest.send_replace(Some(version));
         ::metrics::gauge!(crate::metrics::POLICY_VERSION).set(version as f64);
         ::metrics::gauge!(crate::metrics::WEIGHT_BYTES).set(manifest.total_bytes as f64);
         manifest
@@ -95,8 +116,22 @@ impl WeightStore {
         }
     }
 
+    /// The newest published version (0 when nothing is published yet).
     pub fn latest_version(&self) -> u64 {
-        *self.latest.borrow()
+        self.latest.borrow().unwrap_or(0)
+    }
+
+    /// The fingerprint of the model, empty when none was given ([`WeightStore::with_model`]).
+    pub fn model_fingerprint(&self) -> &str {
+        self.model
+            .as_ref()
+            .map(|m| m.fingerprint.as_str())
+            .unwrap_or("")
+    }
+
+    /// Whether any version was published.
+    pub fn has_published(&self) -> bool {
+        self.latest.borrow().is_some()
     }
 
     fn newest(&self) -> Option<Arc<Published>> {
@@ -131,9 +166,15 @@ impl Weights for WeightStore {
     ) -> Result<Response<WeightsManifest>, Status> {
         let req = request.into_inner();
         let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
-        if self.latest_version() <= req.newer_than && !wait.is_zero() {
+        // `any_version`: the caller holds no weights, so any published version will do
+        // (version 0 included); otherwise only one newer than `newer_than`.
+        let wanted = |v: &Option<u64>| match v {
+            Some(v) => req.any_version || *v > req.newer_than,
+            None => false,
+        };
+        if !wait.is_zero() && !wanted(&self.latest.borrow()) {
             let mut rx = self.latest.subscribe();
-            let _ = tokio::time::timeout(wait, rx.wait_for(|v| *v > req.newer_than)).await;
+            let _ = tokio::time::timeout(wait, rx.wait_for(wanted)).await;
         }
         Ok(Response::new(
             self.newest()
@@ -171,12 +212,45 @@ impl Weights for WeightStore {
             Ok(WeightChunk {
                 version,
                 index,
-                data: published.payload[start..end].to_vec(),
+                data: published.payload.slice(start..end),
                 sha256: published.manifest.chunk_sha256[index as usize].clone(),
             })
         }));
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn model(&self, _: Request<ModelRequest>) -> Result<Response<ModelDescription>, Status> {
+        match &self.model {
+            Some(m) => Ok(Response::new(m.as_ref().clone())),
+            None => Err(Status::unimplemented(
+                "this learner does not describe its model",
+            )),
+        }
+    }
+}
+
+/// SHA-256 of every `chunk_bytes` piece of `payload`, the pieces hashed on all cores.
+fn chunk_digests(payload: &[u8], chunk_bytes: usize) -> Vec<String> {
+    let pieces: Vec<&[u8]> = payload.chunks(chunk_bytes).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(pieces.len().max(1));
+    if threads <= 1 {
+        return pieces.into_iter().map(sha256_hex).collect();
+    }
+    let mut out = vec![String::new(); pieces.len()];
+    let per = pieces.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (dst, src) in out.chunks_mut(per).zip(pieces.chunks(per)) {
+            s.spawn(move || {
+                for (d, p) in dst.iter_mut().zip(src) {
+                    *d = sha256_hex(p);
+                }
+            });
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -233,6 +307,7 @@ mod tests {
             s2.latest(Request::new(LatestWeightsRequest {
                 newer_than: 1,
                 wait_ms: 5_000,
+                any_version: false,
             }))
             .await
             .unwrap()

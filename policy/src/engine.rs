@@ -20,6 +20,7 @@ use crate::config::ModelConfig;
 use crate::kernels::{matmul_t, Mat};
 use crate::sampler::{sample_row, Generation, SamplingParams};
 use crate::weights::Weights;
+use anyhow::Context as _;
 
 /// Storage precision of the projection weights used for generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -188,6 +189,58 @@ fn mat(data: Vec<f32>, n: usize, k: usize, p: Precision) -> Mat {
 impl CpuEngine {
     pub fn new(cfg: &ModelConfig, weights: &Weights, precision: Precision) -> anyhow::Result<Self> {
         weights.validate(cfg)?;
+        Self::from_source(cfg, precision, |name| to_vec(weights, name))
+    }
+
+    /// Builds the engine straight from a safetensors buffer (each tensor converted once into
+    /// the engine's layout; no intermediate copy of the model). The buffer is validated
+    /// first ([`Weights::validate_safetensors`]).
+    pub fn from_safetensors(
+        cfg: &ModelConfig,
+        bytes: &[u8],
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        Weights::validate_safetensors(bytes, cfg)?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+        Self::from_source(cfg, precision, |name| {
+            let view = st
+                .tensor(name)
+                .map_err(|_| anyhow::anyhow!("missing weight tensor {name}"))?;
+            crate::weights::view_to_f32(name, &view)
+        })
+    }
+
+    /// Builds the engine from tensors already read as f32 (moved in, not copied, where the
+    /// engine keeps a tensor as it is). Every tensor `cfg` needs must be there with its shape.
+    pub fn from_f32_tensors(
+        cfg: &ModelConfig,
+        mut tensors: crate::weights::F32Tensors,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        for (name, shape) in cfg.parameter_shapes() {
+            let (have, _) = tensors
+                .get(&name)
+                .with_context(|| format!("missing weight tensor {name}"))?;
+            anyhow::ensure!(
+                *have == shape,
+                "tensor {name}: shape {have:?}, expected {shape:?}"
+            );
+        }
+        Self::from_source(cfg, precision, |name| {
+            tensors
+                .remove(name)
+                .map(|(_, v)| v)
+                .with_context(|| format!("missing weight tensor {name}"))
+        })
+    }
+
+    /// Builds the engine from `get(name)`: every tensor `cfg` needs as flat f32 values.
+    fn from_source(
+        cfg: &ModelConfig,
+        precision: Precision,
+        mut get: impl FnMut(&str) -> anyhow::Result<Vec<f32>>,
+    ) -> anyhow::Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim());
         let (h, kv, i) = (
             cfg.num_attention_heads,
@@ -197,7 +250,7 @@ impl CpuEngine {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let g = |n: &str| to_vec(weights, &format!("{p}.{n}"));
+            let mut g = |n: &str| get(&format!("{p}.{n}"));
             let mut qkv = g("self_attn.q_proj.weight")?;
             qkv.extend(g("self_attn.k_proj.weight")?);
             qkv.extend(g("self_attn.v_proj.weight")?);
@@ -232,18 +285,18 @@ impl CpuEngine {
                 },
             });
         }
-        let embed = to_vec(weights, "model.embed_tokens.weight")?;
+        let embed = get("model.embed_tokens.weight")?;
         let head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            to_vec(weights, "lm_head.weight")?
+            get("lm_head.weight")?
         };
         Ok(Self {
             cfg: cfg.clone(),
             precision,
             embed,
             layers,
-            norm: to_vec(weights, "model.norm.weight")?,
+            norm: get("model.norm.weight")?,
             lm_head: Linear {
                 w: mat(head, cfg.vocab_size, d, precision),
                 bias: None,

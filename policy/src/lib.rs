@@ -11,6 +11,7 @@ pub mod adamw;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod fingerprint;
 pub mod fused;
 pub mod hf;
 pub mod kernels;
@@ -30,16 +31,17 @@ pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Architecture, ModelConfig, RopeScaling, SpecialTokenIds};
 pub use device::parse_device;
 pub use engine::Precision;
+pub use fingerprint::{fingerprint, ModelDescription};
 pub use hf::{
     config_from_hf_dir, is_hf_dir, save_hf_checkpoint, save_hf_checkpoint_with, save_tensors,
     tokenizer_from_hf_dir, weights_from_hf_dir, SaveDtype, SaveOptions,
 };
 pub use load::{
-    config_from_gguf, default_cache_dir, fetch_smollm2, load, load_tokenizer, random_weights, tiny,
-    tiny_config, tiny_config_for, tiny_kind, tiny_tokenizer, tokenizer_from_gguf,
-    weights_from_gguf, LoadedModel, TinyKind,
+    config_from_gguf, default_cache_dir, fetch_smollm2, load, load_model_info, load_tokenizer,
+    random_weights, tiny, tiny_config, tiny_config_for, tiny_kind, tiny_tokenizer,
+    tokenizer_from_gguf, weights_from_gguf, LoadedModel, ModelInfo, TinyKind,
 };
-pub use sampler::{Generation, Sampler, SamplingParams};
+pub use sampler::{Generation, PreparedWeights, Sampler, SamplingParams};
 pub use template::{ChatTemplate, SpecialTokens};
 pub use tokenizer::ChatTokenizer;
 pub use trainable::{GradSums, TrainForward, TrainableModel};

@@ -345,6 +345,57 @@ pub fn load(spec: &str, cache_dir: &Path, device: &Device) -> anyhow::Result<Loa
     })
 }
 
+/// A model without its weights: what [`crate::ModelDescription`] and the fingerprint need.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub config: ModelConfig,
+    pub tokenizer: ChatTokenizer,
+    pub name: String,
+}
+
+/// Loads the config and the tokenizer of `spec` (same specs as [`load`]) without reading
+/// any tensor data (GGUF metadata, a checkpoint's `config.json` and tokenizer files).
+pub fn load_model_info(spec: &str, cache_dir: &Path) -> anyhow::Result<ModelInfo> {
+    if let Some((kind, seed)) = tiny_seed(spec)? {
+        let name = match kind {
+            TinyKind::Llama => format!("tiny-{seed}"),
+            TinyKind::Qwen2 => format!("tiny-qwen2-{seed}"),
+            TinyKind::Llama3 => format!("tiny-llama3-{seed}"),
+        };
+        return Ok(ModelInfo {
+            config: tiny_config_for(kind),
+            tokenizer: tiny_tokenizer(kind)?,
+            name,
+        });
+    }
+    let dir = Path::new(spec);
+    if spec != "smollm2" && dir.is_dir() {
+        hf::ensure_hf_dir(dir)?;
+        return Ok(ModelInfo {
+            config: hf::config_from_hf_dir(dir)?,
+            tokenizer: hf::tokenizer_from_hf_dir(dir)?,
+            name: dir
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| spec.to_string()),
+        });
+    }
+    let path = resolve_gguf(spec, cache_dir)?;
+    let (c, _) = read_gguf_content(&path)?;
+    Ok(ModelInfo {
+        config: config_from_gguf(&c)?,
+        tokenizer: tokenizer_from_gguf(&c)?,
+        name: match spec {
+            "smollm2" => "SmolLM2-135M-Instruct".to_string(),
+            _ => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| spec.to_string()),
+        },
+    })
+}
+
 /// Loads only the tokenizer (GGUF metadata or a checkpoint's tokenizer files; no tensor data).
 pub fn load_tokenizer(spec: &str, cache_dir: &Path) -> anyhow::Result<ChatTokenizer> {
     if let Some((kind, _)) = tiny_seed(spec)? {

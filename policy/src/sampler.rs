@@ -92,6 +92,16 @@ pub struct Sampler {
     max_prefill_tokens: usize,
 }
 
+/// Weights ready to be installed in a [`Sampler`] ([`Sampler::prepare_safetensors`]).
+pub struct PreparedWeights(Prepared);
+
+enum Prepared {
+    /// The CPU engine, built.
+    Cpu(Box<CpuEngine>),
+    /// f32 host tensors, copied to the device by [`Sampler::install`].
+    Other(Weights),
+}
+
 const NO_WEIGHTS: &str = "the sampler holds no weights: the last weight swap failed part-way";
 
 /// Default number of sequences generated at once.
@@ -200,6 +210,95 @@ impl Sampler {
         let weights = Weights::from_safetensors_bytes(&bytes, &self.device)?;
         drop(bytes);
         self.load_weights(&weights)
+    }
+
+    /// Turns a weight version sent as safetensors bytes into what a sampler of this
+    /// `config`, `device` and `precision` generates with, without touching any sampler: on
+    /// the CPU the whole engine is built here, so an actor can do it while it generates with
+    /// the current version and then [`Sampler::install`] it between two batches in O(1).
+    /// The buffer is validated first.
+    pub fn prepare_safetensors(
+        config: &ModelConfig,
+        device: &Device,
+        precision: Precision,
+        bytes: &[u8],
+    ) -> anyhow::Result<PreparedWeights> {
+        if device.is_cpu() {
+            let engine = CpuEngine::from_safetensors(config, bytes, precision)?;
+            return Ok(PreparedWeights(Prepared::Cpu(Box::new(engine))));
+        }
+        Weights::validate_safetensors(bytes, config)?;
+        let weights = Weights::from_safetensors_bytes(bytes, &Device::Cpu)?;
+        Ok(PreparedWeights(Prepared::Other(weights)))
+    }
+
+    /// As [`Sampler::prepare_safetensors`], for a payload held as the chunks it arrived in
+    /// (never assembled): each chunk is freed once read, so the peak is about one copy of the
+    /// weights beside the sampler's current ones.
+    pub fn prepare_safetensors_chunks<B: AsRef<[u8]>>(
+        config: &ModelConfig,
+        device: &Device,
+        precision: Precision,
+        chunks: impl IntoIterator<Item = B>,
+    ) -> anyhow::Result<PreparedWeights> {
+        let tensors = crate::weights::f32_tensors_from_chunks(chunks)?;
+        if device.is_cpu() {
+            let engine = CpuEngine::from_f32_tensors(config, tensors, precision)?;
+            return Ok(PreparedWeights(Prepared::Cpu(Box::new(engine))));
+        }
+        let mut map = std::collections::BTreeMap::new();
+        for (name, (shape, data)) in tensors {
+            map.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        let weights = Weights { tensors: map };
+        weights.validate(config)?;
+        Ok(PreparedWeights(Prepared::Other(weights)))
+    }
+
+    /// A sampler generating with prepared weights (see [`Sampler::prepare_safetensors`]).
+    pub fn from_prepared(
+        config: &ModelConfig,
+        tokenizer_stops: &[u32],
+        device: &Device,
+        precision: Precision,
+        prepared: PreparedWeights,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
+        anyhow::ensure!(
+            device.is_cpu() || precision == Precision::F32,
+            "{precision} generation is implemented by the CPU engine only; use f32 on {device:?}"
+        );
+        let mut s = Self {
+            config: config.clone(),
+            device: device.clone(),
+            embed: Tensor::zeros(1, DType::F32, device)?,
+            layers: Vec::new(),
+            norm: Tensor::zeros(1, DType::F32, device)?,
+            lm_head: Tensor::zeros(1, DType::F32, device)?,
+            stops: tokenizer_stops.to_vec(),
+            interleaved_rope: false,
+            inv_freqs: config.rope_inv_freqs(),
+            engine: None,
+            precision,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
+        };
+        s.install(prepared)?;
+        Ok(s)
+    }
+
+    /// Swaps in prepared weights. On the CPU this only replaces the engine (the old one is
+    /// freed); elsewhere the weights are copied to the device here.
+    pub fn install(&mut self, prepared: PreparedWeights) -> anyhow::Result<()> {
+        match prepared.0 {
+            Prepared::Cpu(mut engine) if self.device.is_cpu() => {
+                engine.set_interleaved_rope(self.interleaved_rope);
+                self.engine = Some(*engine);
+                Ok(())
+            }
+            Prepared::Other(weights) if !self.device.is_cpu() => self.load_weights(&weights),
+            _ => anyhow::bail!("weights prepared for another device"),
+        }
     }
 
     /// Whether the sampler holds weights (false only after a failed

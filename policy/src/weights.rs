@@ -118,7 +118,7 @@ pub(crate) fn safetensors_to_file<'a>(
 }
 
 /// `name -> (shape, f32 data)`.
-pub(crate) type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+pub type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Reads every tensor of a safetensors buffer as `(shape, f32 data)`; f16/bf16/f64 are converted.
 pub(crate) fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
@@ -132,7 +132,29 @@ pub(crate) fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
     Ok(out)
 }
 
-/// Converts one safetensors tensor (f32/f64/f16/bf16) to f32 values.
+/// Little-endian f32 bytes as values: one copy (a `memcpy` on little-endian targets).
+fn f32_from_le(data: &[u8]) -> Vec<f32> {
+    let n = data.len() / 4;
+    #[cfg(target_endian = "little")]
+    {
+        let mut v: Vec<f32> = Vec::with_capacity(n);
+        // SAFETY: the copy fills the `4 * n` bytes of the first `n` elements of the
+        // allocation (every bit pattern is a valid f32) before the length covers them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), v.as_mut_ptr().cast::<u8>(), 4 * n);
+            v.set_len(n);
+        }
+        v
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        data.chunks_exact(4)
+            .take(n)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
 /// Refuses a tensor whose dtype [`view_to_f32`] cannot read (f32, f64, f16 and bf16 only).
 fn ensure_readable(name: &str, dtype: safetensors::Dtype) -> anyhow::Result<()> {
     use safetensors::Dtype::{BF16, F16, F32, F64};
@@ -143,6 +165,7 @@ fn ensure_readable(name: &str, dtype: safetensors::Dtype) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Converts one safetensors tensor (f32/f64/f16/bf16) to f32 values.
 pub(crate) fn view_to_f32(
     name: &str,
     view: &safetensors::tensor::TensorView<'_>,
@@ -150,10 +173,7 @@ pub(crate) fn view_to_f32(
     ensure_readable(name, view.dtype())?;
     let data = view.data();
     Ok(match view.dtype() {
-        safetensors::Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        safetensors::Dtype::F32 => f32_from_le(data),
         safetensors::Dtype::F64 => data
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
@@ -265,5 +285,170 @@ impl Weights {
             tensors.insert(n.clone(), t.to_dtype(DType::F32)?.to_device(device)?);
         }
         Ok(Self { tensors })
+    }
+}
+
+/// Largest safetensors header accepted from a chunked payload.
+const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// Reads a safetensors payload held as consecutive chunks (as it arrives from the network,
+/// never assembled into one buffer) into `(shape, f32 data)` per tensor, tensor by tensor in
+/// file order, freeing each chunk as soon as it is passed: the peak is the tensors read so far
+/// plus the chunks not yet read. Refuses a malformed header, tensors that overlap or lie
+/// outside the payload, and dtypes other than f32/f64/f16/bf16.
+pub fn f32_tensors_from_chunks<B: AsRef<[u8]>>(
+    chunks: impl IntoIterator<Item = B>,
+) -> anyhow::Result<F32Tensors> {
+    let mut reader = ChunkReader {
+        chunks: chunks.into_iter().collect(),
+        used: 0,
+        offset: 0,
+    };
+    let total: u64 = reader.chunks.iter().map(|c| c.as_ref().len() as u64).sum();
+    let mut len = [0u8; 8];
+    reader.read(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    ensure!(
+        n <= MAX_HEADER_BYTES && 8 + n <= total,
+        "safetensors: header of {n} bytes does not fit a {total}-byte payload"
+    );
+    let mut header = vec![0u8; n as usize];
+    reader.read(&mut header)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).context("safetensors: malformed header")?;
+    struct Entry {
+        name: String,
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        begin: u64,
+        end: u64,
+    }
+    let mut entries = Vec::with_capacity(header.len());
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = match v.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => safetensors::Dtype::F32,
+            Some("F64") => safetensors::Dtype::F64,
+            Some("F16") => safetensors::Dtype::F16,
+            Some("BF16") => safetensors::Dtype::BF16,
+            other => bail!("tensor {name}: unsupported safetensors dtype {other:?}"),
+        };
+        let shape: Vec<usize> = serde_json::from_value(v.get("shape").cloned().unwrap_or_default())
+            .with_context(|| format!("tensor {name}: bad shape"))?;
+        let offsets: [u64; 2] =
+            serde_json::from_value(v.get("data_offsets").cloned().unwrap_or_default())
+                .with_context(|| format!("tensor {name}: bad data_offsets"))?;
+        let elems = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .with_context(|| format!("tensor {name}: shape overflows"))?;
+        let bytes = elems
+            .checked_mul(dtype.bitsize() as u64 / 8)
+            .with_context(|| format!("tensor {name}: size overflows"))?;
+        let [begin, end] = offsets;
+        ensure!(
+            begin <= end && end - begin == bytes && 8 + n + end <= total,
+            "tensor {name}: data_offsets {begin}..{end} do not fit its shape {shape:?} or the payload"
+        );
+        entries.push(Entry {
+            name,
+            dtype,
+            shape,
+            begin: 8 + n + begin,
+            end: 8 + n + end,
+        });
+    }
+    entries.sort_by_key(|e| e.begin);
+    let mut out = BTreeMap::new();
+    for e in entries {
+        ensure!(
+            e.begin >= reader.offset,
+            "tensor {}: overlaps the tensor before it",
+            e.name
+        );
+        reader.skip(e.begin - reader.offset)?;
+        let bytes = (e.end - e.begin) as usize;
+        let data = if e.dtype == safetensors::Dtype::F32 {
+            let mut v: Vec<f32> = vec![0.0; bytes / 4];
+            // SAFETY: the f32 buffer is viewed as its own bytes (alignment 1, same length);
+            // every byte pattern is a valid f32.
+            let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), bytes) };
+            reader.read(dst)?;
+            #[cfg(not(target_endian = "little"))]
+            for x in v.iter_mut() {
+                *x = f32::from_le_bytes(x.to_ne_bytes());
+            }
+            v
+        } else {
+            let mut raw = vec![0u8; bytes];
+            reader.read(&mut raw)?;
+            match e.dtype {
+                safetensors::Dtype::F64 => raw
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect(),
+                safetensors::Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                _ => raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            }
+        };
+        out.insert(e.name, (e.shape, data));
+    }
+    Ok(out)
+}
+
+/// Sequential reads over a list of chunks, dropping each one once read past.
+struct ChunkReader<B> {
+    chunks: std::collections::VecDeque<B>,
+    /// Bytes of the front chunk already read.
+    used: usize,
+    /// Payload offset of the next byte.
+    offset: u64,
+}
+
+impl<B: AsRef<[u8]>> ChunkReader<B> {
+    /// The unread part of the front chunk, dropping chunks read to their end.
+    fn front(&mut self) -> anyhow::Result<&[u8]> {
+        while self
+            .chunks
+            .front()
+            .is_some_and(|c| c.as_ref().len() <= self.used)
+        {
+            self.chunks.pop_front();
+            self.used = 0;
+        }
+        match self.chunks.front() {
+            Some(c) => Ok(&c.as_ref()[self.used..]),
+            None => bail!("safetensors: payload ends early"),
+        }
+    }
+
+    fn read(&mut self, mut dst: &mut [u8]) -> anyhow::Result<()> {
+        while !dst.is_empty() {
+            let avail = self.front()?;
+            let n = avail.len().min(dst.len());
+            dst[..n].copy_from_slice(&avail[..n]);
+            dst = &mut dst[n..];
+            self.used += n;
+            self.offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, mut n: u64) -> anyhow::Result<()> {
+        while n > 0 {
+            let k = (self.front()?.len() as u64).min(n) as usize;
+            n -= k as u64;
+            self.used += k;
+            self.offset += k as u64;
+        }
+        Ok(())
     }
 }

@@ -12,6 +12,9 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The `bytes` crate prost uses (weight chunks are `Bytes`).
+pub use prost::bytes;
+
 /// Largest gRPC message any Hindsight server accepts or sends (weights travel in chunks).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -24,6 +27,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Size of one weight chunk on the wire.
 pub const WEIGHT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// HTTP/2 flow-control windows (stream and connection) for weight transfers: large enough
+/// that a sender streaming chunks never stops to wait for window updates on a fast link.
+pub const WEIGHTS_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 
 /// Opens a channel to `url`, retrying with exponential back-off (100 ms doubling to 2 s) for
 /// up to `attempts` tries, so that services may start in any order. Each failed try is logged.

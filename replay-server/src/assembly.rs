@@ -248,6 +248,7 @@ mod tests {
                         .map(|(r, t)| response(t, 0.1 * r as f32 + 0.01 * g as f32))
                         .collect(),
                     generation_ms: 0,
+                    model_fingerprint: String::new(),
                 };
                 ScoredGroup {
                     seq: g as u64,

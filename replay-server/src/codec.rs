@@ -20,6 +20,49 @@ pub trait PromptCodec: Send + Sync {
     /// The text of a response's token ids, special tokens skipped (what the actor's user
     /// would read, and what the verifiers judge). Never fails: undecodable ids become U+FFFD.
     fn decode(&self, ids: &[u32]) -> String;
+    /// The model fingerprint (`hindsight_policy::fingerprint`) clients must match; empty
+    /// for a codec that stands for no model (tests), which turns the check off.
+    fn model_fingerprint(&self) -> &str {
+        ""
+    }
+}
+
+/// A real model's tokenizer with the model's fingerprint.
+pub struct ModelCodec {
+    tokenizer: hindsight_policy::ChatTokenizer,
+    fingerprint: String,
+}
+
+impl ModelCodec {
+    /// The codec of a model whose config and tokenizer are given.
+    pub fn new(
+        config: &hindsight_policy::ModelConfig,
+        tokenizer: hindsight_policy::ChatTokenizer,
+    ) -> anyhow::Result<Self> {
+        let fingerprint = hindsight_policy::fingerprint(config, &tokenizer)?;
+        Ok(Self {
+            tokenizer,
+            fingerprint,
+        })
+    }
+}
+
+impl PromptCodec for ModelCodec {
+    fn encode_chat(&self, instruction: &str) -> anyhow::Result<Vec<u32>> {
+        self.tokenizer.encode_chat(instruction)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        PromptCodec::decode(&self.tokenizer, ids)
+    }
+
+    fn model_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
 }
 
 impl PromptCodec for hindsight_policy::ChatTokenizer {
@@ -38,7 +81,8 @@ impl PromptCodec for hindsight_policy::ChatTokenizer {
     }
 }
 
-/// Loads the tokenizer of `model` (`tiny`, `smollm2` or a `.gguf` path) as a codec.
+/// Loads the tokenizer and config of `model` (`tiny`, `smollm2` or a `.gguf` path) as a
+/// codec that knows the model's fingerprint.
 /// Blocking (it may read or download files): call it from a blocking context.
 pub fn load_codec(model: &str, cache_dir: Option<&Path>) -> anyhow::Result<Arc<dyn PromptCodec>> {
     let default_dir;
@@ -49,9 +93,11 @@ pub fn load_codec(model: &str, cache_dir: Option<&Path>) -> anyhow::Result<Arc<d
             default_dir.as_path()
         }
     };
-    let tokenizer = hindsight_policy::load_tokenizer(model, dir)
+    let info = hindsight_policy::load_model_info(model, dir)
         .with_context(|| format!("loading the tokenizer of model {model:?}"))?;
-    Ok(Arc::new(tokenizer))
+    let codec = ModelCodec::new(&info.config, info.tokenizer)?;
+    tracing::info!(model = %info.name, fingerprint = %codec.fingerprint, "model fingerprint");
+    Ok(Arc::new(codec))
 }
 
 /// A codec for tests: one token per byte of a fixed `<user>...<assistant>` framing.

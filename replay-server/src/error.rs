@@ -17,6 +17,13 @@ pub enum ReplayError {
     /// The server cannot do it now (shutting down, the log cannot be written).
     #[error("{0}")]
     Unavailable(String),
+    /// The client's model (architecture, tokenizer, template) is not the server's: its
+    /// token ids would mean something else here. Both fingerprints, the client's shortened.
+    #[error(
+        "model fingerprint mismatch: the caller runs {theirs}, this replay server {ours}; \
+         start every process with the same model"
+    )]
+    ModelMismatch { ours: String, theirs: String },
 }
 
 /// Shortens a client-supplied string for an error message or a log line (never echo megabytes).

@@ -65,6 +65,7 @@ impl From<ReplayError> for Status {
                 status
             }
             ReplayError::Unavailable(why) => Status::unavailable(why),
+            e @ ReplayError::ModelMismatch { .. } => Status::failed_precondition(e.to_string()),
         }
     }
 }
@@ -128,9 +129,32 @@ impl Shared {
         *self.shutdown.borrow()
     }
 
+    /// Refuses a caller whose model fingerprint differs from ours. An empty one (a client
+    /// that states none, e.g. an older peer or a status tool) is not checked, and neither is
+    /// anything when the codec has no fingerprint (test codecs).
+    fn check_model(&self, rpc: &'static str, theirs: &str) -> Result<(), Status> {
+        let ours = self.codec.model_fingerprint();
+        if theirs.is_empty() || ours.is_empty() || theirs == ours {
+            return Ok(());
+        }
+        warn!(rpc, ours, theirs = %shown(theirs), "refused: model fingerprint mismatch");
+        Err(refused(
+            rpc,
+            ReplayError::ModelMismatch {
+                ours: ours.to_owned(),
+                theirs: if theirs.len() <= 80 {
+                    theirs.to_owned()
+                } else {
+                    shown(theirs)
+                },
+            },
+        ))
+    }
+
     /// Admits, verifies, persists and indexes one group; the ack or the rejection.
     async fn ingest(&self, group: RolloutGroup) -> Result<RolloutAck, Status> {
         let started = Instant::now();
+        self.check_model("StreamRollouts", &group.model_fingerprint)?;
         let admission = self
             .state()
             .admit(&group, now_ms())
@@ -399,7 +423,9 @@ impl Replay for ReplayService {
         if self.shared.draining() {
             return Err(Status::unavailable("replay server is shutting down"));
         }
-        let resp = {
+        self.shared
+            .check_model("LeasePrompts", &req.model_fingerprint)?;
+        let mut resp = {
             let mut state = self.shared.state();
             let resp = state
                 .lease(&req, now_ms())
@@ -409,6 +435,7 @@ impl Replay for ReplayService {
             drop(self.shared.wal.submit(vec![state.queue_record()]));
             resp
         };
+        resp.model_fingerprint = self.shared.codec.model_fingerprint().to_owned();
         debug!(actor_id = %shown(&req.actor_id), policy_version = req.policy_version,
             leased = resp.prompts.len(), "lease");
         Ok(Response::new(resp))
@@ -587,6 +614,8 @@ impl Replay for ReplayService {
         request: Request<RegisterLearnerRequest>,
     ) -> Result<Response<RegisterLearnerResponse>, Status> {
         let req = request.into_inner();
+        self.shared
+            .check_model("RegisterLearner", &req.model_fingerprint)?;
         let incarnation = format!("{:016x}", rand::random::<u64>());
         let (resp, log) = self
             .shared

@@ -552,6 +552,7 @@ impl State {
             lease_deadline_unix_ms: deadline_ms,
             sampling: Some(self.settings.sampling),
             latest_policy_version: self.newest_version,
+            model_fingerprint: String::new(),
         })
     }
 

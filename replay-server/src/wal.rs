@@ -781,6 +781,7 @@ mod tests {
                 text: String::new(),
             }],
             generation_ms: 9,
+            model_fingerprint: String::new(),
         }
     }
 

@@ -132,6 +132,7 @@ fn group(
         policy_version: version,
         responses,
         generation_ms: 5,
+        model_fingerprint: String::new(),
     }
 }
 
@@ -150,6 +151,7 @@ async fn lease(client: &mut ReplayClient<Channel>, actor: &str, max: u32) -> Lea
             actor_id: actor.into(),
             max_prompts: max,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap()
@@ -193,6 +195,7 @@ async fn register(
             policy_version: version,
             committed_through_batch_id: committed,
             trained_through_batch_id: trained,
+            model_fingerprint: String::new(),
         })
         .await
         .map(|r| r.into_inner())
@@ -582,6 +585,7 @@ async fn invalid_groups_are_rejected_and_change_nothing() {
             actor_id: "x".repeat(10_000),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         },
     )] {
         let err = client.lease_prompts(req).await.unwrap_err();
@@ -740,6 +744,7 @@ async fn unacked_batches_are_redelivered_unchanged_and_backpressure_holds() {
             actor_id: "b".into(),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap_err();
@@ -760,6 +765,7 @@ async fn unacked_batches_are_redelivered_unchanged_and_backpressure_holds() {
             actor_id: "b".into(),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap_err();
@@ -1271,6 +1277,7 @@ async fn fuzz_findings_are_refused_without_a_state_change() {
             actor_id: "refused-newcomer".into(),
             max_prompts: 1,
             policy_version: 0,
+            model_fingerprint: String::new(),
         })
         .await
         .unwrap_err();

@@ -48,6 +48,7 @@ async fn codes(c: &mut ReplayClient<AuthChannel>) -> Vec<(&'static str, Code)> {
                 actor_id: "a".into(),
                 max_prompts: 1,
                 policy_version: 0,
+                model_fingerprint: String::new(),
             })
             .await
             .map(|_| ()),

@@ -19,6 +19,9 @@ use crate::tokens::check_token;
 /// Time to establish one connection (TCP and TLS); a peer that never answers is a failed try.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// HTTP/2 receive windows of every client channel (stream and connection).
+const STREAM_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+
 /// Security flags of a gRPC client.
 #[derive(clap::Args, Clone, Default, PartialEq, Eq)]
 pub struct ClientSecurityArgs {
@@ -181,7 +184,11 @@ impl ClientSecurity {
     fn endpoint_inner(&self, url: &str) -> Result<Endpoint> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("bad URL {url:?}"))?
-            .connect_timeout(CONNECT_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Large receive windows: a weight transfer (hundreds of MB) must not stall on
+            // HTTP/2 flow control; small messages are unaffected.
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(STREAM_WINDOW_BYTES);
         match (endpoint.uri().scheme_str(), &self.ca) {
             (Some("https"), Some(ca)) => {
                 let mut tls = ClientTlsConfig::new().ca_certificate(ca.clone());

@@ -91,6 +91,7 @@ pub fn default_policy(path: &str) -> Access {
         ("hindsight.v1.Replay", "Status") => Access::Roles(&[Status, Actor, Learner]),
         ("hindsight.v1.Weights", "Latest") => Access::Roles(&[Actor, Learner, Status]),
         ("hindsight.v1.Weights", "Fetch") => Access::Roles(&[Actor, Learner]),
+        ("hindsight.v1.Weights", "Model") => Access::Roles(&[Actor, Learner, Status]),
         _ => Access::Roles(&[]),
     }
 }
@@ -154,6 +155,10 @@ mod tests {
             (
                 "/hindsight.v1.Weights/Fetch",
                 Access::Roles(&[Actor, Learner]),
+            ),
+            (
+                "/hindsight.v1.Weights/Model",
+                Access::Roles(&[Actor, Learner, Status]),
             ),
             // Not listed: closed to everybody.
             ("/hindsight.v1.Weights/Publish", Access::Roles(&[])),

@@ -337,6 +337,7 @@ fuzz_target!(|ops: Vec<Op>| {
                             actor_id: text(actor),
                             max_prompts: u32::from(max),
                             policy_version: num(version, before.policy_version),
+                            model_fingerprint: String::new(),
                         })
                         .await;
                     match r {
@@ -389,6 +390,7 @@ fuzz_target!(|ops: Vec<Op>| {
                                 lease_id: lease,
                                 policy_version: num(g.version, before.policy_version),
                                 generation_ms: num(g.generation_ms, 10),
+                                model_fingerprint: String::new(),
                                 responses: g
                                     .responses
                                     .into_iter()
@@ -458,6 +460,7 @@ fuzz_target!(|ops: Vec<Op>| {
                                 trained,
                                 before.committed_through_batch_id,
                             ),
+                            model_fingerprint: String::new(),
                         })
                         .await;
                     match r {
