@@ -328,10 +328,9 @@ fn compose_cluster_scales_survives_kills_and_is_observable() {
     };
 
     cluster.up(2);
-    let first = cluster.wait("the first learner step", Duration::from_secs(240), || {
+    cluster.wait("the first learner step", Duration::from_secs(240), || {
         (cluster.last_step() >= 1).then_some(())
     });
-    let _ = first;
     eprintln!(
         "compose: first learner step {:.1?} after the start",
         started.elapsed()
