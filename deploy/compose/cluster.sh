@@ -33,7 +33,7 @@ up)
     started=$(date +%s)
     dc up -d --no-recreate --scale "actor=$actors"
     echo "cluster: waiting for the first learner step (model $MODEL, $actors actors)..."
-    until status 2>/dev/null | grep -Eq '"?learner_step"?[:=] *[1-9]'; do
+    until status 2>/dev/null | grep -Eq 'learner step [1-9]'; do
         if [ $(( $(date +%s) - started )) -gt 900 ]; then
             echo "cluster: no learner step after 15 minutes; see: docker-compose -p $project logs" >&2
             exit 1
