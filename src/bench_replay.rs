@@ -222,13 +222,16 @@ fn server_args(
     data_dir: &Path,
     insecure: bool,
     cache_dir: Option<&Path>,
+    metrics_port: Option<u16>,
 ) -> Vec<String> {
+    // The server's metrics port, on a free port (the bench reads the batch assembly histogram
+    // there), or off.
+    let metrics = metrics_port.map_or_else(|| "off".to_string(), |p| format!("127.0.0.1:{p}"));
     let mut a: Vec<String> = [
         "--log-level",
         "info",
-        // The bench reads the server's figures over gRPC; no metrics port to collide.
         "--metrics-addr",
-        "off",
+        &metrics,
         "replay-server",
         "--model",
         "tiny",
@@ -311,6 +314,11 @@ struct Outcome {
     server_cpu_percent: Option<f64>,
     client_cpu_percent: Option<f64>,
     server_threads: Vec<ThreadCpu>,
+    /// Reading each served batch back from the log and assembling it (the server's
+    /// `hindsight_replay_batch_assembly_seconds`, over the measured window): mean per batch,
+    /// and the share of one core it took.
+    assembly_ms_mean: Option<f64>,
+    assembly_core_percent: Option<f64>,
     errors: u64,
     first_error: Option<String>,
 }
@@ -1020,6 +1028,31 @@ struct Server {
     dir: PathBuf,
     log_path: PathBuf,
     url: String,
+    metrics_port: u16,
+}
+
+/// The replay server's batch assembly histogram (`_sum` seconds, `_count` batches): the
+/// time it spends reading composed batches back from the log and assembling them.
+async fn assembly_seconds(metrics_port: u16) -> Option<(f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await
+        .ok()?;
+    let mut page = String::new();
+    s.read_to_string(&mut page).await.ok()?;
+    let value = |name: &str| {
+        page.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .next()
+    };
+    Some((
+        value("hindsight_replay_batch_assembly_seconds_sum")?,
+        value("hindsight_replay_batch_assembly_seconds_count")?,
+    ))
 }
 
 impl Server {
@@ -1045,10 +1078,21 @@ impl Server {
         let log_path = base.join("server.log");
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(exe);
-        cmd.args(server_args(cfg, port, &data_dir, insecure, cache_dir))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port")?
+            .port();
+        cmd.args(server_args(
+            cfg,
+            port,
+            &data_dir,
+            insecure,
+            cache_dir,
+            Some(metrics_port),
+        ))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         // The server runs exactly the settings above, whatever this shell exports.
         for (key, _) in std::env::vars_os() {
             if key
@@ -1066,6 +1110,7 @@ impl Server {
             dir: base,
             log_path,
             url: format!("http://127.0.0.1:{port}"),
+            metrics_port,
         })
     }
 
@@ -1246,8 +1291,17 @@ impl Bench {
 
         tokio::time::sleep_until(clock.window_start.into()).await;
         let cpu_start = CpuSnapshot::take(pid);
+        let assembly_start = assembly_seconds(server.metrics_port).await;
         tokio::time::sleep_until(clock.window_end.into()).await;
         let cpu_end = CpuSnapshot::take(pid);
+        if let (Some((s0, n0)), Some((s1, n1))) =
+            (assembly_start, assembly_seconds(server.metrics_port).await)
+        {
+            if n1 > n0 {
+                out.assembly_ms_mean = Some((s1 - s0) / (n1 - n0) * 1000.0);
+                out.assembly_core_percent = Some((s1 - s0) / self.seconds * 100.0);
+            }
+        }
         let end_memory = memory_kb(pid);
         stop_tx.send_replace(true);
 
@@ -1337,6 +1391,13 @@ async fn run_all(args: &BenchReplayArgs) -> Result<Vec<Outcome>> {
             fmt_opt(o.client_cpu_percent, 0),
             format_threads(&o.server_threads)
         );
+        if o.assembly_ms_mean.is_some() {
+            println!(
+                "    batches read back from the log and assembled: {} ms each, {}% of one core",
+                fmt_opt(o.assembly_ms_mean, 2),
+                fmt_opt(o.assembly_core_percent, 1)
+            );
+        }
         if !cfg.learner {
             let series: Vec<String> = o
                 .rss_mb_each_second
@@ -1547,6 +1608,7 @@ mod tests {
             dir,
             true,
             None,
+            None,
         )
         .join(" ");
         assert!(on.contains("replay-server --model tiny --listen 127.0.0.1:5 --data-dir /tmp/x"));
@@ -1562,6 +1624,7 @@ mod tests {
             dir,
             false,
             None,
+            None,
         )
         .join(" ");
         assert!(off.contains("--max-pending-batches 100000000 --max-pending-bytes 100000000000"));
@@ -1575,6 +1638,7 @@ mod tests {
             5,
             dir,
             false,
+            None,
             None,
         )
         .join(" ");
