@@ -14,6 +14,8 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 docker=${DOCKER:-docker}
+# shellcheck source=deploy/docker/lib.sh
+. "$root/deploy/docker/lib.sh"
 binary=$root/target/release/hindsight
 cuda_libs=
 print_only=
@@ -62,10 +64,7 @@ mkdir -p "$fs/usr/local/bin" "$fs/etc" "$ctx/data/cache" "$ctx/data/wal" "$ctx/d
     "$ctx/data/secrets" "$ctx/data/run" "$ctx/tmp"
 cp -L "$binary" "$fs/usr/local/bin/hindsight"
 strip "$fs/usr/local/bin/hindsight" 2>/dev/null || true
-# The dynamic loader and every library the binary links (absolute paths in ldd's output).
-for lib in $(ldd "$binary" | grep -o '/[^ ]*' | sort -u); do
-    cp --parents -L "$lib" "$fs/"
-done
+copy_with_libs "$binary" "$fs"
 if [ -n "$cuda_libs" ]; then
     mkdir -p "$fs/usr/local/cuda/lib"
     # Not lib/stubs: the driver's libcuda comes from the host.
@@ -78,14 +77,4 @@ echo "hindsight $version $(git -C "$root" rev-parse --short HEAD 2>/dev/null || 
 dockerfile >"$ctx/Dockerfile"
 chmod 1777 "$ctx/tmp"
 
-old=$("$docker" image inspect -f '{{.Id}}' "${tags[0]}" 2>/dev/null || true)
-args=()
-for t in "${tags[@]}"; do args+=(-t "$t"); done
-DOCKER_BUILDKIT=0 "$docker" build -q "${args[@]}" "$ctx" >/dev/null
-id=$("$docker" image inspect -f '{{.Id}}' "${tags[0]}")
-# The legacy builder leaves the image these tags pointed to before as a dangling image.
-if [ -n "$old" ] && [ "$old" != "$id" ]; then
-    "$docker" image rm "$old" >/dev/null 2>&1 || true
-fi
-echo "build-image: ${tags[*]} ($(( $("$docker" image inspect -f '{{.Size}}' "$id") / 1000000 )) MB)" >&2
-echo "$id"
+build_tagged build-image "$ctx" "${tags[@]}"

@@ -9,6 +9,8 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 docker=${DOCKER:-docker}
+# shellcheck source=deploy/docker/lib.sh
+. "$root/deploy/docker/lib.sh"
 tags=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -28,11 +30,8 @@ trap 'rm -rf "$ctx"' EXIT
 fs=$ctx/rootfs
 mkdir -p "$fs/bin" "$fs/etc/prometheus" "$ctx/prometheus"
 cp -L "$dist/usr/bin/prometheus" "$dist/usr/bin/promtool" "$fs/bin/"
-for bin in "$fs/bin/prometheus" "$fs/bin/promtool"; do
-    for lib in $(ldd "$bin" 2>/dev/null | grep -o '/[^ ]*' | sort -u); do
-        cp --parents -L "$lib" "$fs/"
-    done
-done
+copy_with_libs "$fs/bin/prometheus" "$fs"
+copy_with_libs "$fs/bin/promtool" "$fs"
 cp -r "$root/deploy/prometheus/." "$fs/etc/prometheus/"
 printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/prometheus:/sbin/nologin\n' >"$fs/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$fs/etc/group"
@@ -47,13 +46,4 @@ CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prome
 LABEL org.opencontainers.image.title=hindsight-prometheus org.opencontainers.image.version=$version
 DOCKERFILE
 
-old=$("$docker" image inspect -f '{{.Id}}' "${tags[0]}" 2>/dev/null || true)
-args=()
-for t in "${tags[@]}"; do args+=(-t "$t"); done
-DOCKER_BUILDKIT=0 "$docker" build -q "${args[@]}" "$ctx" >/dev/null
-id=$("$docker" image inspect -f '{{.Id}}' "${tags[0]}")
-if [ -n "$old" ] && [ "$old" != "$id" ]; then
-    "$docker" image rm "$old" >/dev/null 2>&1 || true
-fi
-echo "build-prometheus-image: ${tags[*]} ($(( $("$docker" image inspect -f '{{.Size}}' "$id") / 1000000 )) MB)" >&2
-echo "$id"
+build_tagged build-prometheus-image "$ctx" "${tags[@]}"

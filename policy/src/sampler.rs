@@ -120,11 +120,9 @@ impl Sampler {
         Self::with_precision(config, weights, tokenizer_stops, device, Precision::F32)
     }
 
-    /// As [`Sampler::new`], with the generation weights stored in `precision`
-    /// (bf16 is implemented by the CPU engine; other devices refuse it).
-    pub fn with_precision(
+    /// A sampler with no weights yet (the constructors load or install them).
+    fn empty(
         config: &ModelConfig,
-        weights: &Weights,
         tokenizer_stops: &[u32],
         device: &Device,
         precision: Precision,
@@ -134,7 +132,7 @@ impl Sampler {
             device.is_cpu() || precision == Precision::F32,
             "{precision} generation is implemented by the CPU engine only; use f32 on {device:?}"
         );
-        let mut s = Self {
+        Ok(Self {
             config: config.clone(),
             device: device.clone(),
             embed: Tensor::zeros(1, DType::F32, device)?,
@@ -148,7 +146,19 @@ impl Sampler {
             precision,
             max_batch: DEFAULT_MAX_BATCH,
             max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
-        };
+        })
+    }
+
+    /// As [`Sampler::new`], with the generation weights stored in `precision`
+    /// (bf16 is implemented by the CPU engine; other devices refuse it).
+    pub fn with_precision(
+        config: &ModelConfig,
+        weights: &Weights,
+        tokenizer_stops: &[u32],
+        device: &Device,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        let mut s = Self::empty(config, tokenizer_stops, device, precision)?;
         s.load_weights(weights)?;
         Ok(s)
     }
@@ -263,26 +273,7 @@ impl Sampler {
         precision: Precision,
         prepared: PreparedWeights,
     ) -> anyhow::Result<Self> {
-        config.validate()?;
-        anyhow::ensure!(
-            device.is_cpu() || precision == Precision::F32,
-            "{precision} generation is implemented by the CPU engine only; use f32 on {device:?}"
-        );
-        let mut s = Self {
-            config: config.clone(),
-            device: device.clone(),
-            embed: Tensor::zeros(1, DType::F32, device)?,
-            layers: Vec::new(),
-            norm: Tensor::zeros(1, DType::F32, device)?,
-            lm_head: Tensor::zeros(1, DType::F32, device)?,
-            stops: tokenizer_stops.to_vec(),
-            interleaved_rope: false,
-            inv_freqs: config.rope_inv_freqs(),
-            engine: None,
-            precision,
-            max_batch: DEFAULT_MAX_BATCH,
-            max_prefill_tokens: DEFAULT_MAX_PREFILL_TOKENS,
-        };
+        let mut s = Self::empty(config, tokenizer_stops, device, precision)?;
         s.install(prepared)?;
         Ok(s)
     }
