@@ -3,13 +3,14 @@
 //! `verify` lives in `verify.rs`, `generate` in `bench_generate.rs`, `train` in `bench_train.rs`.
 //! `replay` (`bench_replay.rs`) has no peer: it loads our replay server with its own client
 //! and holds it to a stated goal. `weights` (`bench_weights.rs`) has no peer either: it
-//! measures how fast a published weight version reaches N actors.
+//! measures how fast a published weight version reaches N actors. `ranks` (`bench_ranks.rs`)
+//! compares learner-rank configurations with each other.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::{bench_generate, bench_replay, bench_train, bench_weights, verify};
+use crate::{bench_generate, bench_ranks, bench_replay, bench_train, bench_weights, verify};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -38,6 +39,9 @@ pub enum BenchWhat {
     /// N actors generating with it (real gRPC on loopback), and the longest generation
     /// pause a swap causes.
     Weights(bench_weights::BenchWeightsArgs),
+    /// Learner ranks: step time of R ranks x T threads (separate processes, TCP collective)
+    /// against one rank with all the threads, and the collective's seconds and bytes per step.
+    Ranks(bench_ranks::BenchRanksArgs),
 }
 
 /// Runs the chosen benchmark.
@@ -48,6 +52,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchWhat::Train(a) => bench_train::run(a),
         BenchWhat::Replay(a) => bench_replay::run(a),
         BenchWhat::Weights(a) => bench_weights::run(a),
+        BenchWhat::Ranks(a) => bench_ranks::run(a),
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_ranks;
 mod bench_replay;
 mod bench_train;
 mod bench_weights;

@@ -33,6 +33,10 @@ pub struct UpArgs {
     /// Number of actor processes.
     #[arg(long, env = "HINDSIGHT_ACTORS", default_value_t = 2)]
     pub actors: u32,
+    /// Learner ranks: data-parallel learner processes (rank 0 talks to the replay server and
+    /// publishes; the ranks all-reduce gradients over TCP on loopback).
+    #[arg(long, env = "HINDSIGHT_LEARNER_RANKS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub learner_ranks: u32,
     /// Learner steps to run.
     #[arg(long, env = "HINDSIGHT_STEPS", default_value_t = 5)]
     pub steps: u64,
@@ -294,19 +298,42 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     if let Some(lr) = args.lr {
         learner.lr = lr;
     }
+    // Ranks 1.. are the same learner but for rank, ports and id (the ranks refuse to train
+    // together unless their training configuration agrees).
+    let mut followers = Vec::new();
+    if args.learner_ranks > 1 {
+        learner.world_size = Some(args.learner_ranks);
+        learner.rank = Some(0);
+        learner.rendezvous = Some(free_port()?.to_string());
+        for r in 1..args.learner_ranks {
+            let rank = hindsight_learner::LearnerArgs {
+                rank: Some(r),
+                listen: free_port()?,
+                learner_id: format!("learner-{r}"),
+                step_log: None,
+                ..learner.clone()
+            };
+            let mut argv = vec!["learner".to_string()];
+            argv.extend(rank.to_argv());
+            followers.push((format!("learner-rank-{r}"), argv));
+        }
+    }
     let mut learner_args = vec!["learner".to_string()];
     learner_args.extend(learner.to_argv());
 
-    let mut specs = vec![
-        spec("replay-server", replay_args, &[])?,
-        // A restarted learner continues from its newest checkpoint (or starts fresh if there
-        // is none yet) rather than from the base model.
-        spec(
-            "learner",
-            learner_args,
-            if args.resume { &[] } else { &["--resume"] },
-        )?,
-    ];
+    let mut specs = vec![spec("replay-server", replay_args, &[])?];
+    // Learner ranks 1.. before rank 0, so that they stop after it (processes stop in reverse
+    // order) and hear its Stop.
+    for (name, argv) in followers {
+        specs.push(spec(&name, argv, &[])?);
+    }
+    // A restarted learner continues from its newest checkpoint (or starts fresh if there
+    // is none yet) rather than from the base model.
+    specs.push(spec(
+        "learner",
+        learner_args,
+        if args.resume { &[] } else { &["--resume"] },
+    )?);
     for i in 0..args.actors {
         let actor = hindsight_actor::ActorArgs {
             replay: replay_url.clone(),

@@ -6,15 +6,17 @@
 //! step), [`publish`] (the `Weights` gRPC service), [`checkpoint`] (save / resume) and
 //! [`metrics`]. [`run`] wires them into the service loop.
 //!
-//! Scope: one rank. Several ranks with an all-reduce of gradients (NCCL on GPUs) is designed
-//! for (`--rank` / `--world-size` travel in the batch request) but not implemented yet: a
-//! `--world-size` above 1 is refused with a clear error.
+//! Ranks: `--world-size N` runs N learner processes as one data-parallel learner ([`ranks`]):
+//! rank 0 is the only replay-server client, publisher and checkpoint writer; the others train
+//! on rank 0's command and serve health and metrics only. CPU ranks talk over TCP
+//! (`hindsight-collective`).
 
 pub mod advantage;
 pub mod checkpoint;
 pub mod loss;
 pub mod metrics;
 pub mod publish;
+pub mod ranks;
 pub mod trainer;
 
 use std::future::Future;
@@ -120,9 +122,9 @@ pub struct LearnerArgs {
     /// This learner's id (logs, replay bookkeeping).
     #[arg(long, env = "HINDSIGHT_LEARNER_ID", default_value = "learner-0")]
     pub learner_id: String,
-    /// Rank of this learner process.
-    #[arg(long, env = "HINDSIGHT_RANK", default_value_t = 0)]
-    pub rank: u32,
+    /// Rank of this learner process (else `RANK`, else 0).
+    #[arg(long, env = "HINDSIGHT_RANK")]
+    pub rank: Option<u32>,
     /// After --max-steps, keep serving weights and health until stopped (used by `hindsight up`).
     #[arg(long, env = "HINDSIGHT_LINGER", default_value_t = false)]
     pub linger: bool,
@@ -135,9 +137,23 @@ pub struct LearnerArgs {
     /// How this learner proves itself to the replay server (`--tls-ca`, `--token-file`).
     #[command(flatten)]
     pub client_security: hindsight_service::ClientSecurityArgs,
-    /// Number of learner ranks (only 1 is supported for now).
-    #[arg(long, env = "HINDSIGHT_WORLD_SIZE", default_value_t = 1)]
-    pub world_size: u32,
+    /// Number of learner ranks (else `WORLD_SIZE`, else 1).
+    #[arg(long, env = "HINDSIGHT_WORLD_SIZE")]
+    pub world_size: Option<u32>,
+    /// Rank 0's rendezvous address HOST:PORT (else `MASTER_ADDR`:`MASTER_PORT`); rank 0
+    /// listens on its port on every interface. Needed when the world size is above 1.
+    #[arg(long, env = "HINDSIGHT_RENDEZVOUS")]
+    pub rendezvous: Option<String>,
+    /// Bound on waiting for another rank in a collective operation (and for rank 0's next
+    /// command or heartbeat): a stalled or dead rank fails the group after this long.
+    #[arg(long, env = "HINDSIGHT_COLLECTIVE_TIMEOUT_SECS", default_value_t = 120)]
+    pub collective_timeout_secs: u64,
+    /// Bound on the rendezvous (every rank joined and checked).
+    #[arg(long, env = "HINDSIGHT_RENDEZVOUS_TIMEOUT_SECS", default_value_t = 300)]
+    pub rendezvous_timeout_secs: u64,
+    /// Ranks compare weight digests every this many steps (and at start; 0 = only at start).
+    #[arg(long, env = "HINDSIGHT_DIGEST_EVERY", default_value_t = 50)]
+    pub digest_every: u64,
     /// The drain bound after SIGTERM.
     #[command(flatten)]
     pub shutdown: hindsight_service::ShutdownArgs,
@@ -168,12 +184,16 @@ impl Default for LearnerArgs {
             step_log: None,
             keep_versions: 2,
             learner_id: "learner-0".into(),
-            rank: 0,
+            rank: None,
             linger: false,
             prefetch: 2,
             server_security: Default::default(),
             client_security: Default::default(),
-            world_size: 1,
+            world_size: None,
+            rendezvous: None,
+            collective_timeout_secs: 120,
+            rendezvous_timeout_secs: 300,
+            digest_every: 50,
             shutdown: Default::default(),
         }
     }
@@ -204,12 +224,16 @@ impl hindsight_service::ToArgv for LearnerArgs {
             .path_some("--step-log", &self.step_log)
             .opt("--keep-versions", self.keep_versions)
             .opt("--learner-id", &self.learner_id)
-            .opt("--rank", self.rank)
+            .opt_some("--rank", &self.rank)
             .switch("--linger", self.linger)
             .opt("--prefetch", self.prefetch)
             .extend(&self.server_security)
             .extend(&self.client_security)
-            .opt("--world-size", self.world_size)
+            .opt_some("--world-size", &self.world_size)
+            .opt_some("--rendezvous", &self.rendezvous)
+            .opt("--collective-timeout-secs", self.collective_timeout_secs)
+            .opt("--rendezvous-timeout-secs", self.rendezvous_timeout_secs)
+            .opt("--digest-every", self.digest_every)
             .extend(&self.shutdown);
         a.into_vec()
     }
@@ -233,13 +257,13 @@ pub async fn run(
     args: LearnerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    if args.world_size != 1 || args.rank != 0 {
-        return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
-            "--world-size {} / --rank {}: multi-rank training (gradient all-reduce) is not implemented yet; run one learner with --world-size 1",
-            args.world_size,
-            args.rank
-        )));
-    }
+    let rendezvous = hindsight_collective::Rendezvous::resolve(
+        args.rank,
+        args.world_size,
+        args.rendezvous.clone(),
+        |k| std::env::var(k).ok(),
+    )
+    .map_err(hindsight_service::ConfigError::wrap)?;
     metrics::describe();
     let device = hindsight_policy::parse_device(&args.device).config_err()?;
     if args.resume && args.checkpoint_dir.is_none() {
@@ -281,6 +305,36 @@ pub async fn run(
     let description = hindsight_policy::ModelDescription::new(&loaded.config, &loaded.tokenizer)?;
     let fingerprint = description.fingerprint();
     info!(model = %loaded.name, fingerprint = %fingerprint, "model fingerprint");
+    let settings = ranks::RankSettings {
+        rendezvous,
+        op_timeout: Duration::from_secs(args.collective_timeout_secs.max(1)),
+        rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout_secs.max(1)),
+        digest_every: args.digest_every,
+    };
+    let mut collective =
+        tokio::task::block_in_place(|| ranks::connect(&settings, &trainer, &fingerprint)).map_err(
+            |e| {
+                use hindsight_collective::{CollectiveError, RendezvousError};
+                match e.downcast_ref::<CollectiveError>() {
+                    Some(CollectiveError::Rendezvous(RendezvousError::Refused { .. })) => {
+                        hindsight_service::ConfigError::wrap(e)
+                    }
+                    _ => e,
+                }
+            },
+        )?;
+    if settings.rendezvous.rank != 0 {
+        drop(loaded.weights);
+        return run_follower(
+            args,
+            settings,
+            trainer,
+            collective,
+            server_security,
+            shutdown,
+        )
+        .await;
+    }
     let tokenizer = loaded.tokenizer;
     drop(loaded.weights);
 
@@ -294,6 +348,8 @@ pub async fn run(
         base_model: args.model.clone(),
         ..Default::default()
     };
+    // Rank 0's resumed weights and optimizer state, for the other ranks.
+    let mut resumed: Option<(Vec<u8>, Vec<u8>)> = None;
     if args.resume {
         let dir = args
             .checkpoint_dir
@@ -303,6 +359,9 @@ pub async fn run(
             trainer.import_weights(&ckpt.model_safetensors)?;
             trainer.optimizer.load_state(&ckpt.optimizer_safetensors)?;
             state = ckpt.state;
+            if collective.world_size() > 1 {
+                resumed = Some((ckpt.model_safetensors, ckpt.optimizer_safetensors));
+            }
             info!(
                 step = state.step,
                 policy_version = state.policy_version,
@@ -313,6 +372,16 @@ pub async fn run(
             info!(dir = %dir.display(), "no checkpoint to resume from; starting fresh");
         }
     }
+    tokio::task::block_in_place(|| {
+        ranks::synchronise(
+            &mut *collective,
+            &mut trainer,
+            resumed
+                .as_ref()
+                .map(|(w, o)| (&state, w.as_slice(), o.as_slice())),
+        )
+    })?;
+    drop(resumed);
     // Steps after the weights we start from were undone with the weights that took them (a
     // crash after the last checkpoint): the step log keeps the history of the weights that
     // exist, so no step number appears twice.
@@ -364,6 +433,12 @@ pub async fn run(
         })
     };
 
+    let leader = {
+        let stop_tx = stop_tx.clone();
+        ranks::Leader::new(collective, settings.digest_every, move || {
+            let _ = stop_tx.send(true);
+        })
+    };
     let mut step_log = match &args.step_log {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -377,6 +452,7 @@ pub async fn run(
 
     let result = train_loop(
         &args,
+        &leader,
         &mut trainer,
         &store,
         &mut state,
@@ -388,10 +464,84 @@ pub async fn run(
         &health,
     )
     .await;
+    // A rank that died between steps stopped the loop: that is this run's error.
+    let result = result.and_then(|()| leader.check());
+    tokio::task::block_in_place(|| leader.stop());
     if let Err(e) = &result {
         warn!(error = format!("{e:#}"), "learner loop ended with an error");
     } else if args.linger {
         info!("training done; still serving weights until stopped (--linger)");
+        let mut stop = stop_rx.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+    let _ = stop_tx.send(true);
+    shutdown_task.abort();
+    let _ = server.await;
+    result
+}
+
+/// A rank other than 0: health (and the process's metrics) only, training on rank 0's
+/// commands until it says stop, the group fails or `shutdown` resolves.
+async fn run_follower(
+    args: LearnerArgs,
+    settings: ranks::RankSettings,
+    mut trainer: Trainer,
+    mut collective: Box<dyn hindsight_collective::Collective>,
+    server_security: hindsight_service::ServerSecurity,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let rank = settings.rendezvous.rank;
+    let (health, health_server) = hindsight_service::GrpcHealth::new(&[]).await;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding learner rank {rank} to --listen {}", args.listen))
+        .config_err()?;
+    info!(rank, addr = %listener.local_addr()?, "learner rank serving health");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(
+        server_security
+            .server()?
+            .add_service(health_server)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                },
+            ),
+    );
+    tokio::task::block_in_place(|| ranks::synchronise(&mut *collective, &mut trainer, None))?;
+    health.serving().await;
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown_task = {
+        let (stopping, health, stop_tx) = (stopping.clone(), health.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            info!(rank, "shutting down");
+            stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+            health.draining().await;
+            let _ = stop_tx.send(true);
+        })
+    };
+    let (timeout, digest_every) = (settings.op_timeout, settings.digest_every);
+    let result = tokio::task::spawn_blocking(move || {
+        ranks::follow(
+            &mut *collective,
+            &mut trainer,
+            timeout,
+            digest_every,
+            &stopping,
+            |s| ::metrics::gauge!(metrics::STEP).set(s.step as f64),
+        )
+    })
+    .await?;
+    if let Err(e) = &result {
+        warn!(
+            rank,
+            error = format!("{e:#}"),
+            "learner rank stopped with an error"
+        );
+    } else if args.linger {
         let mut stop = stop_rx.clone();
         let _ = stop.wait_for(|s| *s).await;
     }
@@ -531,6 +681,7 @@ async fn commit(client: &mut Replay, args: &LearnerArgs, incarnation: &str, stat
 #[allow(clippy::too_many_arguments)]
 async fn train_loop(
     args: &LearnerArgs,
+    leader: &ranks::Leader,
     trainer: &mut Trainer,
     store: &WeightStore,
     state: &mut TrainerState,
@@ -605,8 +756,8 @@ async fn train_loop(
         }
         let request = BatchStreamRequest {
             learner_id: args.learner_id.clone(),
-            rank: args.rank,
-            world_size: args.world_size,
+            rank: 0,
+            world_size: leader.world_size(),
             incarnation: incarnation.clone(),
             trained_through_batch_id: state.last_batch_id,
             prefetch: args.prefetch,
@@ -668,7 +819,7 @@ async fn train_loop(
                     // Older versions go now, not after the step: a step's peak memory
                     // (gradients, activations) then never meets keep_versions payloads.
                     store.make_room();
-                    let stats = trainer.train_step(&batch, step, state.policy_version)?;
+                    let stats = leader.step(trainer, &batch, step, state.policy_version)?;
                     let payload = trainer.export_weights()?;
                     Ok((stats, payload))
                 })?;
@@ -808,7 +959,7 @@ mod args_tests {
             step_log: p("/s.jsonl"),
             keep_versions: 4,
             learner_id: "learner-x".into(),
-            rank: 1,
+            rank: Some(1),
             linger: true,
             prefetch: 5,
             server_security: hindsight_service::ServerSecurityArgs {
@@ -823,7 +974,11 @@ mod args_tests {
                 token: Some("t".into()),
                 tls_domain: Some("replay".into()),
             },
-            world_size: 2,
+            world_size: Some(2),
+            rendezvous: Some("learner-0.learner:29500".into()),
+            collective_timeout_secs: 30,
+            rendezvous_timeout_secs: 60,
+            digest_every: 5,
             shutdown: hindsight_service::ShutdownArgs {
                 shutdown_timeout_secs: 9,
             },

@@ -1,17 +1,24 @@
-//! One learner step on one training batch: log-probs under the current policy, advantages,
-//! the PPO dual-clip loss, gradient accumulation over micro-batches, norm clipping and a fused
-//! AdamW update. No I/O here: the service loop in `lib.rs` feeds batches and publishes.
+//! One learner step on one training batch, in four parts with the collective between them:
+//! [`Trainer::prepare`] (batch-global: advantages, reference log-probs, token count),
+//! [`Trainer::compute_gradients`] (forward/backward over this rank's shard, micro-batch by
+//! micro-batch), [`Trainer::reduce`] (sum gradients and statistics across ranks, global
+//! norm) and [`Trainer::apply`] (clip, fused AdamW). One rank runs them with the no-op
+//! [`Single`] collective. No I/O here: the service loop in `lib.rs` feeds batches and
+//! publishes.
 
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use hindsight_policy::{AdamW, GradSums, LoadedModel, ModelConfig, TrainableModel, Weights};
+use hindsight_collective::{Collective, Single};
+use hindsight_policy::{
+    AdamW, GradSums, HostGrads, LoadedModel, ModelConfig, TrainableModel, Weights,
+};
 use hindsight_proto::v1::TrainingBatch;
 use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
-use crate::loss::{ppo_loss, PpoConfig, PpoSums};
+use crate::loss::{ppo_loss, PpoConfig};
 
 /// Hyper-parameters of the update.
 #[derive(Clone, Debug, Serialize)]
@@ -120,15 +127,51 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimizer step on `batch`. `step` is the step number this update completes.
-    /// `current_version` is the weight version before the step (for the mismatch figure).
+    /// One optimizer step on `batch` as the only rank. `step` is the step number this update
+    /// completes; `current_version` is the weight version before the step (for the mismatch
+    /// figure).
     pub fn train_step(
         &mut self,
         batch: &TrainingBatch,
         step: u64,
         current_version: u64,
     ) -> Result<StepStats> {
+        self.train_step_with(&mut Single, batch, step, current_version)
+    }
+
+    /// One optimizer step on `batch` as one of `collective.world_size()` ranks, every rank
+    /// calling it with the same batch: batch-global quantities over the whole batch
+    /// ([`Trainer::prepare`]), gradients over this rank's shard ([`Trainer::compute_gradients`]),
+    /// reduced across ranks ([`Trainer::reduce`]) and applied ([`Trainer::apply`]). The
+    /// result equals one rank's step on the whole batch within rounding, and is bit-identical
+    /// on every rank.
+    pub fn train_step_with(
+        &mut self,
+        collective: &mut dyn Collective,
+        batch: &TrainingBatch,
+        step: u64,
+        current_version: u64,
+    ) -> Result<StepStats> {
         let started = Instant::now();
+        let prepared = self.prepare(batch, current_version)?;
+        let shard = shard_indices(
+            &prepared.costs,
+            collective.rank() as usize,
+            collective.world_size() as usize,
+        );
+        let local = self.compute_gradients(&prepared, &shard, step)?;
+        let reduced = self.reduce(collective, local, step)?;
+        let norm = reduced.norm;
+        let sums = reduced.sums;
+        self.apply(reduced)?;
+        Ok(prepared.stats(batch, step, norm, &sums, started.elapsed().as_secs_f64()))
+    }
+
+    /// The batch-level quantities every rank computes over the **whole** batch: the samples
+    /// with a response, advantages (REINFORCE++ whitening and GRPO groups are batch-global),
+    /// reference log-probs, which samples count for the mismatch figure, and the global
+    /// response-token count the loss is normalised by.
+    pub fn prepare(&self, batch: &TrainingBatch, current_version: u64) -> Result<Prepared> {
         // Samples with an empty response have no token to learn from.
         let samples: Vec<_> = batch
             .samples
@@ -201,38 +244,69 @@ impl Trainer {
                         .is_some_and(|p| p.policy_version == current_version)
             })
             .collect();
-        let (mut mismatch_sum, mut mismatch_max, mut mismatch_n) = (0f64, 0f64, 0usize);
         let total_tokens: usize = lengths.iter().sum();
+        let prompt_tokens: usize = samples.iter().map(|s| s.prompt_token_ids.len()).sum();
+        let costs = pairs.iter().map(|(p, r)| p.len() + r.len()).collect();
+        Ok(Prepared {
+            pairs,
+            rewards,
+            old,
+            advantages,
+            on_policy,
+            total_tokens,
+            prompt_tokens,
+            costs,
+            temperature,
+        })
+    }
+
+    /// Forward and backward over the samples `shard` (indices into the prepared batch) in
+    /// micro-batches, into gradient sums; the loss of every micro-batch is normalised by the
+    /// batch's global token count, so the ranks' gradients are terms of one sum.
+    pub fn compute_gradients(
+        &self,
+        prepared: &Prepared,
+        shard: &[usize],
+        step: u64,
+    ) -> Result<LocalGradients> {
+        let micro = self.config.micro_batch.max(1);
         // Running sums of the parameters' gradients: the whole-model pass adds each
         // micro-batch's gradients straight into them, and the candle-graph paths keep detached
         // sums, so no micro-batch's graph outlives its backward.
         let mut acc = GradSums::new(&self.model);
-        let mut loss_sum = 0f64;
-        let mut sums = PpoSums::default();
-        for (c, chunk) in pairs.chunks(micro).enumerate() {
-            let lo = c * micro;
-            let hi = lo + chunk.len();
+        let mut sums = StepSums::default();
+        for chunk_ix in shard.chunks(micro) {
+            let chunk: Vec<(Vec<u32>, Vec<u32>)> = chunk_ix
+                .iter()
+                .map(|&i| prepared.pairs[i].clone())
+                .collect();
             let fw = self
                 .model
-                .forward_train(chunk, temperature)
+                .forward_train(&chunk, prepared.temperature)
                 .context("trainable forward")?;
             let (logp, mask) = (fw.logp.clone(), fw.mask.clone());
             let width = logp.dim(1)?;
-            if on_policy[lo..hi].iter().any(|b| *b) {
+            if chunk_ix.iter().any(|&i| prepared.on_policy[i]) {
                 let rows = logp.detach().to_vec2::<f32>()?;
-                for (i, row) in rows.iter().enumerate() {
-                    if on_policy[lo + i] {
-                        for (a, b) in row.iter().zip(&old[lo + i]) {
+                for (row, &i) in rows.iter().zip(chunk_ix) {
+                    if prepared.on_policy[i] {
+                        for (a, b) in row.iter().zip(&prepared.old[i]) {
                             let d = (*a as f64 - *b as f64).abs();
-                            mismatch_sum += d;
-                            mismatch_max = mismatch_max.max(d);
-                            mismatch_n += 1;
+                            sums.mismatch_sum += d;
+                            sums.mismatch_max = sums.mismatch_max.max(d);
+                            sums.mismatch_n += 1.0;
                         }
                     }
                 }
             }
-            let old_rows: Vec<&[f32]> = old[lo..hi].iter().map(Vec::as_slice).collect();
-            let adv_rows: Vec<&[f32]> = advantages[lo..hi].iter().map(Vec::as_slice).collect();
+            let old_rows: Vec<&[f32]> = chunk_ix
+                .iter()
+                .map(|&i| prepared.old[i].as_slice())
+                .collect();
+            let adv_rows: Vec<&[f32]> = chunk_ix
+                .iter()
+                .map(|&i| prepared.advantages[i].as_slice())
+                .collect();
             let old_t = pad(&old_rows, width, &self.device)?;
             let adv_t = pad(&adv_rows, width, &self.device)?;
             let (loss, s) = ppo_loss(
@@ -241,14 +315,14 @@ impl Trainer {
                 &adv_t,
                 &mask,
                 self.config.ppo,
-                total_tokens as f64,
+                prepared.total_tokens as f64,
             )?;
             let value = loss.to_scalar::<f32>()? as f64;
             ensure!(
                 value.is_finite(),
                 "loss is not finite ({value}) at step {step}"
             );
-            loss_sum += value;
+            sums.loss += value;
             sums.clipped_tokens += s.clipped_tokens;
             sums.ratio_sum += s.ratio_sum;
             sums.kl_sum += s.kl_sum;
@@ -258,48 +332,234 @@ impl Trainer {
                 .context("trainable backward")?;
             drop(g);
         }
-        let grads = acc.into_grad_store(&self.model)?;
-        let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
+        Ok(LocalGradients { grads: acc, sums })
+    }
+
+    /// Sums the ranks' gradients and statistics (in rank order: bit-identical on every rank)
+    /// and takes the global gradient norm of the sum. One rank: no copy, today's path.
+    pub fn reduce(
+        &self,
+        collective: &mut dyn Collective,
+        local: LocalGradients,
+        step: u64,
+    ) -> Result<Reduced> {
+        let LocalGradients { grads, mut sums } = local;
+        let (grads, norm) = if collective.world_size() == 1 {
+            let grads = grads.into_grad_store(&self.model)?;
+            let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
+            (grads, norm)
+        } else {
+            let mut host = grads.into_host(&self.model)?;
+            // Which parameters got a gradient anywhere (a rank with an empty shard has none).
+            let mut present: Vec<f64> = host
+                .grads
+                .iter()
+                .map(|g| if g.is_some() { 1.0 } else { 0.0 })
+                .collect();
+            collective
+                .all_reduce_f64(&mut present)
+                .context("all-reducing which parameters have gradients")?;
+            for ((g, p), (name, v)) in host.grads.iter_mut().zip(&present).zip(self.model.vars()) {
+                if *p > 0.0 {
+                    let buf = g.get_or_insert_with(|| vec![0f32; v.elem_count()]);
+                    collective
+                        .all_reduce_f32(buf)
+                        .with_context(|| format!("all-reducing the gradient of {name}"))?;
+                }
+            }
+            let norm = host_norm(&host);
+            (host.into_grad_store(&self.model)?, norm)
+        };
+        let mut s = [
+            sums.loss,
+            sums.clipped_tokens,
+            sums.ratio_sum,
+            sums.kl_sum,
+            sums.mismatch_sum,
+            sums.mismatch_n,
+        ];
+        collective
+            .all_reduce_f64(&mut s)
+            .context("all-reducing step statistics")?;
+        let mut max = [sums.mismatch_max];
+        hindsight_collective::all_max_f64(collective, &mut max)
+            .context("reducing the log-prob mismatch maximum")?;
+        sums = StepSums {
+            loss: s[0],
+            clipped_tokens: s[1],
+            ratio_sum: s[2],
+            kl_sum: s[3],
+            mismatch_sum: s[4],
+            mismatch_n: s[5],
+            mismatch_max: max[0],
+        };
         ensure!(
             norm.is_finite(),
             "gradient norm is not finite at step {step}"
         );
+        Ok(Reduced { grads, norm, sums })
+    }
+
+    /// Clips on the reduced norm and takes the AdamW step (identical on every rank).
+    pub fn apply(&mut self, reduced: Reduced) -> Result<()> {
+        let norm = reduced.norm;
         let scale = if norm > self.config.max_grad_norm {
             (self.config.max_grad_norm / (norm + 1e-6)) as f32
         } else {
             1.0
         };
-        self.optimizer.step(&grads, self.model.vars(), scale)?;
+        self.optimizer
+            .step(&reduced.grads, self.model.vars(), scale)?;
+        Ok(())
+    }
 
-        let secs = started.elapsed().as_secs_f64();
-        let prompt_tokens: usize = samples.iter().map(|s| s.prompt_token_ids.len()).sum();
+    /// SHA-256 of the parameters (f32 little-endian, in parameter order, names included):
+    /// ranks compare it to prove they hold the same weights.
+    pub fn weight_digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, v) in self.model.vars() {
+            h.update(name.as_bytes());
+            let data = v
+                .as_tensor()
+                .detach()
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for chunk in data.chunks(1 << 16) {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                h.update(&bytes);
+            }
+        }
+        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    }
+}
+
+/// Global L2 norm of host gradients, summed in a fixed order (parameter by parameter,
+/// element by element, in f64) so every rank gets the same bits.
+fn host_norm(g: &HostGrads) -> f64 {
+    g.grads
+        .iter()
+        .flatten()
+        .map(|b| b.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// This rank's samples: indices into the prepared batch, balanced by `cost` (prompt +
+/// response tokens). Deterministic: samples sorted by cost (largest first, then index), each
+/// to the least-loaded rank (ties to the lower rank); each shard in index order. A rank may
+/// get none (more ranks than samples).
+pub fn shard_indices(costs: &[usize], rank: usize, world_size: usize) -> Vec<usize> {
+    let world_size = world_size.max(1);
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].cmp(&costs[a]).then(a.cmp(&b)));
+    let mut load = vec![0usize; world_size];
+    let mut mine = Vec::new();
+    for i in order {
+        let (r, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|&(r, l)| (*l, r))
+            .expect("at least one rank");
+        load[r] += costs[i];
+        if r == rank {
+            mine.push(i);
+        }
+    }
+    mine.sort_unstable();
+    mine
+}
+
+/// The batch-level quantities of a step ([`Trainer::prepare`]), indexed by sample (samples
+/// with a response, in batch order).
+pub struct Prepared {
+    pairs: Vec<(Vec<u32>, Vec<u32>)>,
+    rewards: Vec<f32>,
+    old: Vec<Vec<f32>>,
+    advantages: Vec<Vec<f32>>,
+    on_policy: Vec<bool>,
+    total_tokens: usize,
+    prompt_tokens: usize,
+    /// Tokens each sample costs to train (prompt + response): what shards balance.
+    pub costs: Vec<usize>,
+    temperature: f64,
+}
+
+impl Prepared {
+    /// Number of samples trained on.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Whether there is no sample (never: [`Trainer::prepare`] refuses such a batch).
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    fn stats(
+        &self,
+        batch: &TrainingBatch,
+        step: u64,
+        norm: f64,
+        sums: &StepSums,
+        secs: f64,
+    ) -> StepStats {
         let st = batch.stats.unwrap_or_default();
-        let n = total_tokens.max(1) as f64;
-        Ok(StepStats {
+        let n = self.total_tokens.max(1) as f64;
+        let total = self.total_tokens;
+        StepStats {
             step,
             policy_version: 0,
             batch_id: batch.batch_id,
-            loss: loss_sum,
+            loss: sums.loss,
             grad_norm: norm,
-            samples: samples.len(),
+            samples: self.pairs.len(),
             original_samples: st.original_samples,
             replay_samples: st.replay_samples,
             replay_shortfall: st.replay_shortfall,
-            reward_mean: rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len() as f64,
+            reward_mean: self.rewards.iter().map(|&r| r as f64).sum::<f64>()
+                / self.rewards.len() as f64,
             success_rate: st.success_rate as f64,
             mean_constraint_accuracy: st.mean_constraint_accuracy as f64,
             mean_staleness: st.mean_staleness as f64,
             lambda: st.lambda,
-            response_tokens: total_tokens,
-            prompt_tokens,
+            response_tokens: total,
+            prompt_tokens: self.prompt_tokens,
             clip_fraction: sums.clipped_tokens / n,
             approx_kl: sums.kl_sum / n,
             ratio_mean: sums.ratio_sum / n,
             step_seconds: secs,
-            train_tokens_per_second: (total_tokens + prompt_tokens) as f64 / secs.max(1e-9),
-            logprob_mismatch_mean: (mismatch_n > 0).then(|| mismatch_sum / mismatch_n as f64),
-            logprob_mismatch_max: (mismatch_n > 0).then_some(mismatch_max),
+            train_tokens_per_second: (total + self.prompt_tokens) as f64 / secs.max(1e-9),
+            logprob_mismatch_mean: (sums.mismatch_n > 0.0)
+                .then(|| sums.mismatch_sum / sums.mismatch_n),
+            logprob_mismatch_max: (sums.mismatch_n > 0.0).then_some(sums.mismatch_max),
             group_seqs: Vec::new(),
-        })
+        }
     }
+}
+
+/// Sums behind a step's statistics (reduced across ranks by addition; the max by maximum).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepSums {
+    pub loss: f64,
+    pub clipped_tokens: f64,
+    pub ratio_sum: f64,
+    pub kl_sum: f64,
+    pub mismatch_sum: f64,
+    pub mismatch_n: f64,
+    pub mismatch_max: f64,
+}
+
+/// One rank's gradients and statistics before the reduction.
+pub struct LocalGradients {
+    pub grads: GradSums,
+    pub sums: StepSums,
+}
+
+/// Gradients and statistics summed over the ranks, with the global gradient norm.
+pub struct Reduced {
+    pub grads: candle_core::backprop::GradStore,
+    pub norm: f64,
+    pub sums: StepSums,
 }

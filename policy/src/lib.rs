@@ -44,5 +44,5 @@ pub use load::{
 pub use sampler::{Generation, PreparedWeights, Sampler, SamplingParams};
 pub use template::{ChatTemplate, SpecialTokens};
 pub use tokenizer::ChatTokenizer;
-pub use trainable::{GradSums, TrainForward, TrainableModel};
+pub use trainable::{GradSums, HostGrads, TrainForward, TrainableModel};
 pub use weights::Weights;

@@ -669,3 +669,66 @@ impl GradSums {
         Ok(store)
     }
 }
+
+/// Parameter gradients as f32 host buffers in [`TrainableModel::vars`] order (`None`: no
+/// gradient): the form in which learner ranks all-reduce them.
+pub struct HostGrads {
+    pub grads: Vec<Option<Vec<f32>>>,
+}
+
+impl GradSums {
+    /// The sums as f32 host buffers, moving the whole-model pass's f32 buffers without a copy
+    /// (tensor sums are copied to the host; f64 sums are rounded to f32).
+    pub fn into_host(self, model: &TrainableModel) -> anyhow::Result<HostGrads> {
+        let mut out: Vec<Option<Vec<f32>>> = Vec::with_capacity(model.vars.len());
+        for t in self.tensors {
+            out.push(match t {
+                Some(t) => Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            });
+        }
+        fn add(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
+            match slot {
+                Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x),
+                None => *slot = Some(g),
+            }
+        }
+        for (slot, g) in out.iter_mut().zip(self.f32) {
+            if !g.is_empty() {
+                add(slot, g);
+            }
+        }
+        for (slot, g) in out.iter_mut().zip(self.f64) {
+            if !g.is_empty() {
+                add(slot, g.into_iter().map(|x| x as f32).collect());
+            }
+        }
+        Ok(HostGrads { grads: out })
+    }
+}
+
+impl HostGrads {
+    /// The gradients as a candle [`GradStore`] on the model's device and dtype.
+    pub fn into_grad_store(self, model: &TrainableModel) -> anyhow::Result<GradStore> {
+        anyhow::ensure!(
+            self.grads.len() == model.vars.len(),
+            "gradients for {} parameters, the model has {}",
+            self.grads.len(),
+            model.vars.len()
+        );
+        anyhow::ensure!(
+            self.grads.iter().any(Option::is_some),
+            "no gradient computed"
+        );
+        let mut store = Tensor::zeros((), DType::F32, &Device::Cpu)?.backward()?;
+        for (g, (_, v)) in self.grads.into_iter().zip(&model.vars) {
+            if let Some(g) = g {
+                let t = Tensor::from_vec(g, v.as_tensor().shape(), &Device::Cpu)?
+                    .to_dtype(model.dtype)?
+                    .to_device(&model.device)?;
+                store.insert(v.as_tensor(), t);
+            }
+        }
+        Ok(store)
+    }
+}

@@ -1,0 +1,270 @@
+//! `hindsight bench ranks`: what data parallelism costs and buys on this machine. For each
+//! configuration `RxT` (R learner ranks of T compute threads each, as separate processes
+//! meeting over the TCP collective on loopback), the same seeded batch is trained for
+//! `--warmup` + `--steps` learner steps (`Trainer::train_step_with`'s parts: prepare, this
+//! rank's gradients, the all-reduce, AdamW); rank 0 reports the median step time, the
+//! median time in the reduction (collective plus host copies) and the bytes it sent and
+//! received per step. Compare `2x1` (two ranks, one thread each) with `1x2` (one rank, two
+//! threads): same cores, different parallelism. No peer: the comparison is between our own
+//! configurations.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use hindsight_collective::{Collective, Single};
+use hindsight_learner::loss::PpoConfig;
+use hindsight_learner::trainer::{shard_indices, TrainConfig, Trainer};
+use hindsight_learner::AdvantageKind;
+use hindsight_proto::v1::{BatchStats, Provenance, Sample, TrainingBatch};
+use serde_json::{json, Value};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchRanksArgs {
+    /// Model: "tiny", "smollm2" or a .gguf file.
+    #[arg(long, env = "HINDSIGHT_BENCH_MODEL", default_value = "tiny")]
+    pub model: String,
+    /// Configurations RxT (ranks x threads per rank), comma separated.
+    #[arg(
+        long,
+        env = "HINDSIGHT_BENCH_CONFIGS",
+        value_delimiter = ',',
+        default_value = "1x1,1x2,2x1"
+    )]
+    pub configs: Vec<String>,
+    /// Sequences in the batch.
+    #[arg(long, env = "HINDSIGHT_BENCH_SEQUENCES", default_value_t = 16)]
+    pub sequences: usize,
+    /// Prompt tokens per sequence (responses are 1/2 to 1x this long).
+    #[arg(long, env = "HINDSIGHT_BENCH_TOKENS", default_value_t = 64)]
+    pub tokens: usize,
+    /// Sequences per forward/backward pass.
+    #[arg(long, env = "HINDSIGHT_BENCH_MICRO_BATCH", default_value_t = 4)]
+    pub micro_batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, env = "HINDSIGHT_BENCH_STEPS", default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, env = "HINDSIGHT_BENCH_WARMUP", default_value_t = 1)]
+    pub warmup: usize,
+    /// Output directory (`ranks.json`).
+    #[arg(long, env = "HINDSIGHT_BENCH_OUT", default_value = "bench/out/ranks")]
+    pub out: PathBuf,
+    /// Cache directory for "smollm2" (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
+    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Internal: run one rank (`RANK,WORLD,ADDR`), print JSON and exit.
+    #[arg(long, hide = true)]
+    pub worker: Option<String>,
+}
+
+fn parse_config(s: &str) -> Result<(u32, usize)> {
+    let (r, t) = s
+        .trim()
+        .split_once(['x', 'X'])
+        .with_context(|| format!("configuration {s:?} is not RxT"))?;
+    let (r, t): (u32, usize) = (r.parse()?, t.parse()?);
+    anyhow::ensure!(r > 0 && t > 0, "configuration {s:?} must be positive");
+    Ok((r, t))
+}
+
+/// The seeded batch every rank builds identically.
+fn batch(args: &BenchRanksArgs, vocab: usize) -> TrainingBatch {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let samples = (0..args.sequences)
+        .map(|i| {
+            let rlen = args.tokens / 2 + (next() as usize % (args.tokens / 2 + 1)).max(1);
+            let tok = |v: u64| (v % (vocab as u64 - 3) + 3) as u32;
+            Sample {
+                prompt_token_ids: (0..args.tokens).map(|_| tok(next())).collect(),
+                response_token_ids: (0..rlen).map(|_| tok(next())).collect(),
+                loss_mask: vec![1; rlen],
+                behaviour_logprobs: (0..rlen)
+                    .map(|_| -((next() % 1000) as f32) / 200.0 - 0.01)
+                    .collect(),
+                reward: (i % 3 == 0) as u32 as f32,
+                group_index: (i / 4) as u32,
+                provenance: Some(Provenance::default()),
+                ..Default::default()
+            }
+        })
+        .collect();
+    TrainingBatch {
+        batch_id: 1,
+        step: 1,
+        samples,
+        stats: Some(BatchStats::default()),
+        temperature: 1.0,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One rank's measured run.
+fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
+    let parts: Vec<&str> = spec.splitn(3, ',').collect();
+    let [rank, world, addr] = parts[..] else {
+        bail!("--worker RANK,WORLD,ADDR")
+    };
+    let (rank, world): (u32, u32) = (rank.parse()?, world.parse()?);
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(hindsight_policy::default_cache_dir);
+    let model = hindsight_policy::load(&args.model, &cache, &hindsight_policy::Device::Cpu)?;
+    let config = TrainConfig {
+        lr: 1e-6,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        advantage: AdvantageKind::ReinforcePp,
+        kl_beta: 0.0,
+        ppo: PpoConfig {
+            clip: 0.2,
+            dual_clip: 3.0,
+        },
+        micro_batch: args.micro_batch,
+    };
+    let mut t = Trainer::new(&model, false, config, &hindsight_policy::Device::Cpu)?;
+    let b = batch(args, model.config.vocab_size);
+    drop(model);
+    let mut c: Box<dyn Collective> = if world == 1 {
+        Box::new(Single)
+    } else {
+        let hello = hindsight_collective::Hello {
+            rank,
+            world_size: world,
+            version: env!("CARGO_PKG_VERSION").into(),
+            config_digest: hindsight_learner::ranks::config_digest(&t)?,
+            model_fingerprint: String::new(),
+        };
+        Box::new(hindsight_collective::TcpCollective::establish(
+            addr,
+            hello,
+            Vec::new(),
+            Default::default(),
+        )?)
+    };
+    let (mut step_s, mut reduce_s, mut compute_s) = (Vec::new(), Vec::new(), Vec::new());
+    let mut bytes = 0u64;
+    for i in 0..args.warmup + args.steps {
+        let step = i as u64 + 1;
+        let before = c.traffic();
+        let t0 = Instant::now();
+        let prepared = t.prepare(&b, 0)?;
+        let shard = shard_indices(&prepared.costs, rank as usize, world as usize);
+        let local = t.compute_gradients(&prepared, &shard, step)?;
+        let t1 = Instant::now();
+        let reduced = t.reduce(&mut *c, local, step)?;
+        let t2 = Instant::now();
+        t.apply(reduced)?;
+        let t3 = Instant::now();
+        if i >= args.warmup {
+            step_s.push((t3 - t0).as_secs_f64());
+            compute_s.push((t1 - t0).as_secs_f64());
+            reduce_s.push((t2 - t1).as_secs_f64());
+            let after = c.traffic();
+            bytes = (after.sent - before.sent) + (after.received - before.received);
+        }
+    }
+    c.barrier()?;
+    println!(
+        "{}",
+        json!({
+            "rank": rank,
+            "step_seconds": median(&mut step_s),
+            "compute_seconds": median(&mut compute_s),
+            "reduce_seconds": median(&mut reduce_s),
+            "collective_bytes_per_step": bytes,
+            "parameters": t.model.vars().iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+        })
+    );
+    Ok(())
+}
+
+/// Runs every configuration and prints the table.
+pub fn run(args: BenchRanksArgs) -> Result<()> {
+    if let Some(spec) = &args.worker {
+        return worker(&args, spec);
+    }
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    anyhow::ensure!(args.tokens >= 2, "--tokens must be at least 2");
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for cfg in &args.configs {
+        let (ranks, threads) = parse_config(cfg)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let spawned: Vec<_> = (0..ranks)
+            .map(|r| {
+                let mut cmd = Command::new(&exe);
+                cmd.arg("--threads")
+                    .arg(threads.to_string())
+                    .args(["bench", "ranks", "--model", &args.model])
+                    .arg("--sequences")
+                    .arg(args.sequences.to_string())
+                    .arg("--tokens")
+                    .arg(args.tokens.to_string())
+                    .arg("--micro-batch")
+                    .arg(args.micro_batch.to_string())
+                    .arg("--steps")
+                    .arg(args.steps.to_string())
+                    .arg("--warmup")
+                    .arg(args.warmup.to_string())
+                    .arg("--worker")
+                    .arg(format!("{r},{ranks},127.0.0.1:{port}"))
+                    .stdout(std::process::Stdio::piped());
+                if let Some(d) = &args.cache_dir {
+                    cmd.arg("--cache-dir").arg(d);
+                }
+                cmd.spawn()
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut rank0: Option<Value> = None;
+        for (r, child) in spawned.into_iter().enumerate() {
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("{cfg}: rank {r} failed ({})", out.status);
+            }
+            if r == 0 {
+                rank0 = Some(serde_json::from_slice(&out.stdout).context("rank 0's report")?);
+            }
+        }
+        let mut v = rank0.context("no rank 0")?;
+        v["config"] = json!(cfg);
+        v["ranks"] = json!(ranks);
+        v["threads_per_rank"] = json!(threads);
+        eprintln!(
+            "{cfg:>5}: step {:.3} s (compute {:.3} s, reduce {:.4} s), collective {:.1} MB/step at rank 0",
+            v["step_seconds"].as_f64().unwrap_or(0.0),
+            v["compute_seconds"].as_f64().unwrap_or(0.0),
+            v["reduce_seconds"].as_f64().unwrap_or(0.0),
+            v["collective_bytes_per_step"].as_f64().unwrap_or(0.0) / 1e6
+        );
+        results.push(v);
+    }
+    let report = json!({
+        "model": args.model,
+        "sequences": args.sequences,
+        "prompt_tokens": args.tokens,
+        "micro_batch": args.micro_batch,
+        "load_average": crate::bench::load_average(),
+        "results": results,
+    });
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join("ranks.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!("written to {}", path.display());
+    Ok(())
+}
