@@ -78,7 +78,8 @@ fn plot_writes_png_and_svg_with_every_run() {
             let text = String::from_utf8(bytes).unwrap();
             assert!(text.starts_with("<svg") || text.contains("<svg "), "not an SVG");
             for name in [
-                "hir-run (HiR)",
+                // The directory's name, with the arm when the name does not say it.
+                "hir-run",
                 "baseline-run (binary)",
                 "generated responses",
                 "learner step",
