@@ -17,6 +17,7 @@ mod certs;
 mod convert;
 mod env;
 mod health;
+mod plot;
 mod status;
 mod supervise;
 mod telemetry;
@@ -102,6 +103,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Make a private CA, a server certificate and per-role tokens for a secured cluster.
     Certs(certs::CertsArgs),
+    /// Draw learning curves of run directories (success rate, reward, replays, eval scores
+    /// against learner steps and generated responses) into a PNG or SVG figure.
+    Plot(plot::PlotArgs),
     /// Probe one process (gRPC health or HTTP /readyz): exit code 0 when serving / ready,
     /// 1 otherwise. The container HEALTHCHECK.
     Health(health::HealthArgs),
@@ -252,6 +256,7 @@ fn main() -> ExitCode {
             Command::Convert(_) => "convert",
             Command::Certs(_) => "certs",
             Command::Health(_) => "health",
+            Command::Plot(_) => "plot",
         };
         let metrics_addr = match cli.metrics_addr {
             Some(MetricsAddr::Off) => None,
@@ -267,6 +272,7 @@ fn main() -> ExitCode {
                 | Command::Certs(_)
                 | Command::FetchModel { .. }
                 | Command::Verify(_)
+                | Command::Plot(_)
                 | Command::Convert(_)
         );
         if let (Some(addr), false) = (metrics_addr, tool) {
@@ -312,6 +318,7 @@ fn main() -> ExitCode {
                     tokio::task::spawn_blocking(move || convert::run(args)).await?
                 }
                 Command::Certs(args) => certs::run(args),
+                Command::Plot(args) => plot::run(args),
             };
             done.map(|()| ExitCode::SUCCESS)
         }

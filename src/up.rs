@@ -5,7 +5,8 @@
 //! Run directory layout: `logs/<process>.log`, `steps.jsonl` (the learner's per-step figures),
 //! `batches.jsonl` (every sample served, from the replay server), `checkpoints/`,
 //! `replay-data/` (the replay server's write-ahead log), `endpoints.json` (addresses, written at
-//! start, rewritten when a restart changes a pid) and `summary.json` (written at the end).
+//! start, rewritten when a restart changes a pid), `summary.json` (written at the end, with
+//! the arm: hindsight, reward and budget settings) and `plot.png` (`hindsight plot` of the run).
 //!
 //! The processes are supervised (`supervise.rs`): one that crashes is restarted with the same
 //! arguments and ports (the learner with `--resume`), they all die with `up` even on
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum as _;
 use serde_json::{json, Value};
 
 use crate::supervise::{ordinal, Event, Exit, RestartPolicy, Spec, Supervisor};
@@ -42,6 +44,13 @@ pub struct UpArgs {
     /// HiR on (actors generate m per prompt, replays fill the rest) or off (baseline).
     #[arg(long, env = "HINDSIGHT_HINDSIGHT", default_value = "on", value_parser = ["on", "off"])]
     pub hindsight: String,
+    /// Reward of an original response: `binary` (every constraint holds: HiR and the binary
+    /// baseline) or `cla` (the fraction that hold: the CLA baseline, with --hindsight off).
+    #[arg(long, env = "HINDSIGHT_REWARD", value_enum, default_value_t = hindsight_replay_server::Reward::Binary)]
+    pub reward: hindsight_replay_server::Reward,
+    /// Learner optimizer steps per training batch (the HiR reference takes 2).
+    #[arg(long, env = "HINDSIGHT_MINI_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mini_batches: u32,
     /// Groups (prompts) per training batch.
     #[arg(long, env = "HINDSIGHT_PROMPTS_PER_BATCH", default_value_t = 4)]
     pub prompts_per_batch: u32,
@@ -262,6 +271,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         } else {
             hindsight_replay_server::Hindsight::On
         },
+        reward: args.reward,
         prompts_per_batch: args.prompts_per_batch,
         group_size: args.group_size,
         responses_per_prompt: args.responses_per_prompt,
@@ -284,6 +294,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         step_log: Some(steps_path.clone()),
         micro_batch: args.micro_batch,
+        mini_batches: args.mini_batches,
         checkpoint_every: args.checkpoint_every,
         linger: true,
         resume: args.resume,
@@ -389,9 +400,9 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         while shown < steps.len() {
             let s = &steps[shown];
             say(format!(
-                "step {:>3}  reward {:.3}  success {:.3}  replays {:>3}  loss {:+.4}  grad {:.3}  version {}  {:.1}s",
+                "step {:>3}  reward {:.3}  success {:.3}  replays {:>3}  generated {:>5}  loss {:+.4}  grad {:.3}  version {}  {:.1}s",
                 s["step"], s["reward_mean"].as_f64().unwrap_or(0.0), s["success_rate"].as_f64().unwrap_or(0.0),
-                s["replay_samples"], s["loss"].as_f64().unwrap_or(f64::NAN), s["grad_norm"].as_f64().unwrap_or(0.0),
+                s["replay_samples"], s["generated_responses"], s["loss"].as_f64().unwrap_or(f64::NAN), s["grad_norm"].as_f64().unwrap_or(0.0),
                 s["policy_version"], s["step_seconds"].as_f64().unwrap_or(0.0)
             ));
             shown += 1;
@@ -512,7 +523,17 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let summary = json!({
         "model": args.model,
         "actors": args.actors,
+        "arm": arm_label(&args.hindsight, args.reward),
         "hindsight": args.hindsight,
+        "reward": args.reward.to_possible_value().map(|v| v.get_name().to_owned()),
+        "group_size": args.group_size,
+        "responses_per_prompt": args.responses_per_prompt,
+        "prompts_per_batch": args.prompts_per_batch,
+        "mini_batches": args.mini_batches,
+        "lr": learner.lr,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "generated_responses": steps.last().and_then(|s| s["generated_responses"].as_u64()),
         "steps_requested": args.steps,
         "steps_completed": current_step(&steps),
         "ok": failure.is_none(),
@@ -545,10 +566,31 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let summary_path = run_dir.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)?;
     eprintln!("summary written to {}", summary_path.display());
+    // The learning curves of this run (a figure that cannot be drawn fails nothing).
+    if !steps.is_empty() {
+        let figure = run_dir.join("plot.png");
+        match crate::plot::read_run(&run_dir).and_then(|r| crate::plot::write(&[r], &figure)) {
+            Ok(()) => eprintln!("figure written to {}", figure.display()),
+            Err(e) => eprintln!("no figure: {e:#}"),
+        }
+    }
     if let Some(f) = summary["failure"].as_str() {
         bail!("{f}");
     }
     Ok(())
+}
+
+/// The paper's name of an arm: HiR (hindsight on, binary reward), binary (off, binary),
+/// CLA (off, constraint-level accuracy); other combinations say what they are.
+pub fn arm_label(hindsight: &str, reward: hindsight_replay_server::Reward) -> String {
+    use hindsight_replay_server::Reward;
+    match (hindsight, reward) {
+        ("on", Reward::Binary) => "HiR".into(),
+        ("off", Reward::Binary) => "binary".into(),
+        ("off", Reward::Cla) => "CLA".into(),
+        ("on", Reward::Cla) => "HiR+CLA".into(),
+        (h, _) => format!("hindsight-{h}"),
+    }
 }
 
 /// The learner's step now: the `step` of the last line of its step log. Not the number of

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use hindsight_policy::{AdamW, GradSums, LoadedModel, ModelConfig, TrainableModel, Weights};
-use hindsight_proto::v1::TrainingBatch;
+use hindsight_proto::v1::{Sample, TrainingBatch};
 use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
@@ -25,6 +25,8 @@ pub struct TrainConfig {
     pub ppo: PpoConfig,
     /// Sequences per forward/backward pass (memory bound); gradients are accumulated.
     pub micro_batch: usize,
+    /// Optimizer steps per training batch (`--mini-batches`; the HiR reference takes 2).
+    pub mini_batches: usize,
 }
 
 /// Figures of one step, written to the step log and shown by `hindsight up`.
@@ -47,6 +49,13 @@ pub struct StepStats {
     pub response_tokens: usize,
     pub prompt_tokens: usize,
     pub clip_fraction: f64,
+    /// The clip fraction over the tokens of originals only, and of replays only (a replay's
+    /// ratio is taken against its source prompt's behaviour log-probs, so it clips
+    /// differently); `None` when the batch has no token of that kind.
+    pub clip_fraction_original: Option<f64>,
+    pub clip_fraction_replay: Option<f64>,
+    /// Optimizer steps taken on this batch (`--mini-batches`, at most one per sample).
+    pub mini_batches: usize,
     pub approx_kl: f64,
     pub ratio_mean: f64,
     pub step_seconds: f64,
@@ -58,6 +67,11 @@ pub struct StepStats {
     pub logprob_mismatch_max: Option<f64>,
     /// The replay server's sequence numbers of the groups trained on in this step.
     pub group_seqs: Vec<u64>,
+    /// Responses the actors generated for this batch (its originals: m per prompt with
+    /// hindsight on, n with it off), and the run's total through this step: the x-axis that
+    /// compares arms by sample efficiency (replays cost no generation).
+    pub step_generated_responses: u64,
+    pub generated_responses: u64,
 }
 
 /// The trainable policy, the frozen reference (optional) and the optimizer.
@@ -67,6 +81,44 @@ pub struct Trainer {
     pub optimizer: AdamW,
     pub config: TrainConfig,
     device: Device,
+}
+
+/// For each sample, the index of the sample whose reference log-probs it takes: itself for
+/// an original, for a replay the original it was made from (same `group_index`, same
+/// `provenance.response_index`: the assembly always puts a replay's source original in the
+/// same batch). A replay without one is an error, not a silent KL under the wrong prompt.
+pub fn reference_sources(samples: &[&Sample]) -> Result<Vec<usize>> {
+    use std::collections::HashMap;
+    let key = |s: &Sample| s.provenance.as_ref().map(|p| (s.group_index, p.response_index));
+    let originals: HashMap<(u32, u32), usize> = samples
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_replay)
+        .filter_map(|(i, s)| key(s).map(|k| (k, i)))
+        .collect();
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if !s.is_replay {
+                return Ok(i);
+            }
+            let k = key(s).context("a replay sample has no provenance")?;
+            let src = *originals.get(&k).with_context(|| {
+                format!(
+                    "replay of group {} response {} has no source original in the batch",
+                    k.0, k.1
+                )
+            })?;
+            ensure!(
+                samples[src].response_token_ids == s.response_token_ids,
+                "replay of group {} response {}: its source original has other response tokens",
+                k.0,
+                k.1
+            );
+            Ok(src)
+        })
+        .collect()
 }
 
 /// Pads ragged rows into a `[rows, width]` f32 tensor.
@@ -120,8 +172,50 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimizer step on `batch`. `step` is the step number this update completes.
-    /// `current_version` is the weight version before the step (for the mismatch figure).
+    /// Reference log-probs (no gradient) of `samples`, one row per sample over its response
+    /// tokens, or `None` without a reference model. A replay's row is its *source*
+    /// original's (the same response under the prompt it was generated for, as the HiR
+    /// reference copies it), not the response under the rewritten prompt: the KL term
+    /// measures how far the policy moved on what it actually generated. Only originals are
+    /// run through the reference model.
+    pub fn reference_logprobs(
+        &self,
+        samples: &[&Sample],
+        temperature: f64,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let Some(reference) = &self.reference else {
+            return Ok(None);
+        };
+        let sources = reference_sources(samples)?;
+        let own: Vec<usize> = (0..samples.len()).filter(|&i| sources[i] == i).collect();
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; samples.len()];
+        for chunk in own.chunks(self.config.micro_batch.max(1)) {
+            let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk
+                .iter()
+                .map(|&i| {
+                    (
+                        samples[i].prompt_token_ids.clone(),
+                        samples[i].response_token_ids.clone(),
+                    )
+                })
+                .collect();
+            let lp = reference.forward_train(&pairs, temperature)?.logp;
+            for (row, &i) in lp.detach().to_vec2::<f32>()?.into_iter().zip(chunk) {
+                rows[i] = Some(row[..samples[i].response_token_ids.len()].to_vec());
+            }
+        }
+        sources
+            .iter()
+            .map(|&src| rows[src].clone().context("reference log-probs of a source sample"))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// One policy-gradient update on `batch`: advantages over the whole batch, then
+    /// `--mini-batches` optimizer steps, each on every K-th sample (sample i in mini-batch
+    /// i mod K, so that originals and replays mix). `step` is the step number this update
+    /// completes; `current_version` is the weight version before it (for the mismatch
+    /// figure, measured on the first mini-batch, whose weights are exactly that version).
     pub fn train_step(
         &mut self,
         batch: &TrainingBatch,
@@ -130,7 +224,7 @@ impl Trainer {
     ) -> Result<StepStats> {
         let started = Instant::now();
         // Samples with an empty response have no token to learn from.
-        let samples: Vec<_> = batch
+        let samples: Vec<&Sample> = batch
             .samples
             .iter()
             .filter(|s| !s.response_token_ids.is_empty())
@@ -168,19 +262,10 @@ impl Trainer {
         };
 
         // Reference log-probs (no gradient), only for the REINFORCE++ KL term.
-        let reference: Option<Vec<Vec<f32>>> = match &self.reference {
-            Some(reference) if self.config.advantage == AdvantageKind::ReinforcePp => {
-                let mut out = Vec::with_capacity(pairs.len());
-                for chunk in pairs.chunks(micro) {
-                    let lp = reference.forward_train(chunk, temperature)?.logp;
-                    let rows = lp.detach().to_vec2::<f32>()?;
-                    for (row, (_, resp)) in rows.into_iter().zip(chunk) {
-                        out.push(row[..resp.len()].to_vec());
-                    }
-                }
-                Some(out)
-            }
-            _ => None,
+        let reference = if self.config.advantage == AdvantageKind::ReinforcePp {
+            self.reference_logprobs(&samples, temperature)?
+        } else {
+            None
         };
         let advantages = match self.config.advantage {
             AdvantageKind::ReinforcePp => {
@@ -203,73 +288,95 @@ impl Trainer {
             .collect();
         let (mut mismatch_sum, mut mismatch_max, mut mismatch_n) = (0f64, 0f64, 0usize);
         let total_tokens: usize = lengths.iter().sum();
-        // Running sums of the parameters' gradients: the whole-model pass adds each
-        // micro-batch's gradients straight into them, and the candle-graph paths keep detached
-        // sums, so no micro-batch's graph outlives its backward.
-        let mut acc = GradSums::new(&self.model);
+        let k = self.config.mini_batches.clamp(1, samples.len());
         let mut loss_sum = 0f64;
+        let mut norm_sum = 0f64;
         let mut sums = PpoSums::default();
-        for (c, chunk) in pairs.chunks(micro).enumerate() {
-            let lo = c * micro;
-            let hi = lo + chunk.len();
-            let fw = self
-                .model
-                .forward_train(chunk, temperature)
-                .context("trainable forward")?;
-            let (logp, mask) = (fw.logp.clone(), fw.mask.clone());
-            let width = logp.dim(1)?;
-            if on_policy[lo..hi].iter().any(|b| *b) {
-                let rows = logp.detach().to_vec2::<f32>()?;
-                for (i, row) in rows.iter().enumerate() {
-                    if on_policy[lo + i] {
-                        for (a, b) in row.iter().zip(&old[lo + i]) {
-                            let d = (*a as f64 - *b as f64).abs();
-                            mismatch_sum += d;
-                            mismatch_max = mismatch_max.max(d);
-                            mismatch_n += 1;
+        let mut clipped_rows = vec![0f64; samples.len()];
+        for j in 0..k {
+            let members: Vec<usize> = (j..samples.len()).step_by(k).collect();
+            let mini_tokens: usize = members.iter().map(|&i| lengths[i]).sum();
+            // Running sums of the parameters' gradients: the whole-model pass adds each
+            // micro-batch's gradients straight into them, and the candle-graph paths keep
+            // detached sums, so no micro-batch's graph outlives its backward.
+            let mut acc = GradSums::new(&self.model);
+            for chunk in members.chunks(micro) {
+                let chunk_pairs: Vec<(Vec<u32>, Vec<u32>)> =
+                    chunk.iter().map(|&i| pairs[i].clone()).collect();
+                let fw = self
+                    .model
+                    .forward_train(&chunk_pairs, temperature)
+                    .context("trainable forward")?;
+                let (logp, mask) = (fw.logp.clone(), fw.mask.clone());
+                let width = logp.dim(1)?;
+                if j == 0 && chunk.iter().any(|&i| on_policy[i]) {
+                    let rows = logp.detach().to_vec2::<f32>()?;
+                    for (row, &i) in rows.iter().zip(chunk) {
+                        if on_policy[i] {
+                            for (a, b) in row.iter().zip(&old[i]) {
+                                let d = (*a as f64 - *b as f64).abs();
+                                mismatch_sum += d;
+                                mismatch_max = mismatch_max.max(d);
+                                mismatch_n += 1;
+                            }
                         }
                     }
                 }
+                let old_rows: Vec<&[f32]> = chunk.iter().map(|&i| old[i].as_slice()).collect();
+                let adv_rows: Vec<&[f32]> =
+                    chunk.iter().map(|&i| advantages[i].as_slice()).collect();
+                let old_t = pad(&old_rows, width, &self.device)?;
+                let adv_t = pad(&adv_rows, width, &self.device)?;
+                let (loss, s) = ppo_loss(
+                    &logp,
+                    &old_t,
+                    &adv_t,
+                    &mask,
+                    self.config.ppo,
+                    mini_tokens as f64,
+                )?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                ensure!(
+                    value.is_finite(),
+                    "loss is not finite ({value}) at step {step}"
+                );
+                loss_sum += value;
+                sums.clipped_tokens += s.clipped_tokens;
+                sums.ratio_sum += s.ratio_sum;
+                sums.kl_sum += s.kl_sum;
+                for (&i, c) in chunk.iter().zip(&s.clipped_per_row) {
+                    clipped_rows[i] += c;
+                }
+                let g = loss.backward()?;
+                drop((loss, logp, mask));
+                fw.accumulate(&self.model, &g, &mut acc)
+                    .context("trainable backward")?;
+                drop(g);
             }
-            let old_rows: Vec<&[f32]> = old[lo..hi].iter().map(Vec::as_slice).collect();
-            let adv_rows: Vec<&[f32]> = advantages[lo..hi].iter().map(Vec::as_slice).collect();
-            let old_t = pad(&old_rows, width, &self.device)?;
-            let adv_t = pad(&adv_rows, width, &self.device)?;
-            let (loss, s) = ppo_loss(
-                &logp,
-                &old_t,
-                &adv_t,
-                &mask,
-                self.config.ppo,
-                total_tokens as f64,
-            )?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let grads = acc.into_grad_store(&self.model)?;
+            let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
             ensure!(
-                value.is_finite(),
-                "loss is not finite ({value}) at step {step}"
+                norm.is_finite(),
+                "gradient norm is not finite at step {step}"
             );
-            loss_sum += value;
-            sums.clipped_tokens += s.clipped_tokens;
-            sums.ratio_sum += s.ratio_sum;
-            sums.kl_sum += s.kl_sum;
-            let g = loss.backward()?;
-            drop((loss, logp, mask));
-            fw.accumulate(&self.model, &g, &mut acc)
-                .context("trainable backward")?;
-            drop(g);
+            norm_sum += norm;
+            let scale = if norm > self.config.max_grad_norm {
+                (self.config.max_grad_norm / (norm + 1e-6)) as f32
+            } else {
+                1.0
+            };
+            self.optimizer.step(&grads, self.model.vars(), scale)?;
         }
-        let grads = acc.into_grad_store(&self.model)?;
-        let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
-        ensure!(
-            norm.is_finite(),
-            "gradient norm is not finite at step {step}"
-        );
-        let scale = if norm > self.config.max_grad_norm {
-            (self.config.max_grad_norm / (norm + 1e-6)) as f32
-        } else {
-            1.0
+        let clip_of = |replay: bool| {
+            let (mut clipped, mut tokens) = (0f64, 0usize);
+            for (i, s) in samples.iter().enumerate() {
+                if s.is_replay == replay {
+                    clipped += clipped_rows[i];
+                    tokens += lengths[i];
+                }
+            }
+            (tokens > 0).then(|| clipped / tokens as f64)
         };
-        self.optimizer.step(&grads, self.model.vars(), scale)?;
 
         let secs = started.elapsed().as_secs_f64();
         let prompt_tokens: usize = samples.iter().map(|s| s.prompt_token_ids.len()).sum();
@@ -279,8 +386,8 @@ impl Trainer {
             step,
             policy_version: 0,
             batch_id: batch.batch_id,
-            loss: loss_sum,
-            grad_norm: norm,
+            loss: loss_sum / k as f64,
+            grad_norm: norm_sum / k as f64,
             samples: samples.len(),
             original_samples: st.original_samples,
             replay_samples: st.replay_samples,
@@ -293,6 +400,9 @@ impl Trainer {
             response_tokens: total_tokens,
             prompt_tokens,
             clip_fraction: sums.clipped_tokens / n,
+            clip_fraction_original: clip_of(false),
+            clip_fraction_replay: clip_of(true),
+            mini_batches: k,
             approx_kl: sums.kl_sum / n,
             ratio_mean: sums.ratio_sum / n,
             step_seconds: secs,
@@ -300,6 +410,161 @@ impl Trainer {
             logprob_mismatch_mean: (mismatch_n > 0).then(|| mismatch_sum / mismatch_n as f64),
             logprob_mismatch_max: (mismatch_n > 0).then_some(mismatch_max),
             group_seqs: Vec::new(),
+            step_generated_responses: st.original_samples as u64,
+            generated_responses: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_proto::v1::{BatchStats, Provenance};
+
+    fn sample(prompt: &[u32], response: &[u32], replay: bool, group: u32, index: u32) -> Sample {
+        Sample {
+            prompt_token_ids: prompt.to_vec(),
+            response_token_ids: response.to_vec(),
+            loss_mask: vec![1; response.len()],
+            behaviour_logprobs: vec![-1.0; response.len()],
+            reward: if replay { 1.0 } else { 0.0 },
+            is_replay: replay,
+            group_index: group,
+            provenance: Some(Provenance {
+                response_index: index,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn tiny_trainer(with_reference: bool, lr: f64, mini_batches: usize) -> Trainer {
+        let model = hindsight_policy::load(
+            "tiny",
+            std::path::Path::new("/nonexistent-cache"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let config = TrainConfig {
+            lr,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            advantage: AdvantageKind::ReinforcePp,
+            kl_beta: 0.01,
+            ppo: PpoConfig::default(),
+            micro_batch: 2,
+            mini_batches,
+        };
+        Trainer::new(&model, with_reference, config, &Device::Cpu).unwrap()
+    }
+
+    const SOURCE: &[u32] = &[1, 40, 41, 42, 43, 44];
+    const REWRITTEN: &[u32] = &[1, 40, 90, 91];
+    const RESPONSE: &[u32] = &[50, 51, 52, 53, 54];
+
+    #[test]
+    fn a_replay_takes_its_source_originals_reference() {
+        let a = sample(&[1, 2, 3], &[7, 8], false, 0, 0);
+        let b = sample(SOURCE, RESPONSE, false, 1, 2);
+        let c = sample(&[1, 2, 3], &[9], false, 1, 0);
+        let r = sample(REWRITTEN, RESPONSE, true, 1, 2);
+        assert_eq!(reference_sources(&[&a, &b, &c, &r]).unwrap(), vec![0, 1, 2, 1]);
+        // No source in the batch, or a source with other tokens: refused by name.
+        let e = reference_sources(&[&a, &r]).unwrap_err().to_string();
+        assert!(e.contains("no source original"), "{e}");
+        let other = sample(SOURCE, &[50, 51], false, 1, 2);
+        let e = reference_sources(&[&other, &r]).unwrap_err().to_string();
+        assert!(e.contains("other response tokens"), "{e}");
+    }
+
+    /// The replay KL fix: a replay's reference log-probs are its response's log-probs under
+    /// the *source* prompt (copied from the source original), not under the rewritten one.
+    #[test]
+    fn replay_reference_logprobs_are_those_of_the_source_prompt() {
+        let t = tiny_trainer(true, 1e-6, 1);
+        let other = sample(&[1, 2, 3], &[7, 8], false, 0, 0);
+        let original = sample(SOURCE, RESPONSE, false, 1, 2);
+        let replay = sample(REWRITTEN, RESPONSE, true, 1, 2);
+        let rows = t
+            .reference_logprobs(&[&other, &original, &replay], 1.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows[2].len(), RESPONSE.len());
+        assert_eq!(rows[2], rows[1], "replay row must be the source's");
+        // What the old code computed: the same response under the rewritten prompt.
+        let as_original = sample(REWRITTEN, RESPONSE, false, 5, 0);
+        let under_rewritten = t
+            .reference_logprobs(&[&as_original], 1.0)
+            .unwrap()
+            .unwrap()
+            .remove(0);
+        let diff = rows[2]
+            .iter()
+            .zip(&under_rewritten)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff > 1e-4,
+            "the prompts should change the log-probs (max diff {diff})"
+        );
+        // Without a reference model there is nothing to compute.
+        let plain = tiny_trainer(false, 1e-6, 1);
+        assert!(plain.reference_logprobs(&[&other], 1.0).unwrap().is_none());
+    }
+
+    /// Clip fractions by kind: originals whose behaviour log-probs are far below the
+    /// policy's are all clipped, replays whose behaviour log-probs are the policy's own are
+    /// not; both with one and with two mini-batches.
+    #[test]
+    fn clip_fraction_is_reported_per_kind() {
+        for mini_batches in [1, 2] {
+            let mut t = tiny_trainer(false, 1e-9, mini_batches);
+            let mut replay = sample(REWRITTEN, RESPONSE, true, 1, 2);
+            let own = t
+                .model
+                .forward_train(
+                    &[(REWRITTEN.to_vec(), RESPONSE.to_vec())],
+                    1.0,
+                )
+                .unwrap()
+                .logp
+                .to_vec2::<f32>()
+                .unwrap();
+            replay.behaviour_logprobs = own[0][..RESPONSE.len()].to_vec();
+            let mut original = sample(SOURCE, RESPONSE, false, 1, 2);
+            original.behaviour_logprobs = vec![-30.0; RESPONSE.len()];
+            let mut second = sample(&[1, 2, 3], &[7, 8, 9], false, 0, 0);
+            second.behaviour_logprobs = vec![-30.0; 3];
+            let batch = TrainingBatch {
+                batch_id: 1,
+                step: 1,
+                samples: vec![original, second, replay],
+                stats: Some(BatchStats {
+                    original_samples: 2,
+                    replay_samples: 1,
+                    ..Default::default()
+                }),
+                temperature: 1.0,
+            };
+            let st = t.train_step(&batch, 1, 0).unwrap();
+            assert_eq!(st.mini_batches, mini_batches);
+            assert_eq!(st.clip_fraction_original, Some(1.0), "{st:?}");
+            assert_eq!(st.clip_fraction_replay, Some(0.0), "{st:?}");
+            assert!((st.clip_fraction - 8.0 / 13.0).abs() < 1e-9, "{st:?}");
+            assert_eq!(st.step_generated_responses, 2);
+            assert!(st.loss.is_finite() && st.grad_norm.is_finite());
+        }
+        // A batch of originals only: no replay fraction.
+        let mut t = tiny_trainer(false, 1e-9, 1);
+        let batch = TrainingBatch {
+            batch_id: 1,
+            step: 1,
+            samples: vec![sample(SOURCE, RESPONSE, false, 0, 0)],
+            stats: None,
+            temperature: 1.0,
+        };
+        let st = t.train_step(&batch, 1, 0).unwrap();
+        assert_eq!(st.clip_fraction_replay, None);
+        assert!(st.clip_fraction_original.is_some());
     }
 }
