@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 use hindsight_constraints::{generate_prompts, PromptRecord};
+use serde_json::json;
 
 #[test]
 fn tiny_cluster_trains_with_hindsight_replay() {
@@ -455,9 +455,15 @@ fn tiny_cla_baseline_arm() {
         assert!((reward - cla).abs() < 1e-6, "{x}");
         successes += usize::from(v.iter().all(|b| *b));
     }
-    let mean_reward =
-        samples.iter().map(|x| x["reward"].as_f64().unwrap()).sum::<f64>() / 8.0;
-    assert!((s["reward_mean"].as_f64().unwrap() - mean_reward).abs() < 1e-5, "{s}");
+    let mean_reward = samples
+        .iter()
+        .map(|x| x["reward"].as_f64().unwrap())
+        .sum::<f64>()
+        / 8.0;
+    assert!(
+        (s["reward_mean"].as_f64().unwrap() - mean_reward).abs() < 1e-5,
+        "{s}"
+    );
     assert!((s["success_rate"].as_f64().unwrap() - successes as f64 / 8.0).abs() < 1e-6);
 }
 

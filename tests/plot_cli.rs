@@ -76,7 +76,10 @@ fn plot_writes_png_and_svg_with_every_run() {
         let bytes = std::fs::read(&out).unwrap();
         if check_svg {
             let text = String::from_utf8(bytes).unwrap();
-            assert!(text.starts_with("<svg") || text.contains("<svg "), "not an SVG");
+            assert!(
+                text.starts_with("<svg") || text.contains("<svg "),
+                "not an SVG"
+            );
             for name in [
                 // The directory's name, with the arm when the name does not say it.
                 "hir-run",
@@ -93,7 +96,11 @@ fn plot_writes_png_and_svg_with_every_run() {
                 "not a PNG: {:?}",
                 &bytes[..8.min(bytes.len())]
             );
-            assert!(bytes.len() > 20_000, "suspiciously small PNG: {} bytes", bytes.len());
+            assert!(
+                bytes.len() > 20_000,
+                "suspiciously small PNG: {} bytes",
+                bytes.len()
+            );
         }
     }
 }
@@ -106,9 +113,17 @@ fn plot_refuses_bad_input_with_exit_code_2() {
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::write(empty.join("steps.jsonl"), "").unwrap();
     let cases: [(&[&Path], &str, &str); 4] = [
-        (&[&tmp.path().join("missing")], "fig.png", "no such run directory"),
+        (
+            &[&tmp.path().join("missing")],
+            "fig.png",
+            "no such run directory",
+        ),
         (&[&empty], "fig.png", "no steps"),
-        (&[&tmp.path().join("good"), tmp.path()], "fig.png", "no steps.jsonl"),
+        (
+            &[&tmp.path().join("good"), tmp.path()],
+            "fig.png",
+            "no steps.jsonl",
+        ),
         (&[&tmp.path().join("good")], "fig.pdf", ".png or .svg"),
     ];
     for (dirs, output, want) in cases {

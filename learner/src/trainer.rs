@@ -89,7 +89,11 @@ pub struct Trainer {
 /// same batch). A replay without one is an error, not a silent KL under the wrong prompt.
 pub fn reference_sources(samples: &[&Sample]) -> Result<Vec<usize>> {
     use std::collections::HashMap;
-    let key = |s: &Sample| s.provenance.as_ref().map(|p| (s.group_index, p.response_index));
+    let key = |s: &Sample| {
+        s.provenance
+            .as_ref()
+            .map(|p| (s.group_index, p.response_index))
+    };
     let originals: HashMap<(u32, u32), usize> = samples
         .iter()
         .enumerate()
@@ -206,7 +210,11 @@ impl Trainer {
         }
         sources
             .iter()
-            .map(|&src| rows[src].clone().context("reference log-probs of a source sample"))
+            .map(|&src| {
+                rows[src]
+                    .clone()
+                    .context("reference log-probs of a source sample")
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -468,7 +476,10 @@ mod tests {
         let b = sample(SOURCE, RESPONSE, false, 1, 2);
         let c = sample(&[1, 2, 3], &[9], false, 1, 0);
         let r = sample(REWRITTEN, RESPONSE, true, 1, 2);
-        assert_eq!(reference_sources(&[&a, &b, &c, &r]).unwrap(), vec![0, 1, 2, 1]);
+        assert_eq!(
+            reference_sources(&[&a, &b, &c, &r]).unwrap(),
+            vec![0, 1, 2, 1]
+        );
         // No source in the batch, or a source with other tokens: refused by name.
         let e = reference_sources(&[&a, &r]).unwrap_err().to_string();
         assert!(e.contains("no source original"), "{e}");
@@ -522,10 +533,7 @@ mod tests {
             let mut replay = sample(REWRITTEN, RESPONSE, true, 1, 2);
             let own = t
                 .model
-                .forward_train(
-                    &[(REWRITTEN.to_vec(), RESPONSE.to_vec())],
-                    1.0,
-                )
+                .forward_train(&[(REWRITTEN.to_vec(), RESPONSE.to_vec())], 1.0)
                 .unwrap()
                 .logp
                 .to_vec2::<f32>()

@@ -107,7 +107,10 @@ pub fn read_run(dir: &Path) -> Result<Run> {
         });
     }
     if steps.is_empty() {
-        bail!("{}: no steps in it (the run trained nothing)", steps_path.display());
+        bail!(
+            "{}: no steps in it (the run trained nothing)",
+            steps_path.display()
+        );
     }
     let eval_path = dir.join("eval.jsonl");
     let mut evals = Vec::new();
@@ -142,11 +145,7 @@ pub fn read_run(dir: &Path) -> Result<Run> {
         }
         _ => dir_name,
     };
-    Ok(Run {
-        name,
-        steps,
-        evals,
-    })
+    Ok(Run { name, steps, evals })
 }
 
 #[cfg(test)]
@@ -210,6 +209,9 @@ mod tests {
         assert!(empty.contains("no steps"), "{empty}");
         write(&dir, "steps.jsonl", "{\"step\":1}\n");
         let bad = format!("{:#}", read_run(&dir).unwrap_err());
-        assert!(bad.contains("steps.jsonl:1") && bad.contains("success_rate"), "{bad}");
+        assert!(
+            bad.contains("steps.jsonl:1") && bad.contains("success_rate"),
+            "{bad}"
+        );
     }
 }

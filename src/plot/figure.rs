@@ -167,7 +167,14 @@ where
                             .iter()
                             .zip(ys)
                             .map(|(s, y)| {
-                                (if by_generated { s.generated } else { s.step as f64 }, y)
+                                (
+                                    if by_generated {
+                                        s.generated
+                                    } else {
+                                        s.step as f64
+                                    },
+                                    y,
+                                )
                             })
                             .collect(),
                     }
@@ -314,7 +321,10 @@ mod tests {
 
     #[test]
     fn format_by_extension() {
-        assert_eq!(Format::from_path(Path::new("a/b.PNG")).unwrap(), Format::Png);
+        assert_eq!(
+            Format::from_path(Path::new("a/b.PNG")).unwrap(),
+            Format::Png
+        );
         assert_eq!(Format::from_path(Path::new("b.svg")).unwrap(), Format::Svg);
         assert!(Format::from_path(Path::new("b.pdf")).is_err());
         assert!(Format::from_path(Path::new("b")).is_err());
