@@ -9,7 +9,9 @@
 //! * training-prompt records, their layout and the HiR rewrite ([`PromptRecord`],
 //!   [`CompiledRecord`], [`Rewrite`], [`load_jsonl`]);
 //! * a seeded prompt generator ([`generate_prompts`]);
-//! * the HiR reward, selection and layout functions ([`hir`]).
+//! * the HiR reward, selection and layout functions ([`hir`]);
+//! * benchmark scoring shared by `verify`, `eval` and the evaluator ([`score`]) and the
+//!   embedded IFEval / IFBench prompts ([`benchmarks`]).
 //!
 //! Everything except [`load_jsonl`] is pure and total: no I/O, and no verifier panics
 //! on any input (invalid kwargs are rejected once, at build time, with a
@@ -28,6 +30,7 @@
 //!   the reference raises `RecursionError`.
 //! * Unicode property tables come from Rust's `std` / `regex`, not Python 3.11's.
 
+pub mod benchmarks;
 mod constraint;
 mod generator;
 pub mod hir;
@@ -40,6 +43,7 @@ mod loose;
 mod pytext;
 mod record;
 mod registry;
+pub mod score;
 mod sentences;
 mod wordtok;
 
