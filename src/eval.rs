@@ -219,7 +219,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 done += 1;
                 responses[r.index] = Some(r.text);
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                let msg = format!("{:.1} tok/s", gen_tokens as f64 / secs);
+                // Tokens of finished responses only (those in flight are not counted yet), so
+                // the rate reads low early on and exact at the end.
+                let msg = format!("{:.1} tok/s (finished responses)", gen_tokens as f64 / secs);
                 match &bar {
                     Some(b) => {
                         b.set_message(msg);
