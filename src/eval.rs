@@ -245,7 +245,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     // Rewrite the file in benchmark order (responses to prompts outside this run's set,
     // e.g. from a larger --limit, stay after them), atomically.
-    let responses: Vec<String> = responses.into_iter().map(Option::unwrap_or_default).collect();
+    let responses: Vec<String> = responses
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect();
     let mut text = String::new();
     for (p, r) in bench.prompts.iter().zip(&responses) {
         text += &response_line(&p.prompt, r);
@@ -286,7 +289,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.output.display()
         );
     } else {
-        println!("\nall {n} responses were already in {}", args.output.display());
+        println!(
+            "\nall {n} responses were already in {}",
+            args.output.display()
+        );
     }
     if let Some(path) = &args.summary {
         let mut s = summary_json(&bench.name, &scored.scores, &[], "empty", score_secs);
@@ -309,8 +315,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 "threads": rayon::current_num_threads(),
             }),
         );
-        let mut f = std::fs::File::create(path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let mut f =
+            std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
         serde_json::to_writer_pretty(&mut f, &s)?;
         writeln!(f)?;
     }

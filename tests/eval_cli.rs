@@ -91,7 +91,14 @@ fn eval_scores_like_verify_and_resumes() {
     let v_out = dir.path().join("verify.jsonl");
     let v_summary = dir.path().join("verify-summary.json");
     ok(&hindsight()
-        .args(["verify", "--bench", "ifeval", "--missing", "skip", "--prompts"])
+        .args([
+            "verify",
+            "--bench",
+            "ifeval",
+            "--missing",
+            "skip",
+            "--prompts",
+        ])
         .arg(ifeval_prompts())
         .arg("--responses")
         .arg(&out)
@@ -142,7 +149,14 @@ fn eval_resumes_after_a_kill() {
     let out = dir.path().join("responses.jsonl");
     let mut child = hindsight()
         .args(["--threads", "1", "eval", "--model", "tiny", "--no-progress"])
-        .args(["--max-new-tokens", "48", "--max-batch", "2", "--limit", "16"])
+        .args([
+            "--max-new-tokens",
+            "48",
+            "--max-batch",
+            "2",
+            "--limit",
+            "16",
+        ])
         .arg("--output")
         .arg(&out)
         .stdin(Stdio::null())
@@ -164,7 +178,10 @@ fn eval_resumes_after_a_kill() {
     kill9(child.id() as i32);
     let _ = child.wait();
     let kept = read_jsonl(&out).len();
-    assert!(kept < 16, "the kill came too late to test anything ({kept})");
+    assert!(
+        kept < 16,
+        "the kill came too late to test anything ({kept})"
+    );
     // A write cut short by the kill.
     let mut text = std::fs::read_to_string(&out).unwrap();
     text.push_str("{\"prompt\": \"Write a 300+ word");
@@ -233,7 +250,10 @@ fn eval_refuses_bad_input_with_exit_code_2() {
     );
     std::fs::remove_file(&out).unwrap();
     refused(
-        &eval(&out, &["--limit", "1", "--model", "/nonexistent/model.gguf"]),
+        &eval(
+            &out,
+            &["--limit", "1", "--model", "/nonexistent/model.gguf"],
+        ),
         "loading --model /nonexistent/model.gguf",
     );
 }
@@ -270,16 +290,27 @@ fn up_with_an_evaluator_writes_eval_jsonl() {
     };
     assert!(status.success(), "{status}{}", dump_logs(&run_dir));
     let evals = read_jsonl(&run_dir.join("eval.jsonl"));
-    let versions: Vec<u64> = evals.iter().map(|e| e["version"].as_u64().unwrap()).collect();
+    let versions: Vec<u64> = evals
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
     // The first version it sees (the base model, unless a step came first) and the last
     // one are always evaluated; versions only go up.
     assert!(versions.first() <= Some(&1), "{evals:?}");
-    assert_eq!(versions.last(), Some(&2), "{evals:?}{}", dump_logs(&run_dir));
+    assert_eq!(
+        versions.last(),
+        Some(&2),
+        "{evals:?}{}",
+        dump_logs(&run_dir)
+    );
     assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
     for e in &evals {
         assert_eq!(e["bench"], "ifeval");
         assert_eq!(e["limit"], 4);
-        assert_eq!(e["step"], e["version"], "the tiny run's version = its step: {e}");
+        assert_eq!(
+            e["step"], e["version"],
+            "the tiny run's version = its step: {e}"
+        );
         for k in [
             "prompt_strict",
             "prompt_loose",

@@ -121,7 +121,10 @@ pub fn score_all(records: &[ScoreRecord], jobs: usize) -> Vec<Verdicts> {
                 return done;
             }
             let end = (start + BATCH).min(records.len());
-            done.push((start, records[start..end].iter().map(score_record).collect()));
+            done.push((
+                start,
+                records[start..end].iter().map(score_record).collect(),
+            ));
         }
     };
     let mut parts: Vec<(usize, Vec<Verdicts>)> = std::thread::scope(|s| {
@@ -327,7 +330,7 @@ pub fn summary_json(
 /// The lm-eval-style table: the four aggregate metrics, then one row per instruction id
 /// (count, strict and loose accuracy).
 pub fn table(bench: &str, s: &Scores) -> String {
-    let pct = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.4}", v));
+    let pct = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -337,7 +340,11 @@ pub fn table(bench: &str, s: &Scores) -> String {
     let _ = writeln!(out, "|{:-<8}|{:-<24}|{:->8}|---|{:->6}|", "", "", "", "");
     for (metric, v, n) in [
         ("prompt_level_strict_acc", s.prompt_strict, s.records),
-        ("inst_level_strict_acc", s.instruction_strict, s.instructions),
+        (
+            "inst_level_strict_acc",
+            s.instruction_strict,
+            s.instructions,
+        ),
         ("prompt_level_loose_acc", s.prompt_loose, s.records),
         ("inst_level_loose_acc", s.instruction_loose, s.instructions),
     ] {
@@ -355,13 +362,8 @@ pub fn table(bench: &str, s: &Scores) -> String {
         let w = s.per_id.keys().map(String::len).max().unwrap_or(0).max(14);
         let _ = writeln!(
             out,
-            "{:<w$} {:>5} {:>7} {:>7}{}",
-            "instruction_id",
-            "n",
-            "strict",
-            "loose",
-            "",
-            w = w
+            "{:<w$} {:>5} {:>7} {:>7}",
+            "instruction_id", "n", "strict", "loose"
         );
         for (id, c) in &s.per_id {
             let _ = writeln!(
@@ -375,8 +377,7 @@ pub fn table(bench: &str, s: &Scores) -> String {
                     format!("  ({} not buildable)", c.errors)
                 } else {
                     String::new()
-                },
-                w = w
+                }
             );
         }
     }
@@ -415,10 +416,16 @@ mod tests {
         assert_eq!(s.instruction_strict, Some(0.5));
         assert_eq!(s.per_id["punctuation:no_comma"].strict, 1);
         let t = table("ifeval", &s);
-        assert!(t.contains("prompt_level_strict_acc") && t.contains("0.5000"), "{t}");
+        assert!(
+            t.contains("prompt_level_strict_acc") && t.contains("0.5000"),
+            "{t}"
+        );
         let mut line = String::new();
         output_line(&records[1], &v[1], &mut line);
-        assert!(line.contains("\"follow_all_instructions_strict\": false"), "{line}");
+        assert!(
+            line.contains("\"follow_all_instructions_strict\": false"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -150,9 +150,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("f:2: bad JSON"), "{e}");
-        let e = Benchmark::parse("f", r#"{"prompt": "x", "instruction_id_list": ["no:such"]}"#, 0)
-            .unwrap_err()
-            .to_string();
+        let e = Benchmark::parse(
+            "f",
+            r#"{"prompt": "x", "instruction_id_list": ["no:such"]}"#,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("no:such"), "{e}");
     }
 }

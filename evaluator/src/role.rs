@@ -191,8 +191,8 @@ pub async fn run(
         .connect_authed(&args.learner, 100)
         .await
         .with_context(|| format!("connecting to {}", args.learner))?;
-    let mut client = WeightsClient::new(channel)
-        .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+    let mut client =
+        WeightsClient::new(channel).max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
 
     let model: LearnerModel = {
         let mut backoff = Duration::from_millis(200);
@@ -208,8 +208,11 @@ pub async fn run(
                      evaluator needs Weights.Model"
                 ),
                 Err(e) => {
-                    warn!(error = format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64,
-                        "cannot get the learner's model yet; retrying");
+                    warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "cannot get the learner's model yet; retrying"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -263,11 +266,7 @@ pub async fn run(
         };
         hindsight_service::set_ready();
         let (version, step) = (update.version, update.learner_step);
-        info!(
-            policy_version = version,
-            learner_step = step,
-            "evaluating"
-        );
+        info!(policy_version = version, learner_step = step, "evaluating");
         let (b, t, st) = (bench.clone(), tokenizer.clone(), settings.clone());
         // Set at shutdown: the generation stops at the next finished sequence.
         let cancel = Arc::new(AtomicBool::new(false));
