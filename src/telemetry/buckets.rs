@@ -110,6 +110,7 @@ mod tests {
                 "hindsight_actor_",
                 "hindsight_replay_",
                 "hindsight_learner_",
+                "hindsight_evaluator_",
             ]
             .iter()
             .any(|p| name.starts_with(p))
