@@ -100,7 +100,7 @@ mod tests {
         for sub in cmd.get_subcommands() {
             if matches!(
                 sub.get_name(),
-                "verify" | "convert" | "certs" | "bench" | "plot"
+                "verify" | "eval" | "convert" | "certs" | "bench" | "plot"
             ) {
                 continue;
             }

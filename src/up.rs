@@ -116,6 +116,14 @@ pub struct UpArgs {
     /// The window of --max-restarts, in seconds.
     #[arg(long, env = "HINDSIGHT_RESTART_WINDOW_SECS", default_value_t = 600)]
     pub restart_window_secs: u64,
+    /// Run an evaluator that scores the learner's versions (every K-th one at least) on the
+    /// first --eval-limit IFEval prompts, greedy, at most --max-new-tokens tokens, into
+    /// RUN_DIR/eval.jsonl; `up` waits for the last version's evaluation. 0 = no evaluator.
+    #[arg(long, env = "HINDSIGHT_EVAL_EVERY", default_value_t = 0)]
+    pub eval_every: u64,
+    /// Prompts of the evaluator's held-out set (with --eval-every).
+    #[arg(long, env = "HINDSIGHT_EVAL_LIMIT", default_value_t = 64)]
+    pub eval_limit: usize,
 }
 
 fn free_port() -> Result<SocketAddr> {
@@ -199,6 +207,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     if !args.resume {
         let _ = std::fs::remove_file(&steps_path);
         let _ = std::fs::remove_file(run_dir.join("batches.jsonl"));
+        let _ = std::fs::remove_file(run_dir.join("eval.jsonl"));
         let _ = std::fs::remove_dir_all(run_dir.join("replay-data"));
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
     }
@@ -334,6 +343,22 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         actor_args.extend(actor.to_argv());
         specs.push(spec(&format!("actor-{i}"), actor_args, &[])?);
     }
+    let eval_path = run_dir.join("eval.jsonl");
+    if args.eval_every > 0 {
+        // It reads weights as an actor may (the actor's token).
+        let evaluator = hindsight_evaluator::EvaluatorArgs {
+            learner: learner_url.clone(),
+            eval_every: args.eval_every,
+            eval_limit: args.eval_limit,
+            eval_log: Some(eval_path.clone()),
+            max_new_tokens: args.max_new_tokens as usize,
+            security: security.client_args("actor"),
+            ..hindsight_service::from_env()?
+        };
+        let mut evaluator_args = vec!["evaluator".to_string()];
+        evaluator_args.extend(evaluator.to_argv());
+        specs.push(spec("evaluator", evaluator_args, &[])?);
+    }
     let endpoints = Endpoints {
         path: run_dir.join("endpoints.json"),
         replay: replay_url,
@@ -394,6 +419,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let mut shown = read_steps(&steps_path).len();
     let mut failure: Option<String> = None;
     let mut done_at: Option<Instant> = None;
+    let mut evals_shown = 0usize;
     loop {
         sup.sample_memory();
         let steps = read_steps(&steps_path);
@@ -409,6 +435,11 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             pb.set_message("training");
             last_step_at = Instant::now();
         }
+        let evals = read_steps(&eval_path);
+        while evals_shown < evals.len() {
+            say(eval_line(&evals[evals_shown]));
+            evals_shown += 1;
+        }
         let step = current_step(&steps);
         pb.set_position(step);
         if step >= args.steps && done_at.is_none() {
@@ -421,7 +452,12 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
                 ));
             }
         }
-        if done_at.is_some() && !args.linger {
+        // With an evaluator, the run ends when the last version is evaluated (or is too
+        // close to the last evaluated one to be due), bounded by --step-timeout-secs.
+        let evaluated = args.eval_every == 0
+            || evals_cover(&evals, final_version(&steps), args.eval_every)
+            || done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(args.step_timeout_secs));
+        if done_at.is_some() && !args.linger && evaluated {
             break;
         }
         // Checked before `poll`, the one place that restarts: nothing restarts once stopping.
@@ -561,6 +597,9 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             })
         }).collect::<Vec<_>>(),
         "steps": steps,
+        // The evaluator's scores (RUN_DIR/eval.jsonl): the last one with its version, and all.
+        "eval_last": read_steps(&eval_path).last().cloned(),
+        "evals": read_steps(&eval_path),
         "run_dir": run_dir.display().to_string(),
     });
     let summary_path = run_dir.join("summary.json");
@@ -591,6 +630,34 @@ pub fn arm_label(hindsight: &str, reward: hindsight_replay_server::Reward) -> St
         ("on", Reward::Cla) => "HiR+CLA".into(),
         (h, _) => format!("hindsight-{h}"),
     }
+}
+
+/// The weight version the learner published with its last step.
+fn final_version(steps: &[Value]) -> u64 {
+    steps
+        .last()
+        .and_then(|s| s["policy_version"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Whether the evaluations cover `version`: one of them is of it, or no later one is due
+/// (the newest evaluated is less than `every` versions before it).
+fn evals_cover(evals: &[Value], version: u64, every: u64) -> bool {
+    evals
+        .iter()
+        .filter_map(|e| e["version"].as_u64())
+        .max()
+        .is_some_and(|v| v + every > version)
+}
+
+/// One progress line for an evaluation.
+fn eval_line(e: &Value) -> String {
+    let f = |k: &str| e[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "eval version {}  {} x{}  prompt strict {:.3} loose {:.3}  instruction strict {:.3} loose {:.3}  {:.1}s",
+        e["version"], e["bench"].as_str().unwrap_or("?"), e["limit"], f("prompt_strict"),
+        f("prompt_loose"), f("instruction_strict"), f("instruction_loose"), f("seconds")
+    )
 }
 
 /// The learner's step now: the `step` of the last line of its step log. Not the number of

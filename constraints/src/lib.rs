@@ -12,6 +12,8 @@
 //! * the HiR reward, selection and layout functions ([`hir`]);
 //! * a port of the `langdetect` language detector the reference checkers call
 //!   ([`langdetect`]).
+//! * benchmark scoring shared by `verify`, `eval` and the evaluator ([`score`]) and the
+//!   embedded IFEval / IFBench prompts ([`benchmarks`]).
 //!
 //! Everything except [`load_jsonl`] is pure and total: no I/O, and no verifier panics
 //! on any input (invalid kwargs are rejected once, at build time, with a
@@ -28,6 +30,7 @@
 //!   the reference raises `RecursionError`.
 //! * Unicode property tables come from Rust's `std` / `regex`, not Python 3.11's.
 
+pub mod benchmarks;
 mod constraint;
 mod generator;
 pub mod hir;
@@ -41,6 +44,7 @@ mod loose;
 mod pytext;
 mod record;
 mod registry;
+pub mod score;
 mod sentences;
 mod wordtok;
 
