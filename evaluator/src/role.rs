@@ -353,6 +353,12 @@ mod tests {
             eval_every: 3,
             eval_log: Some("/tmp/run/eval.jsonl".into()),
             bench: "ifbench".into(),
+            security: hindsight_service::ClientSecurityArgs {
+                tls_ca: Some("/s/ca.pem".into()),
+                token_file: Some("/s/actor.token".into()),
+                token: Some("t".into()),
+                tls_domain: Some("learner".into()),
+            },
             ..Default::default()
         };
         hindsight_service::assert_round_trip(&args);
