@@ -15,6 +15,9 @@
 //!
 //! Every file read is verified against a pinned SHA-256 (whatever the source), so the
 //! embedded parameters are exactly NLTK's.
+//!
+//! `build/ifbench_data.rs` and `build/langdetect_data.rs` add the IFBench checkers' data
+//! and the language detector's profiles the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +26,8 @@ use sha2::{Digest, Sha256};
 
 #[path = "build/ifbench_data.rs"]
 mod ifbench_data;
+#[path = "build/langdetect_data.rs"]
+mod langdetect_data;
 
 const WHEEL: &str = "llama-index-core==0.14.25";
 const WHEEL_FILE: &str = "llama_index_core-0.14.25-py3-none-any.whl";
@@ -168,4 +173,5 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     ifbench_data::generate();
+    langdetect_data::generate();
 }

@@ -133,6 +133,7 @@ fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
             dual_clip: 3.0,
         },
         micro_batch: args.micro_batch,
+        mini_batches: 1,
     };
     let mut t = Trainer::new(&model, false, config, &hindsight_policy::Device::Cpu)?;
     let b = batch(args, model.config.vocab_size);
@@ -162,7 +163,7 @@ fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
         let t0 = Instant::now();
         let prepared = t.prepare(&b, 0)?;
         let shard = shard_indices(&prepared.costs, rank as usize, world as usize);
-        let local = t.compute_gradients(&prepared, &shard, step)?;
+        let local = t.compute_gradients(&prepared, &prepared.whole(), &shard, step)?;
         let t1 = Instant::now();
         let reduced = t.reduce(&mut *c, local, step)?;
         let t2 = Instant::now();

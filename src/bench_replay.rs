@@ -215,7 +215,9 @@ fn configurations(args: &BenchReplayArgs) -> Vec<Configuration> {
     out
 }
 
-/// The server's command line (after the binary).
+/// The server's command line (after the binary): the global flags, then the role's typed
+/// [`ReplayArgs`](hindsight_replay_server::ReplayArgs) rendered by `ToArgv`, as `hindsight up`
+/// does, so no replay-server flag is spelled here.
 fn server_args(
     cfg: &Configuration,
     port: u16,
@@ -224,50 +226,43 @@ fn server_args(
     cache_dir: Option<&Path>,
     metrics_port: Option<u16>,
 ) -> Vec<String> {
+    use hindsight_service::ToArgv;
     // The server's metrics port, on a free port (the bench reads the batch assembly histogram
     // there), or off.
     let metrics = metrics_port.map_or_else(|| "off".to_string(), |p| format!("127.0.0.1:{p}"));
+    let (max_pending_batches, max_pending_bytes) = cfg.pending_bounds();
+    let defaults = hindsight_replay_server::ReplayArgs::default();
+    let replay = hindsight_replay_server::ReplayArgs {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        model: "tiny".into(),
+        cache_dir: cache_dir.map(Path::to_path_buf),
+        data_dir: Some(data_dir.to_path_buf()),
+        num_prompts: NUM_PROMPTS,
+        responses_per_prompt: RESPONSES as u32,
+        group_size: GROUP_SIZE as u32,
+        prompts_per_batch: PROMPTS_PER_BATCH as u32,
+        max_new_tokens: NEW_TOKENS as u32,
+        max_staleness: MAX_STALENESS,
+        lease_timeout_ms: LEASE_TIMEOUT_MS,
+        max_pending_batches: max_pending_batches as u32,
+        max_pending_bytes: max_pending_bytes.unwrap_or(defaults.max_pending_bytes),
+        security: hindsight_service::ServerSecurityArgs {
+            insecure,
+            ..Default::default()
+        },
+        ..defaults
+    };
     let mut a: Vec<String> = [
         "--log-level",
         "info",
         "--metrics-addr",
         &metrics,
         "replay-server",
-        "--model",
-        "tiny",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--data-dir",
-        &data_dir.display().to_string(),
-        "--num-prompts",
-        &NUM_PROMPTS.to_string(),
-        "--responses-per-prompt",
-        &RESPONSES.to_string(),
-        "--group-size",
-        &GROUP_SIZE.to_string(),
-        "--prompts-per-batch",
-        &PROMPTS_PER_BATCH.to_string(),
-        "--max-new-tokens",
-        &NEW_TOKENS.to_string(),
-        "--max-staleness",
-        &MAX_STALENESS.to_string(),
-        "--lease-timeout-ms",
-        &LEASE_TIMEOUT_MS.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (batches, bytes) = cfg.pending_bounds();
-    a.extend(["--max-pending-batches".into(), batches.to_string()]);
-    if let Some(bytes) = bytes {
-        a.extend(["--max-pending-bytes".into(), bytes.to_string()]);
-    }
-    if let Some(dir) = cache_dir {
-        a.extend(["--cache-dir".into(), dir.display().to_string()]);
-    }
-    if insecure {
-        a.push("--insecure".into());
-    }
+    a.extend(replay.to_argv());
     a
 }
 
@@ -1595,54 +1590,76 @@ mod tests {
         assert_eq!(labels(&args), ["1/off", "8/off"]);
     }
 
+    /// `server_args` parsed back by the real `hindsight` command line.
+    fn parsed_server(cfg: Configuration, insecure: bool) -> hindsight_replay_server::ReplayArgs {
+        let argv = server_args(&cfg, 5, Path::new("/tmp/x"), insecure, None, Some(7));
+        assert_eq!(
+            argv[..5],
+            [
+                "--log-level",
+                "info",
+                "--metrics-addr",
+                "127.0.0.1:7",
+                "replay-server"
+            ]
+        );
+        #[derive(clap::Parser)]
+        struct Server {
+            #[command(flatten)]
+            replay: hindsight_replay_server::ReplayArgs,
+        }
+        use clap::Parser;
+        let parsed = Server::try_parse_from(
+            std::iter::once("replay-server").chain(argv[5..].iter().map(String::as_str)),
+        )
+        .expect("the bench's server flags parse");
+        parsed.replay
+    }
+
     #[test]
     fn server_flags_carry_the_bounds_of_each_mode() {
-        let dir = Path::new("/tmp/x");
-        let on = server_args(
-            &Configuration {
+        let on = parsed_server(
+            Configuration {
                 streams: 1,
                 learner: true,
                 bounded: false,
             },
-            5,
-            dir,
             true,
-            None,
-            None,
-        )
-        .join(" ");
-        assert!(on.contains("replay-server --model tiny --listen 127.0.0.1:5 --data-dir /tmp/x"));
-        assert!(on.contains("--max-pending-batches 64") && !on.contains("--max-pending-bytes"));
-        assert!(on.ends_with("--insecure"));
-        let off = server_args(
-            &Configuration {
+        );
+        assert_eq!(on.listen.to_string(), "127.0.0.1:5");
+        assert_eq!(on.data_dir.as_deref(), Some(Path::new("/tmp/x")));
+        assert_eq!(
+            (on.model.as_str(), on.num_prompts, on.max_new_tokens),
+            ("tiny", NUM_PROMPTS, NEW_TOKENS as u32)
+        );
+        assert_eq!(on.max_pending_batches, LEARNER_PENDING_BATCHES as u32);
+        assert!(on.security.insecure);
+        let off = parsed_server(
+            Configuration {
                 streams: 1,
                 learner: false,
                 bounded: false,
             },
-            5,
-            dir,
             false,
-            None,
-            None,
-        )
-        .join(" ");
-        assert!(off.contains("--max-pending-batches 100000000 --max-pending-bytes 100000000000"));
-        assert!(!off.contains("--insecure"));
-        let bounded = server_args(
-            &Configuration {
+        );
+        assert_eq!(
+            (off.max_pending_batches as u64, off.max_pending_bytes),
+            (UNBOUNDED_PENDING_BATCHES, UNBOUNDED_PENDING_BYTES)
+        );
+        assert!(!off.security.insecure);
+        let bounded = parsed_server(
+            Configuration {
                 streams: 1,
                 learner: false,
                 bounded: true,
             },
-            5,
-            dir,
             false,
-            None,
-            None,
-        )
-        .join(" ");
-        assert!(bounded.contains("--max-pending-batches 2") && !bounded.contains("bytes"));
+        );
+        assert_eq!(bounded.max_pending_batches as u64, DEFAULT_PENDING_BATCHES);
+        assert_eq!(
+            bounded.max_pending_bytes,
+            hindsight_replay_server::ReplayArgs::default().max_pending_bytes
+        );
     }
 
     #[test]

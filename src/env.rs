@@ -98,7 +98,10 @@ mod tests {
             out.push((path.to_string(), long.to_string(), env));
         }
         for sub in cmd.get_subcommands() {
-            if matches!(sub.get_name(), "verify" | "convert" | "certs" | "bench") {
+            if matches!(
+                sub.get_name(),
+                "verify" | "eval" | "convert" | "certs" | "bench" | "plot"
+            ) {
                 continue;
             }
             flags(sub, &format!("{path} {}", sub.get_name()), out);

@@ -24,7 +24,7 @@ pub struct HealthArgs {
     pub addr: Option<String>,
     /// Ask this machine's own process (a container's HEALTHCHECK): `/readyz` on 127.0.0.1 at
     /// the port of HINDSIGHT_METRICS_ADDR, or, when that is not set, at the roles' default
-    /// metrics ports (9101, 9102, 9103; the first that answers decides).
+    /// metrics ports (9101, 9102, 9103, 9104; the first that answers decides).
     #[arg(long, env = "HINDSIGHT_LOCAL", conflicts_with = "addr")]
     pub local: bool,
     /// Ask the HTTP `/readyz` of a metrics port instead of the gRPC health service.
@@ -108,6 +108,7 @@ fn local_target() -> Result<String> {
         crate::REPLAY_METRICS_PORT,
         crate::LEARNER_METRICS_PORT,
         crate::ACTOR_METRICS_PORT,
+        crate::EVALUATOR_METRICS_PORT,
     ] {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

@@ -1,6 +1,6 @@
 //! `hindsight`: the one binary of Hindsight. Every role is a subcommand (`replay-server`,
-//! `learner`, `actor`), `up` runs a whole local cluster, and `fetch-model` / `status` /
-//! `health` are tools.
+//! `learner`, `actor`, `evaluator`), `up` runs a whole local cluster, and `fetch-model` /
+//! `status` / `health` / `eval` / `verify` are tools.
 //!
 //! The service shell every role shares: every flag `--foo-bar` is also the environment
 //! variable `HINDSIGHT_FOO_BAR` (the same name for the same meaning in every role; shown in
@@ -17,7 +17,9 @@ mod bench_weights;
 mod certs;
 mod convert;
 mod env;
+mod eval;
 mod health;
+mod plot;
 mod status;
 mod supervise;
 mod telemetry;
@@ -60,7 +62,7 @@ struct Cli {
     log_level: String,
     /// Address of this process's HTTP port serving `/metrics`, `/healthz` and `/readyz`, or
     /// `off`. Default for the roles: replay-server 0.0.0.0:9101, learner 0.0.0.0:9102, actor
-    /// 0.0.0.0:9103; other subcommands serve none unless given.
+    /// 0.0.0.0:9103, evaluator 0.0.0.0:9104; other subcommands serve none unless given.
     #[arg(long, global = true, env = "HINDSIGHT_METRICS_ADDR", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
     metrics_addr: Option<MetricsAddr>,
     /// Compute threads of this process (candle / rayon); 0 = all cores. Set it when several
@@ -93,6 +95,12 @@ enum Command {
     },
     /// Ask a running cluster how it is doing (health of each service, replay counters).
     Status(status::StatusArgs),
+    /// Run the evaluator: follow the learner's weight versions and score every K-th one on
+    /// a held-out benchmark slice (metrics and RUN_DIR/eval.jsonl).
+    Evaluator(hindsight_evaluator::EvaluatorArgs),
+    /// Evaluate a model on IFEval / IFBench (or a file in their format): generate, score,
+    /// print the lm-eval-style table; resumable.
+    Eval(eval::EvalArgs),
     /// Score responses against IFEval / IFBench instructions (the reference oracle's format).
     Verify(verify::VerifyArgs),
     /// Write a model (GGUF, smollm2, tiny, checkpoint dir) as a Hugging Face checkpoint directory.
@@ -103,6 +111,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Make a private CA, a server certificate and per-role tokens for a secured cluster.
     Certs(certs::CertsArgs),
+    /// Draw learning curves of run directories (success rate, reward, replays, eval scores
+    /// against learner steps and generated responses) into a PNG or SVG figure.
+    Plot(plot::PlotArgs),
     /// Probe one process (gRPC health or HTTP /readyz): exit code 0 when serving / ready,
     /// 1 otherwise. The container HEALTHCHECK.
     Health(health::HealthArgs),
@@ -128,6 +139,7 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 pub const REPLAY_METRICS_PORT: u16 = 9101;
 pub const LEARNER_METRICS_PORT: u16 = 9102;
 pub const ACTOR_METRICS_PORT: u16 = 9103;
+pub const EVALUATOR_METRICS_PORT: u16 = 9104;
 
 impl Command {
     /// The metrics port a role serves when `--metrics-addr` is not given.
@@ -136,6 +148,7 @@ impl Command {
             Command::ReplayServer(_) => REPLAY_METRICS_PORT,
             Command::Learner(_) => LEARNER_METRICS_PORT,
             Command::Actor(_) => ACTOR_METRICS_PORT,
+            Command::Evaluator(_) => EVALUATOR_METRICS_PORT,
             _ => return None,
         };
         Some(SocketAddr::from(([0, 0, 0, 0], port)))
@@ -147,6 +160,7 @@ impl Command {
             Command::ReplayServer(a) => Some(a.shutdown.bound()),
             Command::Learner(a) => Some(a.shutdown.bound()),
             Command::Actor(a) => Some(a.shutdown.bound()),
+            Command::Evaluator(a) => Some(a.shutdown.bound()),
             _ => None,
         }
     }
@@ -248,11 +262,14 @@ fn main() -> ExitCode {
             Command::Up(_) => "up",
             Command::FetchModel { .. } => "fetch-model",
             Command::Status(_) => "status",
+            Command::Evaluator(_) => "evaluator",
+            Command::Eval(_) => "eval",
             Command::Verify(_) => "verify",
             Command::Bench(_) => "bench",
             Command::Convert(_) => "convert",
             Command::Certs(_) => "certs",
             Command::Health(_) => "health",
+            Command::Plot(_) => "plot",
         };
         let metrics_addr = match cli.metrics_addr {
             Some(MetricsAddr::Off) => None,
@@ -268,6 +285,8 @@ fn main() -> ExitCode {
                 | Command::Certs(_)
                 | Command::FetchModel { .. }
                 | Command::Verify(_)
+                | Command::Plot(_)
+                | Command::Eval(_)
                 | Command::Convert(_)
         );
         if let (Some(addr), false) = (metrics_addr, tool) {
@@ -284,6 +303,10 @@ fn main() -> ExitCode {
                     hindsight_learner::run(args, shutdown_signal(bound)).await
                 }
                 Command::Actor(args) => hindsight_actor::run(args, shutdown_signal(bound)).await,
+                Command::Evaluator(args) => {
+                    hindsight_evaluator::run(args, shutdown_signal(bound)).await
+                }
+                Command::Eval(args) => tokio::task::spawn_blocking(move || eval::run(args)).await?,
                 Command::Health(args) => {
                     return health::run(args).await.map(|serving| {
                         if serving {
@@ -313,6 +336,7 @@ fn main() -> ExitCode {
                     tokio::task::spawn_blocking(move || convert::run(args)).await?
                 }
                 Command::Certs(args) => certs::run(args),
+                Command::Plot(args) => plot::run(args),
             };
             done.map(|()| ExitCode::SUCCESS)
         }

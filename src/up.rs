@@ -5,7 +5,8 @@
 //! Run directory layout: `logs/<process>.log`, `steps.jsonl` (the learner's per-step figures),
 //! `batches.jsonl` (every sample served, from the replay server), `checkpoints/`,
 //! `replay-data/` (the replay server's write-ahead log), `endpoints.json` (addresses, written at
-//! start, rewritten when a restart changes a pid) and `summary.json` (written at the end).
+//! start, rewritten when a restart changes a pid), `summary.json` (written at the end, with
+//! the arm: hindsight, reward and budget settings) and `plot.png` (`hindsight plot` of the run).
 //!
 //! The processes are supervised (`supervise.rs`): one that crashes is restarted with the same
 //! arguments and ports (the learner with `--resume`), they all die with `up` even on
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum as _;
 use serde_json::{json, Value};
 
 use crate::supervise::{ordinal, Event, Exit, RestartPolicy, Spec, Supervisor};
@@ -46,6 +48,13 @@ pub struct UpArgs {
     /// HiR on (actors generate m per prompt, replays fill the rest) or off (baseline).
     #[arg(long, env = "HINDSIGHT_HINDSIGHT", default_value = "on", value_parser = ["on", "off"])]
     pub hindsight: String,
+    /// Reward of an original response: `binary` (every constraint holds: HiR and the binary
+    /// baseline) or `cla` (the fraction that hold: the CLA baseline, with --hindsight off).
+    #[arg(long, env = "HINDSIGHT_REWARD", value_enum, default_value_t = hindsight_replay_server::Reward::Binary)]
+    pub reward: hindsight_replay_server::Reward,
+    /// Learner optimizer steps per training batch (the HiR reference takes 2).
+    #[arg(long, env = "HINDSIGHT_MINI_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mini_batches: u32,
     /// Groups (prompts) per training batch.
     #[arg(long, env = "HINDSIGHT_PROMPTS_PER_BATCH", default_value_t = 4)]
     pub prompts_per_batch: u32,
@@ -111,6 +120,14 @@ pub struct UpArgs {
     /// The window of --max-restarts, in seconds.
     #[arg(long, env = "HINDSIGHT_RESTART_WINDOW_SECS", default_value_t = 600)]
     pub restart_window_secs: u64,
+    /// Run an evaluator that scores the learner's versions (every K-th one at least) on the
+    /// first --eval-limit IFEval prompts, greedy, at most --max-new-tokens tokens, into
+    /// RUN_DIR/eval.jsonl; `up` waits for the last version's evaluation. 0 = no evaluator.
+    #[arg(long, env = "HINDSIGHT_EVAL_EVERY", default_value_t = 0)]
+    pub eval_every: u64,
+    /// Prompts of the evaluator's held-out set (with --eval-every).
+    #[arg(long, env = "HINDSIGHT_EVAL_LIMIT", default_value_t = 64)]
+    pub eval_limit: usize,
 }
 
 fn free_port() -> Result<SocketAddr> {
@@ -194,6 +211,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     if !args.resume {
         let _ = std::fs::remove_file(&steps_path);
         let _ = std::fs::remove_file(run_dir.join("batches.jsonl"));
+        let _ = std::fs::remove_file(run_dir.join("eval.jsonl"));
         let _ = std::fs::remove_dir_all(run_dir.join("replay-data"));
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
     }
@@ -266,6 +284,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         } else {
             hindsight_replay_server::Hindsight::On
         },
+        reward: args.reward,
         prompts_per_batch: args.prompts_per_batch,
         group_size: args.group_size,
         responses_per_prompt: args.responses_per_prompt,
@@ -288,6 +307,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         checkpoint_dir: Some(run_dir.join("checkpoints")),
         step_log: Some(steps_path.clone()),
         micro_batch: args.micro_batch,
+        mini_batches: args.mini_batches,
         checkpoint_every: args.checkpoint_every,
         linger: true,
         resume: args.resume,
@@ -350,6 +370,22 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         actor_args.extend(actor.to_argv());
         specs.push(spec(&format!("actor-{i}"), actor_args, &[])?);
     }
+    let eval_path = run_dir.join("eval.jsonl");
+    if args.eval_every > 0 {
+        // It reads weights as an actor may (the actor's token).
+        let evaluator = hindsight_evaluator::EvaluatorArgs {
+            learner: learner_url.clone(),
+            eval_every: args.eval_every,
+            eval_limit: args.eval_limit,
+            eval_log: Some(eval_path.clone()),
+            max_new_tokens: args.max_new_tokens as usize,
+            security: security.client_args("actor"),
+            ..hindsight_service::from_env()?
+        };
+        let mut evaluator_args = vec!["evaluator".to_string()];
+        evaluator_args.extend(evaluator.to_argv());
+        specs.push(spec("evaluator", evaluator_args, &[])?);
+    }
     let endpoints = Endpoints {
         path: run_dir.join("endpoints.json"),
         replay: replay_url,
@@ -410,20 +446,26 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let mut shown = read_steps(&steps_path).len();
     let mut failure: Option<String> = None;
     let mut done_at: Option<Instant> = None;
+    let mut evals_shown = 0usize;
     loop {
         sup.sample_memory();
         let steps = read_steps(&steps_path);
         while shown < steps.len() {
             let s = &steps[shown];
             say(format!(
-                "step {:>3}  reward {:.3}  success {:.3}  replays {:>3}  loss {:+.4}  grad {:.3}  version {}  {:.1}s",
+                "step {:>3}  reward {:.3}  success {:.3}  replays {:>3}  generated {:>5}  loss {:+.4}  grad {:.3}  version {}  {:.1}s",
                 s["step"], s["reward_mean"].as_f64().unwrap_or(0.0), s["success_rate"].as_f64().unwrap_or(0.0),
-                s["replay_samples"], s["loss"].as_f64().unwrap_or(f64::NAN), s["grad_norm"].as_f64().unwrap_or(0.0),
+                s["replay_samples"], s["generated_responses"], s["loss"].as_f64().unwrap_or(f64::NAN), s["grad_norm"].as_f64().unwrap_or(0.0),
                 s["policy_version"], s["step_seconds"].as_f64().unwrap_or(0.0)
             ));
             shown += 1;
             pb.set_message("training");
             last_step_at = Instant::now();
+        }
+        let evals = read_steps(&eval_path);
+        while evals_shown < evals.len() {
+            say(eval_line(&evals[evals_shown]));
+            evals_shown += 1;
         }
         let step = current_step(&steps);
         pb.set_position(step);
@@ -437,7 +479,12 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
                 ));
             }
         }
-        if done_at.is_some() && !args.linger {
+        // With an evaluator, the run ends when the last version is evaluated (or is too
+        // close to the last evaluated one to be due), bounded by --step-timeout-secs.
+        let evaluated = args.eval_every == 0
+            || evals_cover(&evals, final_version(&steps), args.eval_every)
+            || done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(args.step_timeout_secs));
+        if done_at.is_some() && !args.linger && evaluated {
             break;
         }
         // Checked before `poll`, the one place that restarts: nothing restarts once stopping.
@@ -539,7 +586,17 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let summary = json!({
         "model": args.model,
         "actors": args.actors,
+        "arm": arm_label(&args.hindsight, args.reward),
         "hindsight": args.hindsight,
+        "reward": args.reward.to_possible_value().map(|v| v.get_name().to_owned()),
+        "group_size": args.group_size,
+        "responses_per_prompt": args.responses_per_prompt,
+        "prompts_per_batch": args.prompts_per_batch,
+        "mini_batches": args.mini_batches,
+        "lr": learner.lr,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "generated_responses": steps.last().and_then(|s| s["generated_responses"].as_u64()),
         "steps_requested": args.steps,
         "steps_completed": current_step(&steps),
         "ok": failure.is_none(),
@@ -567,15 +624,67 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             })
         }).collect::<Vec<_>>(),
         "steps": steps,
+        // The evaluator's scores (RUN_DIR/eval.jsonl): the last one with its version, and all.
+        "eval_last": read_steps(&eval_path).last().cloned(),
+        "evals": read_steps(&eval_path),
         "run_dir": run_dir.display().to_string(),
     });
     let summary_path = run_dir.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)?;
     eprintln!("summary written to {}", summary_path.display());
+    // The learning curves of this run (a figure that cannot be drawn fails nothing).
+    if !steps.is_empty() {
+        let figure = run_dir.join("plot.png");
+        match crate::plot::read_run(&run_dir).and_then(|r| crate::plot::write(&[r], &figure)) {
+            Ok(()) => eprintln!("figure written to {}", figure.display()),
+            Err(e) => eprintln!("no figure: {e:#}"),
+        }
+    }
     if let Some(f) = summary["failure"].as_str() {
         bail!("{f}");
     }
     Ok(())
+}
+
+/// The paper's name of an arm: HiR (hindsight on, binary reward), binary (off, binary),
+/// CLA (off, constraint-level accuracy); other combinations say what they are.
+pub fn arm_label(hindsight: &str, reward: hindsight_replay_server::Reward) -> String {
+    use hindsight_replay_server::Reward;
+    match (hindsight, reward) {
+        ("on", Reward::Binary) => "HiR".into(),
+        ("off", Reward::Binary) => "binary".into(),
+        ("off", Reward::Cla) => "CLA".into(),
+        ("on", Reward::Cla) => "HiR+CLA".into(),
+        (h, _) => format!("hindsight-{h}"),
+    }
+}
+
+/// The weight version the learner published with its last step.
+fn final_version(steps: &[Value]) -> u64 {
+    steps
+        .last()
+        .and_then(|s| s["policy_version"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Whether the evaluations cover `version`: one of them is of it, or no later one is due
+/// (the newest evaluated is less than `every` versions before it).
+fn evals_cover(evals: &[Value], version: u64, every: u64) -> bool {
+    evals
+        .iter()
+        .filter_map(|e| e["version"].as_u64())
+        .max()
+        .is_some_and(|v| v + every > version)
+}
+
+/// One progress line for an evaluation.
+fn eval_line(e: &Value) -> String {
+    let f = |k: &str| e[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "eval version {}  {} x{}  prompt strict {:.3} loose {:.3}  instruction strict {:.3} loose {:.3}  {:.1}s",
+        e["version"], e["bench"].as_str().unwrap_or("?"), e["limit"], f("prompt_strict"),
+        f("prompt_loose"), f("instruction_strict"), f("instruction_loose"), f("seconds")
+    )
 }
 
 /// The learner's step now: the `step` of the last line of its step log. Not the number of

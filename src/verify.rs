@@ -11,15 +11,18 @@
 //! `random_used` is never written. The summary carries prompt- and instruction-level
 //! strict / loose accuracy (also under lm-eval's names) and per-id counts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_constraints::{build_from, supported_ids, with_response_cache, Map, Value};
-use serde_json::json;
+use hindsight_constraints::score::{
+    output_line, record_from, score_all, score_record, scores, summary_json, unsupported,
+    ScoreRecord as Record, BATCH,
+};
+use hindsight_constraints::{supported_ids, Map, Value};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bench {
@@ -28,7 +31,7 @@ pub enum Bench {
 }
 
 impl Bench {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Bench::Ifeval => "ifeval",
             Bench::Ifbench => "ifbench",
@@ -77,22 +80,7 @@ pub struct VerifyArgs {
     pub jobs: usize,
 }
 
-/// One record to verify.
-struct Record {
-    key: Value,
-    ids: Vec<String>,
-    kwargs: Vec<Map<String, Value>>,
-    response: String,
-}
-
-/// One record's verdicts (`None` = could not be evaluated).
-struct Verdicts {
-    strict: Vec<Option<bool>>,
-    loose: Vec<Option<bool>>,
-    errors: Vec<(usize, String)>,
-}
-
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
@@ -108,34 +96,6 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
 /// Python `str.strip()`.
 fn py_strip(s: &str) -> &str {
     s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
-}
-
-fn record_from(v: &Value, response: String) -> Result<Record> {
-    let ids: Vec<String> = v["instruction_id_list"]
-        .as_array()
-        .context("record without instruction_id_list")?
-        .iter()
-        .map(|x| {
-            x.as_str()
-                .map(str::to_string)
-                .context("instruction id is not a string")
-        })
-        .collect::<Result<_>>()?;
-    let kws = v.get("kwargs").and_then(Value::as_array);
-    let kwargs = (0..ids.len())
-        .map(|i| {
-            kws.and_then(|k| k.get(i))
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default()
-        })
-        .collect();
-    Ok(Record {
-        key: v.get("key").cloned().unwrap_or(Value::Null),
-        ids,
-        kwargs,
-        response,
-    })
 }
 
 /// Records as the oracle's `load_records` builds them; also returns the keys of prompts
@@ -157,7 +117,7 @@ fn load_records(
                     continue;
                 }
             }
-            out.push(record_from(&v, resp.unwrap_or("").to_string())?);
+            out.push(record_from(&v, resp.unwrap_or("").to_string()).map_err(anyhow::Error::msg)?);
         }
         return Ok((out, missing_keys));
     }
@@ -187,239 +147,12 @@ fn load_records(
                 continue;
             }
         }
-        out.push(record_from(&p, resp.unwrap_or_default())?);
+        out.push(record_from(&p, resp.unwrap_or_default()).map_err(anyhow::Error::msg)?);
     }
     Ok((out, missing_keys))
 }
 
-/// Verify one record (build every constraint, strict and loose), sharing analyses of the
-/// response and its loose variants between the checks ([`with_response_cache`]).
-fn verify_record(r: &Record) -> Verdicts {
-    with_response_cache(|| verify_record_uncached(r))
-}
-
-fn verify_record_uncached(r: &Record) -> Verdicts {
-    let n = r.ids.len();
-    let mut v = Verdicts {
-        strict: Vec::with_capacity(n),
-        loose: Vec::with_capacity(n),
-        errors: Vec::new(),
-    };
-    for (i, id) in r.ids.iter().enumerate() {
-        match build_from(id, &r.kwargs[i]) {
-            Ok(c) => {
-                let strict = c.check_strict(&r.response);
-                v.strict.push(Some(strict));
-                // the response itself is the first loose variant: not checked twice
-                v.loose
-                    .push(Some(c.check_loose_given_strict(&r.response, strict)));
-            }
-            Err(e) => {
-                v.strict.push(None);
-                v.loose.push(None);
-                v.errors.push((i, e.to_string()));
-            }
-        }
-    }
-    v
-}
-
-/// Records handed to a worker at a time (small, so that threads finish together).
-const BATCH: usize = 8;
-
-/// Verify all records on exactly `jobs` threads (the calling thread is one of them),
-/// keeping their order. Workers take batches of [`BATCH`] records from a shared counter,
-/// so uneven record costs do not leave a thread idle.
-fn verify_all(records: &[Record], jobs: usize) -> Vec<Verdicts> {
-    let jobs = jobs.clamp(1, records.len().div_ceil(BATCH).max(1));
-    if jobs == 1 {
-        return records.iter().map(verify_record).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || {
-        let mut done: Vec<(usize, Vec<Verdicts>)> = Vec::new();
-        loop {
-            let start = next.fetch_add(BATCH, std::sync::atomic::Ordering::Relaxed);
-            if start >= records.len() {
-                return done;
-            }
-            let end = (start + BATCH).min(records.len());
-            done.push((
-                start,
-                records[start..end].iter().map(verify_record).collect(),
-            ));
-        }
-    };
-    let mut parts: Vec<(usize, Vec<Verdicts>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..jobs).map(|_| s.spawn(work)).collect();
-        let mut parts = work();
-        for h in handles {
-            parts.extend(h.join().expect("verifier thread panicked"));
-        }
-        parts
-    });
-    parts.sort_unstable_by_key(|p| p.0);
-    parts.into_iter().flat_map(|p| p.1).collect()
-}
-
-/// Python `json.dumps(v, ensure_ascii=False)` (default separators).
-fn py_json(v: &Value, out: &mut String) {
-    match v {
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                py_json(x, out);
-            }
-            out.push(']');
-        }
-        Value::Object(m) => {
-            out.push('{');
-            for (i, (k, x)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push_str(": ");
-                py_json(x, out);
-            }
-            out.push('}');
-        }
-        other => out.push_str(&other.to_string()),
-    }
-}
-
-fn opt_bools(v: &[Option<bool>]) -> String {
-    let parts: Vec<&str> = v
-        .iter()
-        .map(|b| match b {
-            Some(true) => "true",
-            Some(false) => "false",
-            None => "null",
-        })
-        .collect();
-    format!("[{}]", parts.join(", "))
-}
-
-/// One output line, field order and layout as the oracle's.
-fn output_line(r: &Record, v: &Verdicts, out: &mut String) {
-    let all = |x: &[Option<bool>]| x.iter().all(|b| *b == Some(true));
-    out.push_str("{\"key\": ");
-    py_json(&r.key, out);
-    out.push_str(", \"instruction_id_list\": ");
-    py_json(
-        &Value::Array(r.ids.iter().cloned().map(Value::String).collect()),
-        out,
-    );
-    let _ = write!(
-        out,
-        ", \"follow_instruction_list_strict\": {}, \"follow_instruction_list_loose\": {}, \
-         \"follow_all_instructions_strict\": {}, \"follow_all_instructions_loose\": {}",
-        opt_bools(&v.strict),
-        opt_bools(&v.loose),
-        all(&v.strict),
-        all(&v.loose)
-    );
-    if !v.errors.is_empty() {
-        // oracle field order: index, instruction_id, error
-        let errs: Vec<String> = v
-            .errors
-            .iter()
-            .map(|(i, e)| {
-                format!(
-                    "{{\"index\": {i}, \"instruction_id\": {}, \"error\": {}}}",
-                    json!(r.ids[*i]),
-                    json!(e)
-                )
-            })
-            .collect();
-        let _ = write!(out, ", \"errors\": [{}]", errs.join(", "));
-    }
-    out.push_str("}\n");
-}
-
-/// Instruction ids of `records` the registry does not know, with their counts.
-fn unsupported(records: &[Record]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for r in records {
-        for id in &r.ids {
-            if !supported_ids().contains(&id.as_str()) {
-                *m.entry(id.clone()).or_default() += 1;
-            }
-        }
-    }
-    m
-}
-
-fn summary(
-    bench: Bench,
-    records: &[Record],
-    verdicts: &[Verdicts],
-    missing: &[Value],
-    missing_policy: Missing,
-    seconds: f64,
-) -> Value {
-    let mut n_inst = 0usize;
-    let (mut n_s, mut n_l, mut n_ps, mut n_pl) = (0usize, 0usize, 0usize, 0usize);
-    let mut per_id: BTreeMap<&str, [usize; 4]> = BTreeMap::new();
-    let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
-    for (r, v) in records.iter().zip(verdicts) {
-        n_inst += r.ids.len();
-        let s = v.strict.iter().filter(|b| **b == Some(true)).count();
-        let l = v.loose.iter().filter(|b| **b == Some(true)).count();
-        n_s += s;
-        n_l += l;
-        n_ps += usize::from(s == r.ids.len());
-        n_pl += usize::from(l == r.ids.len());
-        for (i, id) in r.ids.iter().enumerate() {
-            let e = per_id.entry(id).or_default();
-            e[0] += 1;
-            e[1] += usize::from(v.strict[i] == Some(true));
-            e[2] += usize::from(v.loose[i] == Some(true));
-            e[3] += usize::from(v.strict[i].is_none());
-            if v.strict[i].is_none() {
-                *errors.entry(id).or_default() += 1;
-            }
-        }
-    }
-    let ratio = |a: usize, b: usize| {
-        if b == 0 {
-            Value::Null
-        } else {
-            json!(a as f64 / b as f64)
-        }
-    };
-    let n = records.len();
-    json!({
-        "bench": bench.name(),
-        "impl": "hindsight",
-        "records": n,
-        "instructions": n_inst,
-        "missing_responses": missing,
-        "missing_policy": match missing_policy { Missing::Empty => "empty", Missing::Skip => "skip" },
-        "prompt_level_strict": ratio(n_ps, n),
-        "prompt_level_loose": ratio(n_pl, n),
-        "instruction_level_strict": ratio(n_s, n_inst),
-        "instruction_level_loose": ratio(n_l, n_inst),
-        "lm_eval": {
-            "prompt_level_strict_acc": ratio(n_ps, n),
-            "inst_level_strict_acc": ratio(n_s, n_inst),
-            "prompt_level_loose_acc": ratio(n_pl, n),
-            "inst_level_loose_acc": ratio(n_l, n_inst),
-        },
-        "errors_by_instruction_id": errors,
-        "random_used_by_instruction_id": {},
-        "per_instruction_id": per_id.iter().map(|(k, v)| {
-            (k.to_string(), json!({"n": v[0], "strict": v[1], "loose": v[2], "errors": v[3]}))
-        }).collect::<Map<String, Value>>(),
-        "seconds_eval": (seconds * 1000.0).round() / 1000.0,
-        "version": env!("CARGO_PKG_VERSION"),
-    })
-}
-
-fn jobs_or_all(jobs: usize) -> usize {
+pub(crate) fn jobs_or_all(jobs: usize) -> usize {
     if jobs > 0 {
         jobs
     } else {
@@ -451,7 +184,7 @@ pub fn run(args: VerifyArgs) -> Result<()> {
         );
     }
     let t0 = Instant::now();
-    let verdicts = verify_all(&records, jobs_or_all(args.jobs));
+    let verdicts = score_all(&records, jobs_or_all(args.jobs));
     let mut text = String::with_capacity(records.len() * 256);
     for (r, v) in records.iter().zip(&verdicts) {
         output_line(r, v, &mut text);
@@ -459,12 +192,15 @@ pub fn run(args: VerifyArgs) -> Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     std::fs::write(&args.output, text)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    let s = summary(
-        args.bench,
-        &records,
-        &verdicts,
+    let policy = match args.missing {
+        Missing::Empty => "empty",
+        Missing::Skip => "skip",
+    };
+    let s = summary_json(
+        args.bench.name(),
+        &scores(&records, &verdicts),
         &missing,
-        args.missing,
+        policy,
         seconds,
     );
     if let Some(path) = &args.summary {
@@ -538,7 +274,7 @@ fn measure(records: &[Record], threads: usize, min_seconds: f64) -> f64 {
             }
             for k in i..i + BATCH {
                 let r = &records[k % n];
-                let v = verify_record(r);
+                let v = score_record(r);
                 buf.clear();
                 output_line(r, &v, &mut buf);
                 done += 1;
@@ -665,7 +401,7 @@ pub fn bench(args: BenchVerifyArgs) -> Result<()> {
             }
         };
         // warm up lazily initialised tables
-        let _ = verify_all(&records, 1);
+        let _ = score_all(&records, 1);
         let mut one_thread: Option<f64> = None;
         for &t in &args.threads {
             let t = t.max(1);

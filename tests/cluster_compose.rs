@@ -312,6 +312,11 @@ fn compose_cluster_scales_survives_kills_and_is_observable() {
         ("MAX_NEW_TOKENS", "24".into()),
         // Scaling and kills make actors lag: keep every group (the check wants none stale).
         ("MAX_STALENESS", "100000".into()),
+        // The optional evaluator too (its dashboard panels need it), on a small slice.
+        ("COMPOSE_PROFILES", "evaluator".into()),
+        ("EVAL_EVERY", "1".into()),
+        ("EVAL_LIMIT", "2".into()),
+        ("EVAL_MAX_NEW_TOKENS", "16".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -1,5 +1,5 @@
 //! The Grafana dashboard against real data, without Docker: a real `hindsight up` on the tiny
-//! model (replay server, learner, two actors as processes), a real Prometheus (Debian's
+//! model (replay server, learner, two actors and an evaluator as processes), a real Prometheus (Debian's
 //! package) scraping their `/metrics` every second with the recording and alerting rules
 //! loaded, then every panel's query from `deploy/grafana/dashboards/hindsight.json` through
 //! Prometheus' HTTP API: the test fails naming each panel whose query returns no series, each
@@ -36,6 +36,11 @@ fn every_dashboard_panel_has_data_from_a_real_cluster() {
             "2",
             "--threads-per-process",
             "1",
+            // The evaluator's panels: every version, on 2 prompts.
+            "--eval-every",
+            "1",
+            "--eval-limit",
+            "2",
         ],
     );
     let (endpoints, _) = wait_until(
@@ -45,7 +50,7 @@ fn every_dashboard_panel_has_data_from_a_real_cluster() {
         "endpoints.json with every process",
         || {
             read_endpoints(&run_dir)
-                .filter(|e| e["metrics"].as_object().is_some_and(|m| m.len() == 4))
+                .filter(|e| e["metrics"].as_object().is_some_and(|m| m.len() == 5))
         },
     );
 
@@ -54,6 +59,7 @@ fn every_dashboard_panel_has_data_from_a_real_cluster() {
         ("replay-server", vec![]),
         ("learner", vec![]),
         ("actor", vec![]),
+        ("evaluator", vec![]),
     ];
     for (name, url) in endpoints["metrics"].as_object().unwrap() {
         let target = url
@@ -108,11 +114,11 @@ fn every_dashboard_panel_has_data_from_a_real_cluster() {
         },
     );
 
-    // Every target up (4 processes), each by the job it should be in. Each target's first
+    // Every target up (5 processes), each by the job it should be in. Each target's first
     // scrape comes at its own offset within the interval: poll.
     let polled = Instant::now();
     while prom
-        .query("count(up == 1) == 4")
+        .query("count(up == 1) == 5")
         .map_or(true, |r| r.is_empty())
         && polled.elapsed() < Duration::from_secs(20)
     {
@@ -126,7 +132,7 @@ fn every_dashboard_panel_has_data_from_a_real_cluster() {
         }
     }
     assert!(
-        up_series.len() == 4 && down.is_empty(),
+        up_series.len() == 5 && down.is_empty(),
         "targets not all up: {} series, down: {down:?}\ntargets: {:#?}\n{}",
         up_series.len(),
         prom.targets(),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hindsight_constraints::{generate_prompts, PromptRecord};
+use serde_json::json;
 
 #[test]
 fn tiny_cluster_trains_with_hindsight_replay() {
@@ -58,6 +59,15 @@ fn tiny_cluster_trains_with_hindsight_replay() {
             Some(12),
             "2 prompts x m=6 originals: {s}"
         );
+        // The generation budget: 12 responses a step, counted cumulatively.
+        assert_eq!(s["step_generated_responses"].as_u64(), Some(12), "{s}");
+        assert_eq!(
+            s["generated_responses"].as_u64(),
+            Some(12 * (i as u64 + 1)),
+            "{s}"
+        );
+        assert!(s["clip_fraction_original"].as_f64().is_some(), "{s}");
+        assert_eq!(s["mini_batches"].as_u64(), Some(1), "{s}");
     }
 
     // The learner scores the actors' on-policy tokens as the actors did (same weights, same
@@ -117,6 +127,16 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         vec![3.0]
     );
     assert_eq!(series(&learner, "hindsight_learner_steps_total"), vec![3.0]);
+    assert_eq!(
+        series(&learner, "hindsight_learner_generated_responses_total"),
+        vec![36.0],
+        "{learner}"
+    );
+    assert!(
+        learner.contains("hindsight_learner_kind_clip_fraction{")
+            && learner.contains("kind=\"original\""),
+        "{learner}"
+    );
     assert!(!series(&learner, "hindsight_learner_loss").is_empty());
     assert_eq!(
         series(&learner, "hindsight_learner_step_seconds_count"),
@@ -210,6 +230,15 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     for p in summary["processes"].as_array().unwrap() {
         assert!(p["peak_rss_mib"].as_f64().unwrap() > 1.0, "{p}");
     }
+    assert_eq!(
+        (&summary["arm"], &summary["reward"], &summary["hindsight"]),
+        (&json!("HiR"), &json!("binary"), &json!("on")),
+        "{summary}"
+    );
+    assert_eq!(summary["generated_responses"], 36, "{summary}");
+    // `up` draws the run's learning curves.
+    let png = std::fs::read(run_dir.join("plot.png")).expect("up writes plot.png");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
 
     // Replays: reward 1, an instruction holding exactly the satisfied constraints.
     let samples = read_jsonl(&run_dir.join("batches.jsonl"));
@@ -341,11 +370,101 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     assert_eq!(steps.len(), 4, "{steps:?}");
     assert_eq!(steps[3]["step"], 4);
     assert_eq!(steps[3]["policy_version"], 4);
+    // The budget count continues across the restart (it is in the checkpoint).
+    assert_eq!(steps[3]["generated_responses"], 48, "{}", steps[3]);
     let learner_log = std::fs::read_to_string(run_dir.join("logs/learner.log")).unwrap();
     assert!(
         learner_log.contains("resumed from checkpoint"),
         "{learner_log}"
     );
+}
+
+/// The CLA baseline arm: hindsight off, every response generated (n per prompt), no replay,
+/// each original's reward the fraction of its constraints that hold; success stays "every
+/// constraint holds".
+#[test]
+fn tiny_cla_baseline_arm() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("cla");
+    let records: Vec<PromptRecord> = generate_prompts(3, 16);
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        records
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let mut up = start_up(
+        &run_dir,
+        &[
+            "--model",
+            "tiny",
+            "--actors",
+            "1",
+            "--steps",
+            "1",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "24",
+            "--prompts-per-batch",
+            "2",
+            "--group-size",
+            "4",
+            "--hindsight",
+            "off",
+            "--reward",
+            "cla",
+            "--mini-batches",
+            "2",
+            "--threads-per-process",
+            "1",
+        ],
+    );
+    let steps = wait_for_steps(&mut up, &run_dir, 1, Duration::from_secs(600));
+    let summary = stop_up(up, &run_dir);
+    assert_eq!(
+        (&summary["arm"], &summary["reward"]),
+        (&json!("CLA"), &json!("cla")),
+        "{summary}"
+    );
+    let s = &steps[0];
+    assert_eq!(s["original_samples"], 8, "{s}");
+    assert_eq!(s["replay_samples"], 0, "{s}");
+    assert_eq!(s["generated_responses"], 8, "{s}");
+    assert_eq!(s["mini_batches"], 2, "{s}");
+    assert!(s["clip_fraction_replay"].is_null(), "{s}");
+    // The batch trained at step 1 (the server may have logged the next one already).
+    let samples: Vec<_> = read_jsonl(&run_dir.join("batches.jsonl"))
+        .into_iter()
+        .filter(|x| x["batch_id"] == s["batch_id"])
+        .collect();
+    assert_eq!(samples.len(), 8, "{samples:?}");
+    let mut successes = 0;
+    for x in &samples {
+        let v: Vec<bool> = x["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
+        let cla = v.iter().filter(|b| **b).count() as f64 / v.len() as f64;
+        let reward = x["reward"].as_f64().unwrap();
+        assert!((reward - cla).abs() < 1e-6, "{x}");
+        successes += usize::from(v.iter().all(|b| *b));
+    }
+    let mean_reward = samples
+        .iter()
+        .map(|x| x["reward"].as_f64().unwrap())
+        .sum::<f64>()
+        / 8.0;
+    assert!(
+        (s["reward_mean"].as_f64().unwrap() - mean_reward).abs() < 1e-5,
+        "{s}"
+    );
+    assert!((s["success_rate"].as_f64().unwrap() - successes as f64 / 8.0).abs() < 1e-6);
 }
 
 /// `--device` on the actor and the learner: a name that is no device, and (in a build

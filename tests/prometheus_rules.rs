@@ -152,6 +152,7 @@ fn exported_names() -> BTreeSet<String> {
         "actor/src/metrics.rs",
         "learner/src/metrics.rs",
         "replay-server/src/metrics.rs",
+        "evaluator/src/metrics.rs",
         "src/telemetry/process.rs",
     ] {
         let text = std::fs::read_to_string(repo().join(file)).unwrap();

@@ -254,7 +254,13 @@ async fn start_model(
                 precision: args.precision,
             };
             // Local weights stand for version 0 (the learner's base model).
-            let follower = weights::Follower::start(client.clone(), spec, Some(0), stop);
+            let follower = weights::Follower::start_observed(
+                client.clone(),
+                spec,
+                Some(0),
+                stop,
+                weights::OBSERVER,
+            );
             Ok((
                 StartedModel {
                     name: loaded.name,
@@ -274,7 +280,13 @@ async fn start_model(
                 device: device.clone(),
                 precision: args.precision,
             };
-            let follower = weights::Follower::start(client.clone(), spec, None, stop);
+            let follower = weights::Follower::start_observed(
+                client.clone(),
+                spec,
+                None,
+                stop,
+                weights::OBSERVER,
+            );
             let first = follower.next().await?;
             let v = first.version;
             let mut sampler = Sampler::from_prepared(

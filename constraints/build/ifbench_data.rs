@@ -22,10 +22,10 @@ use std::process::Command;
 
 use super::{cache_dir, python, sha256_hex};
 
-struct Wheel {
-    spec: &'static str,
-    file: &'static str,
-    sha256: &'static str,
+pub struct Wheel {
+    pub spec: &'static str,
+    pub file: &'static str,
+    pub sha256: &'static str,
 }
 
 const LLAMA: Wheel = Wheel {
@@ -164,7 +164,7 @@ fn run_convert(mode: &str, src: &Path, out: &Path, expected: &[&str]) {
 }
 
 /// A hash-checked wheel: `$HINDSIGHT_WHEELHOUSE`, the cache, or `pip download`.
-fn wheel(w: &Wheel) -> PathBuf {
+pub fn wheel(w: &Wheel) -> PathBuf {
     let ok = |p: &Path| std::fs::read(p).is_ok_and(|d| sha256_hex(&d) == w.sha256);
     if let Some(dir) = std::env::var_os("HINDSIGHT_WHEELHOUSE") {
         let p = PathBuf::from(dir).join(w.file);

@@ -9,7 +9,11 @@
 //! * training-prompt records, their layout and the HiR rewrite ([`PromptRecord`],
 //!   [`CompiledRecord`], [`Rewrite`], [`load_jsonl`]);
 //! * a seeded prompt generator ([`generate_prompts`]);
-//! * the HiR reward, selection and layout functions ([`hir`]).
+//! * the HiR reward, selection and layout functions ([`hir`]);
+//! * a port of the `langdetect` language detector the reference checkers call
+//!   ([`langdetect`]).
+//! * benchmark scoring shared by `verify`, `eval` and the evaluator ([`score`]) and the
+//!   embedded IFEval / IFBench prompts ([`benchmarks`]).
 //!
 //! Everything except [`load_jsonl`] is pure and total: no I/O, and no verifier panics
 //! on any input (invalid kwargs are rejected once, at build time, with a
@@ -18,8 +22,6 @@
 //! # Deliberate differences from the reference
 //! * Missing, ill-typed or negative kwargs (where the reference draws a random value) and
 //!   blank keywords / end phrases / postscript markers are rejected at build time.
-//! * `change_case:english_*` use `whatlang` instead of `langdetect` (see `lang.rs`); the
-//!   conformance test lists the three disagreements on the GPT-4 golden set.
 //! * Keywords, forbidden words and custom postscript markers are regex patterns in the
 //!   reference. Plain words (no metacharacter) behave exactly as in Python (including
 //!   Python's `\b`); patterns with metacharacters are compiled by the `regex` crate
@@ -28,6 +30,7 @@
 //!   the reference raises `RecursionError`.
 //! * Unicode property tables come from Rust's `std` / `regex`, not Python 3.11's.
 
+pub mod benchmarks;
 mod constraint;
 mod generator;
 pub mod hir;
@@ -36,10 +39,12 @@ mod ifeval;
 mod jsonval;
 mod kwargs;
 mod lang;
+pub mod langdetect;
 mod loose;
 mod pytext;
 mod record;
 mod registry;
+pub mod score;
 mod sentences;
 mod wordtok;
 

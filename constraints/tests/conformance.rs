@@ -1,8 +1,8 @@
 //! Conformance with the reference IFEval checkers (lm_eval 0.4.13): for every golden
 //! record of the GPT-4 set and of the probe set, each in-scope instruction's strict and
 //! loose verdicts must equal the oracle's, except entries the oracle marks as random
-//! (`random_used`) or erroring (`errors`). The two language-detection ids (langdetect in
-//! the reference, whatlang here) may disagree only on the listed cases.
+//! (`random_used`) or erroring (`errors`). That includes the three language-detection ids
+//! (`langdetect` in the reference, our port of it here): no disagreement is accepted.
 
 mod common;
 
@@ -10,12 +10,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use common::{cases_from, key_str, oracle_dir, read_jsonl, Case};
 use hindsight_constraints::{build, supported_ids, ConstraintSpec, Value};
-
-const LANG_IDS: [&str; 3] = [
-    "change_case:english_capital",
-    "change_case:english_lowercase",
-    "language:response_language",
-];
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Disagreement {
@@ -26,14 +20,13 @@ struct Disagreement {
     expected: bool,
 }
 
-/// Compare every in-scope instruction; returns (checked count, language disagreements).
-/// Non-language disagreements fail the test immediately with details.
-fn check_set(name: &str, cases: &[Case], expected: &[Value]) -> (usize, Vec<Disagreement>) {
+/// Compare every in-scope instruction; returns the checked count. Any disagreement fails
+/// the test with details.
+fn check_set(name: &str, cases: &[Case], expected: &[Value]) -> usize {
     let expected: HashMap<String, &Value> =
         expected.iter().map(|e| (key_str(&e["key"]), e)).collect();
     let in_scope: HashSet<&str> = supported_ids().iter().copied().collect();
     let mut checked = 0;
-    let mut lang = Vec::new();
     let mut failures = Vec::new();
     for case in cases {
         let exp = expected
@@ -77,11 +70,7 @@ fn check_set(name: &str, cases: &[Case], expected: &[Value]) -> (usize, Vec<Disa
                         mode,
                         expected: want,
                     };
-                    if LANG_IDS.contains(&id.as_str()) {
-                        lang.push(d);
-                    } else {
-                        failures.push(format!("{d:?} response={:?}", truncate(&case.response)));
-                    }
+                    failures.push(format!("{d:?} response={:?}", truncate(&case.response)));
                 }
             }
             checked += 1;
@@ -93,7 +82,7 @@ fn check_set(name: &str, cases: &[Case], expected: &[Value]) -> (usize, Vec<Disa
         failures.len(),
         failures.join("\n")
     );
-    (checked, lang)
+    checked
 }
 
 fn truncate(s: &str) -> String {
@@ -122,11 +111,10 @@ fn ifeval_gpt4_matches_reference() {
     });
     let expected = read_jsonl(&dir.join("golden/ifeval_gpt4.expected.jsonl"));
     assert_eq!(cases.len(), 541);
-    let (checked, lang) = check_set("ifeval_gpt4", &cases, &expected);
-    println!("ifeval_gpt4: {checked} instructions checked, language disagreements: {lang:#?}");
+    let checked = check_set("ifeval_gpt4", &cases, &expected);
+    println!("ifeval_gpt4: {checked} instructions checked");
     // all 834 instructions but the 2 random ones
     assert_eq!(checked, 832, "every instruction is checked");
-    assert_known(&lang, KNOWN_GPT4);
 }
 
 #[test]
@@ -135,53 +123,9 @@ fn ifeval_probe_matches_reference() {
     let inputs = read_jsonl(&dir.join("golden/probe/ifeval_in.jsonl"));
     let cases = cases_from(&inputs, |r| r["response"].as_str().unwrap().to_string());
     let expected = read_jsonl(&dir.join("golden/probe/ifeval_probe.expected.jsonl"));
-    let (checked, lang) = check_set("ifeval_probe", &cases, &expected);
-    println!("ifeval_probe: {checked} instructions checked, language disagreements: {lang:#?}");
+    let checked = check_set("ifeval_probe", &cases, &expected);
+    println!("ifeval_probe: {checked} instructions checked");
     // 25 ids x 12 probes, less the 12 `keywords:letter_frequency` probes whose letter is
     // not a letter (random in the reference)
     assert_eq!(checked, 24 * 12, "every id has 12 probes");
-    assert_known(&lang, KNOWN_PROBE);
-}
-
-/// (key, instruction index, reason) of each accepted language-detection disagreement
-/// (langdetect in the reference vs whatlang here); the verdict may differ in strict mode,
-/// loose mode or both.
-type Known = &'static [(&'static str, usize, &'static str)];
-
-const KNOWN_GPT4: Known = &[
-    (
-        "279",
-        0,
-        "english_lowercase on a 17-word lowercase poem full of Irish names (\"glistening \
-         emerald hills, gulls glide over galway's grace, gaelic ghosts ...\"): langdetect says \
-         en, whatlang says Dutch (confidence 0.46, unreliable)",
-    ),
-    (
-        "3456",
-        1,
-        "english_capital on a numbered list of ~50 upper-case first/last names: langdetect \
-         says not en, whatlang says English (reliable): names carry no real language signal",
-    ),
-    (
-        "3617",
-        0,
-        "english_capital on six words (\"PIXEL PRODIGY / CODE CONSTRUCT / DIGITAL DYNAMICS\"): \
-         langdetect says en, whatlang says Catalan (confidence 0.43, unreliable)",
-    ),
-];
-const KNOWN_PROBE: Known = &[];
-
-fn assert_known(found: &[Disagreement], known: Known) {
-    assert!(
-        known.len() <= 3,
-        "at most 3 accepted disagreements per data set"
-    );
-    let found_keys: BTreeSet<(String, usize)> =
-        found.iter().map(|d| (d.key.clone(), d.index)).collect();
-    let known_keys: BTreeSet<(String, usize)> =
-        known.iter().map(|(k, i, _)| (k.to_string(), *i)).collect();
-    assert_eq!(
-        found_keys, known_keys,
-        "language-detection disagreements changed: {found:#?}"
-    );
 }

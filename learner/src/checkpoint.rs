@@ -25,6 +25,10 @@ pub struct TrainerState {
     pub last_batch_id: u64,
     /// Response tokens trained on so far.
     pub tokens_trained: u64,
+    /// Responses the actors generated for the batches trained so far (originals; replays
+    /// are not generated): the sample-efficiency x-axis of `steps.jsonl`.
+    #[serde(default)]
+    pub generated_responses: u64,
     /// Model spec the run started from ("tiny", "smollm2", a path).
     pub base_model: String,
 }
@@ -131,6 +135,7 @@ mod tests {
             policy_version: 3,
             last_batch_id: 7,
             tokens_trained: 99,
+            generated_responses: 24,
             base_model: "tiny".into(),
         };
         save(dir.path(), &state, model(vec![1, 2, 3]))?;

@@ -95,6 +95,11 @@ pub struct LearnerArgs {
     /// Sequences per forward/backward pass; gradients are accumulated over the batch.
     #[arg(long, env = "HINDSIGHT_MICRO_BATCH", default_value_t = 4)]
     pub micro_batch: usize,
+    /// Optimizer steps per training batch: the batch is split into this many mini-batches
+    /// (sample i into mini-batch i mod K) after the advantages are computed over all of it.
+    /// The HiR reference takes 2; 1 (one step per batch) is the default.
+    #[arg(long, env = "HINDSIGHT_MINI_BATCHES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mini_batches: u32,
     /// Device to train on: `cpu` (the hand-written whole-model pass) or `cuda` / `cuda:N`
     /// (candle's CUDA backend with differentiable primitives; needs a `--features cuda`
     /// build).
@@ -176,6 +181,7 @@ impl Default for LearnerArgs {
             clip: 0.2,
             dual_clip: 3.0,
             micro_batch: 4,
+            mini_batches: 1,
             device: "cpu".into(),
             max_steps: 0,
             checkpoint_dir: None,
@@ -216,6 +222,7 @@ impl hindsight_service::ToArgv for LearnerArgs {
             .opt("--clip", self.clip)
             .opt("--dual-clip", self.dual_clip)
             .opt("--micro-batch", self.micro_batch)
+            .opt("--mini-batches", self.mini_batches)
             .opt("--device", &self.device)
             .opt("--max-steps", self.max_steps)
             .path_some("--checkpoint-dir", &self.checkpoint_dir)
@@ -300,6 +307,7 @@ pub async fn run(
             dual_clip: args.dual_clip,
         },
         micro_batch: args.micro_batch,
+        mini_batches: args.mini_batches as usize,
     };
     let mut trainer = Trainer::new(&loaded, args.reference_model, config, &device)?;
     let description = hindsight_policy::ModelDescription::new(&loaded.config, &loaded.tokenizer)?;
@@ -827,8 +835,10 @@ async fn train_loop(
             state.policy_version += 1;
             state.last_batch_id = batch.batch_id;
             state.tokens_trained += stats.response_tokens as u64;
+            state.generated_responses += stats.step_generated_responses;
             let mut stats = stats;
             stats.policy_version = state.policy_version;
+            stats.generated_responses = state.generated_responses;
             let mut seqs: Vec<u64> = batch
                 .samples
                 .iter()
@@ -912,6 +922,15 @@ fn record_metrics(s: &StepStats) {
     counter!(metrics::SAMPLES, "kind" => "original").increment(u64::from(s.original_samples));
     counter!(metrics::SAMPLES, "kind" => "replay").increment(u64::from(s.replay_samples));
     gauge!(metrics::CLIP_FRACTION).set(s.clip_fraction);
+    for (kind, fraction) in [
+        ("original", s.clip_fraction_original),
+        ("replay", s.clip_fraction_replay),
+    ] {
+        if let Some(f) = fraction {
+            gauge!(metrics::CLIP_FRACTION_BY_KIND, "kind" => kind).set(f);
+        }
+    }
+    counter!(metrics::GENERATED_RESPONSES).increment(s.step_generated_responses);
 }
 
 #[cfg(test)]
@@ -951,6 +970,7 @@ mod args_tests {
             clip: 0.3,
             dual_clip: 4.0,
             micro_batch: 3,
+            mini_batches: 2,
             device: "cuda:1".into(),
             max_steps: 10,
             checkpoint_dir: p("/ck"),

@@ -25,9 +25,12 @@ impl Default for PpoConfig {
 }
 
 /// Summaries of one micro-batch, summed over valid tokens (divide by the token count).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PpoSums {
     pub clipped_tokens: f64,
+    /// Clipped tokens of each row (sample) of the micro-batch, so that the caller can split
+    /// the clip fraction by kind (original, replay).
+    pub clipped_per_row: Vec<f64>,
     pub ratio_sum: f64,
     /// Sum of `log pi_behaviour - log pi_theta` (the k1 estimate of KL(behaviour || theta)).
     pub kl_sum: f64,
@@ -75,8 +78,16 @@ pub fn ppo_loss(
         .lt(1.0 - cfg.clip)?
         .maximum(&ratio_d.gt(1.0 + cfg.clip)?)?
         .to_dtype(mask.dtype())?;
+    let clipped = (outside * mask)?;
+    let clipped_per_row: Vec<f64> = clipped
+        .sum(1)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
     let sums = PpoSums {
-        clipped_tokens: (outside * mask)?.sum_all()?.to_scalar::<f32>()? as f64,
+        clipped_tokens: clipped_per_row.iter().sum(),
+        clipped_per_row,
         ratio_sum: (&ratio_d * mask)?.sum_all()?.to_scalar::<f32>()? as f64,
         kl_sum: (log_ratio.detach().neg()? * mask)?
             .sum_all()?
@@ -125,6 +136,8 @@ mod tests {
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
         // Tokens 1 (ratio 1.65), 2 (0.61) and 3 (7.39) are outside [0.8, 1.2]; token 5 is masked.
         assert_eq!(sums.clipped_tokens, 3.0);
+        // Row 0 holds tokens 0-2 (two clipped), row 1 tokens 3-5 (one, the masked one not).
+        assert_eq!(sums.clipped_per_row, vec![2.0, 1.0]);
         Ok(())
     }
 

@@ -37,6 +37,12 @@ pub const SUCCESS_RATE: &str = "hindsight_learner_success_rate";
 pub const SAMPLES: &str = "hindsight_learner_samples_total";
 /// Fraction of tokens whose ratio was clipped in the last step.
 pub const CLIP_FRACTION: &str = "hindsight_learner_clip_fraction";
+/// Clip fraction of the last step over the tokens of one `kind` of sample (`original`,
+/// `replay`; set only when the batch had tokens of that kind).
+pub const CLIP_FRACTION_BY_KIND: &str = "hindsight_learner_kind_clip_fraction";
+/// Responses the actors generated for the batches trained (originals; the sample-efficiency
+/// budget that compares HiR with the baselines).
+pub const GENERATED_RESPONSES: &str = "hindsight_learner_generated_responses_total";
 /// Checkpoints written.
 pub const CHECKPOINTS: &str = "hindsight_learner_checkpoints_total";
 
@@ -103,6 +109,14 @@ pub fn describe() {
         CLIP_FRACTION,
         "Fraction of tokens whose ratio was clipped in the last step"
     );
+    describe_gauge!(
+        CLIP_FRACTION_BY_KIND,
+        "Clip fraction of the last step over one kind of sample (original, replay)"
+    );
+    describe_counter!(
+        GENERATED_RESPONSES,
+        "Responses the actors generated for the batches trained (originals, not replays)"
+    );
     describe_counter!(CHECKPOINTS, "Checkpoints written");
 }
 
@@ -114,6 +128,7 @@ pub fn init(step: u64) {
     counter!(STEPS).absolute(0);
     counter!(CHECKPOINTS).absolute(0);
     counter!(TRAIN_TOKENS).absolute(0);
+    counter!(GENERATED_RESPONSES).absolute(0);
     for kind in ["original", "replay"] {
         counter!(SAMPLES, "kind" => kind).absolute(0);
     }

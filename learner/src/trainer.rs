@@ -1,10 +1,10 @@
-//! One learner step on one training batch, in four parts with the collective between them:
-//! [`Trainer::prepare`] (batch-global: advantages, reference log-probs, token count),
-//! [`Trainer::compute_gradients`] (forward/backward over this rank's shard, micro-batch by
-//! micro-batch), [`Trainer::reduce`] (sum gradients and statistics across ranks, global
-//! norm) and [`Trainer::apply`] (clip, fused AdamW). One rank runs them with the no-op
-//! [`Single`] collective. No I/O here: the service loop in `lib.rs` feeds batches and
-//! publishes.
+//! One learner update on one training batch, in four parts with the collective between them:
+//! [`Trainer::prepare`] (batch-global: advantages, reference log-probs, token counts), then
+//! for each of the `--mini-batches` optimizer steps [`Trainer::compute_gradients`]
+//! (forward/backward over this rank's shard of the mini-batch, micro-batch by micro-batch),
+//! [`Trainer::reduce`] (sum gradients and statistics across ranks, global norm) and
+//! [`Trainer::apply`] (clip, fused AdamW). One rank runs them with the no-op [`Single`]
+//! collective. No I/O here: the service loop in `lib.rs` feeds batches and publishes.
 
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ use hindsight_collective::{Collective, Single};
 use hindsight_policy::{
     AdamW, GradSums, HostGrads, LoadedModel, ModelConfig, TrainableModel, Weights,
 };
-use hindsight_proto::v1::TrainingBatch;
+use hindsight_proto::v1::{Sample, TrainingBatch};
 use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
@@ -32,6 +32,8 @@ pub struct TrainConfig {
     pub ppo: PpoConfig,
     /// Sequences per forward/backward pass (memory bound); gradients are accumulated.
     pub micro_batch: usize,
+    /// Optimizer steps per training batch (`--mini-batches`; the HiR reference takes 2).
+    pub mini_batches: usize,
 }
 
 /// Figures of one step, written to the step log and shown by `hindsight up`.
@@ -54,6 +56,13 @@ pub struct StepStats {
     pub response_tokens: usize,
     pub prompt_tokens: usize,
     pub clip_fraction: f64,
+    /// The clip fraction over the tokens of originals only, and of replays only (a replay's
+    /// ratio is taken against its source prompt's behaviour log-probs, so it clips
+    /// differently); `None` when the batch has no token of that kind.
+    pub clip_fraction_original: Option<f64>,
+    pub clip_fraction_replay: Option<f64>,
+    /// Optimizer steps taken on this batch (`--mini-batches`, at most one per sample).
+    pub mini_batches: usize,
     pub approx_kl: f64,
     pub ratio_mean: f64,
     pub step_seconds: f64,
@@ -65,6 +74,11 @@ pub struct StepStats {
     pub logprob_mismatch_max: Option<f64>,
     /// The replay server's sequence numbers of the groups trained on in this step.
     pub group_seqs: Vec<u64>,
+    /// Responses the actors generated for this batch (its originals: m per prompt with
+    /// hindsight on, n with it off), and the run's total through this step: the x-axis that
+    /// compares arms by sample efficiency (replays cost no generation).
+    pub step_generated_responses: u64,
+    pub generated_responses: u64,
 }
 
 /// The trainable policy, the frozen reference (optional) and the optimizer.
@@ -74,6 +88,48 @@ pub struct Trainer {
     pub optimizer: AdamW,
     pub config: TrainConfig,
     device: Device,
+}
+
+/// For each sample, the index of the sample whose reference log-probs it takes: itself for
+/// an original, for a replay the original it was made from (same `group_index`, same
+/// `provenance.response_index`: the assembly always puts a replay's source original in the
+/// same batch). A replay without one is an error, not a silent KL under the wrong prompt.
+pub fn reference_sources(samples: &[&Sample]) -> Result<Vec<usize>> {
+    use std::collections::HashMap;
+    let key = |s: &Sample| {
+        s.provenance
+            .as_ref()
+            .map(|p| (s.group_index, p.response_index))
+    };
+    let originals: HashMap<(u32, u32), usize> = samples
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_replay)
+        .filter_map(|(i, s)| key(s).map(|k| (k, i)))
+        .collect();
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if !s.is_replay {
+                return Ok(i);
+            }
+            let k = key(s).context("a replay sample has no provenance")?;
+            let src = *originals.get(&k).with_context(|| {
+                format!(
+                    "replay of group {} response {} has no source original in the batch",
+                    k.0, k.1
+                )
+            })?;
+            ensure!(
+                samples[src].response_token_ids == s.response_token_ids,
+                "replay of group {} response {}: its source original has other response tokens",
+                k.0,
+                k.1
+            );
+            Ok(src)
+        })
+        .collect()
 }
 
 /// Pads ragged rows into a `[rows, width]` f32 tensor.
@@ -127,8 +183,51 @@ impl Trainer {
         Ok(())
     }
 
-    /// One optimizer step on `batch` as the only rank. `step` is the step number this update
-    /// completes; `current_version` is the weight version before the step (for the mismatch
+    /// Reference log-probs (no gradient) of `samples`, one row per sample over its response
+    /// tokens, or `None` without a reference model. A replay's row is its *source*
+    /// original's (the same response under the prompt it was generated for, as the HiR
+    /// reference copies it), not the response under the rewritten prompt: the KL term
+    /// measures how far the policy moved on what it actually generated. Only originals are
+    /// run through the reference model.
+    pub fn reference_logprobs(
+        &self,
+        samples: &[&Sample],
+        temperature: f64,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let Some(reference) = &self.reference else {
+            return Ok(None);
+        };
+        let sources = reference_sources(samples)?;
+        let own: Vec<usize> = (0..samples.len()).filter(|&i| sources[i] == i).collect();
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; samples.len()];
+        for chunk in own.chunks(self.config.micro_batch.max(1)) {
+            let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk
+                .iter()
+                .map(|&i| {
+                    (
+                        samples[i].prompt_token_ids.clone(),
+                        samples[i].response_token_ids.clone(),
+                    )
+                })
+                .collect();
+            let lp = reference.forward_train(&pairs, temperature)?.logp;
+            for (row, &i) in lp.detach().to_vec2::<f32>()?.into_iter().zip(chunk) {
+                rows[i] = Some(row[..samples[i].response_token_ids.len()].to_vec());
+            }
+        }
+        sources
+            .iter()
+            .map(|&src| {
+                rows[src]
+                    .clone()
+                    .context("reference log-probs of a source sample")
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// One policy-gradient update on `batch` as the only rank. `step` is the step number this
+    /// update completes; `current_version` is the weight version before it (for the mismatch
     /// figure).
     pub fn train_step(
         &mut self,
@@ -139,12 +238,15 @@ impl Trainer {
         self.train_step_with(&mut Single, batch, step, current_version)
     }
 
-    /// One optimizer step on `batch` as one of `collective.world_size()` ranks, every rank
-    /// calling it with the same batch: batch-global quantities over the whole batch
-    /// ([`Trainer::prepare`]), gradients over this rank's shard ([`Trainer::compute_gradients`]),
-    /// reduced across ranks ([`Trainer::reduce`]) and applied ([`Trainer::apply`]). The
-    /// result equals one rank's step on the whole batch within rounding, and is bit-identical
-    /// on every rank.
+    /// One policy-gradient update on `batch` as one of `collective.world_size()` ranks, every
+    /// rank calling it with the same batch: batch-global quantities over the whole batch
+    /// ([`Trainer::prepare`]), then `--mini-batches` optimizer steps, each on every K-th
+    /// sample (sample i in mini-batch i mod K, so that originals and replays mix): gradients
+    /// over this rank's shard of the mini-batch ([`Trainer::compute_gradients`]), reduced
+    /// across ranks ([`Trainer::reduce`]) and applied ([`Trainer::apply`]). The result equals
+    /// one rank's update on the whole batch within rounding, and is bit-identical on every
+    /// rank. The mismatch figure is measured on the first mini-batch, whose weights are
+    /// exactly `current_version`.
     pub fn train_step_with(
         &mut self,
         collective: &mut dyn Collective,
@@ -154,17 +256,30 @@ impl Trainer {
     ) -> Result<StepStats> {
         let started = Instant::now();
         let prepared = self.prepare(batch, current_version)?;
-        let shard = shard_indices(
-            &prepared.costs,
+        let (rank, world) = (
             collective.rank() as usize,
             collective.world_size() as usize,
         );
-        let local = self.compute_gradients(&prepared, &shard, step)?;
-        let reduced = self.reduce(collective, local, step)?;
-        let norm = reduced.norm;
-        let sums = reduced.sums;
-        self.apply(reduced)?;
-        Ok(prepared.stats(batch, step, norm, &sums, started.elapsed().as_secs_f64()))
+        let minis = prepared.mini_batches(self.config.mini_batches);
+        let mut total = StepSums::default();
+        let mut norm_sum = 0f64;
+        for mini in &minis {
+            let shard = mini.shard(&prepared, rank, world);
+            let local = self.compute_gradients(&prepared, mini, &shard, step)?;
+            let reduced = self.reduce(collective, local, step)?;
+            norm_sum += reduced.norm;
+            total.add(&reduced.sums);
+            self.apply(reduced)?;
+        }
+        let k = minis.len();
+        Ok(prepared.stats(
+            batch,
+            step,
+            k,
+            norm_sum / k as f64,
+            &total,
+            started.elapsed().as_secs_f64(),
+        ))
     }
 
     /// The batch-level quantities every rank computes over the **whole** batch: the samples
@@ -173,7 +288,7 @@ impl Trainer {
     /// response-token count the loss is normalised by.
     pub fn prepare(&self, batch: &TrainingBatch, current_version: u64) -> Result<Prepared> {
         // Samples with an empty response have no token to learn from.
-        let samples: Vec<_> = batch
+        let samples: Vec<&Sample> = batch
             .samples
             .iter()
             .filter(|s| !s.response_token_ids.is_empty())
@@ -202,7 +317,6 @@ impl Trainer {
             .map(|s| s.behaviour_logprobs.clone())
             .collect();
         let lengths: Vec<usize> = old.iter().map(Vec::len).collect();
-        let micro = self.config.micro_batch.max(1);
         // Score responses at the temperature they were sampled at (greedy = temperature 1).
         let temperature = if batch.temperature > 0.0 {
             batch.temperature as f64
@@ -211,19 +325,10 @@ impl Trainer {
         };
 
         // Reference log-probs (no gradient), only for the REINFORCE++ KL term.
-        let reference: Option<Vec<Vec<f32>>> = match &self.reference {
-            Some(reference) if self.config.advantage == AdvantageKind::ReinforcePp => {
-                let mut out = Vec::with_capacity(pairs.len());
-                for chunk in pairs.chunks(micro) {
-                    let lp = reference.forward_train(chunk, temperature)?.logp;
-                    let rows = lp.detach().to_vec2::<f32>()?;
-                    for (row, (_, resp)) in rows.into_iter().zip(chunk) {
-                        out.push(row[..resp.len()].to_vec());
-                    }
-                }
-                Some(out)
-            }
-            _ => None,
+        let reference = if self.config.advantage == AdvantageKind::ReinforcePp {
+            self.reference_logprobs(&samples, temperature)?
+        } else {
+            None
         };
         let advantages = match self.config.advantage {
             AdvantageKind::ReinforcePp => {
@@ -247,12 +352,15 @@ impl Trainer {
         let total_tokens: usize = lengths.iter().sum();
         let prompt_tokens: usize = samples.iter().map(|s| s.prompt_token_ids.len()).sum();
         let costs = pairs.iter().map(|(p, r)| p.len() + r.len()).collect();
+        let replay = samples.iter().map(|s| s.is_replay).collect();
         Ok(Prepared {
             pairs,
             rewards,
             old,
             advantages,
             on_policy,
+            replay,
+            lengths,
             total_tokens,
             prompt_tokens,
             costs,
@@ -260,12 +368,14 @@ impl Trainer {
         })
     }
 
-    /// Forward and backward over the samples `shard` (indices into the prepared batch) in
-    /// micro-batches, into gradient sums; the loss of every micro-batch is normalised by the
-    /// batch's global token count, so the ranks' gradients are terms of one sum.
+    /// Forward and backward over the samples `shard` (this rank's indices into the prepared
+    /// batch, all members of `mini`) in micro-batches, into gradient sums; the loss of every
+    /// micro-batch is normalised by the mini-batch's global token count, so the ranks'
+    /// gradients are terms of one sum.
     pub fn compute_gradients(
         &self,
         prepared: &Prepared,
+        mini: &MiniBatch,
         shard: &[usize],
         step: u64,
     ) -> Result<LocalGradients> {
@@ -286,7 +396,7 @@ impl Trainer {
                 .context("trainable forward")?;
             let (logp, mask) = (fw.logp.clone(), fw.mask.clone());
             let width = logp.dim(1)?;
-            if chunk_ix.iter().any(|&i| prepared.on_policy[i]) {
+            if mini.first && chunk_ix.iter().any(|&i| prepared.on_policy[i]) {
                 let rows = logp.detach().to_vec2::<f32>()?;
                 for (row, &i) in rows.iter().zip(chunk_ix) {
                     if prepared.on_policy[i] {
@@ -315,7 +425,7 @@ impl Trainer {
                 &adv_t,
                 &mask,
                 self.config.ppo,
-                prepared.total_tokens as f64,
+                mini.tokens as f64,
             )?;
             let value = loss.to_scalar::<f32>()? as f64;
             ensure!(
@@ -326,6 +436,13 @@ impl Trainer {
             sums.clipped_tokens += s.clipped_tokens;
             sums.ratio_sum += s.ratio_sum;
             sums.kl_sum += s.kl_sum;
+            for (&i, c) in chunk_ix.iter().zip(&s.clipped_per_row) {
+                if prepared.replay[i] {
+                    sums.clipped_replay += c;
+                } else {
+                    sums.clipped_original += c;
+                }
+            }
             let g = loss.backward()?;
             drop((loss, logp, mask));
             fw.accumulate(&self.model, &g, &mut acc)
@@ -373,6 +490,8 @@ impl Trainer {
         let mut s = [
             sums.loss,
             sums.clipped_tokens,
+            sums.clipped_original,
+            sums.clipped_replay,
             sums.ratio_sum,
             sums.kl_sum,
             sums.mismatch_sum,
@@ -387,10 +506,12 @@ impl Trainer {
         sums = StepSums {
             loss: s[0],
             clipped_tokens: s[1],
-            ratio_sum: s[2],
-            kl_sum: s[3],
-            mismatch_sum: s[4],
-            mismatch_n: s[5],
+            clipped_original: s[2],
+            clipped_replay: s[3],
+            ratio_sum: s[4],
+            kl_sum: s[5],
+            mismatch_sum: s[6],
+            mismatch_n: s[7],
             mismatch_max: max[0],
         };
         ensure!(
@@ -479,11 +600,38 @@ pub struct Prepared {
     old: Vec<Vec<f32>>,
     advantages: Vec<Vec<f32>>,
     on_policy: Vec<bool>,
+    replay: Vec<bool>,
+    /// Response tokens of each sample (what the loss is normalised by).
+    lengths: Vec<usize>,
     total_tokens: usize,
     prompt_tokens: usize,
     /// Tokens each sample costs to train (prompt + response): what shards balance.
     pub costs: Vec<usize>,
     temperature: f64,
+}
+
+/// The samples of one optimizer step and their response-token count (the loss's divisor,
+/// the same on every rank).
+#[derive(Clone, Debug)]
+pub struct MiniBatch {
+    /// Indices into the prepared batch, ascending.
+    pub members: Vec<usize>,
+    pub tokens: usize,
+    /// The first mini-batch of the update: the only one whose weights are exactly the
+    /// version the actors generated with, so the mismatch figure is measured on it.
+    pub first: bool,
+}
+
+impl MiniBatch {
+    /// This rank's share of the mini-batch ([`shard_indices`] over the members' costs), as
+    /// indices into the prepared batch.
+    pub fn shard(&self, prepared: &Prepared, rank: usize, world_size: usize) -> Vec<usize> {
+        let costs: Vec<usize> = self.members.iter().map(|&i| prepared.costs[i]).collect();
+        shard_indices(&costs, rank, world_size)
+            .into_iter()
+            .map(|j| self.members[j])
+            .collect()
+    }
 }
 
 impl Prepared {
@@ -497,10 +645,34 @@ impl Prepared {
         self.pairs.is_empty()
     }
 
+    /// The whole batch as one mini-batch.
+    pub fn whole(&self) -> MiniBatch {
+        self.mini_batches(1).remove(0)
+    }
+
+    /// `k` mini-batches (clamped to 1..=len): sample i goes to mini-batch i mod k.
+    pub fn mini_batches(&self, k: usize) -> Vec<MiniBatch> {
+        let k = k.clamp(1, self.len().max(1));
+        (0..k)
+            .map(|j| {
+                let members: Vec<usize> = (j..self.len()).step_by(k).collect();
+                let tokens = members.iter().map(|&i| self.lengths[i]).sum();
+                MiniBatch {
+                    members,
+                    tokens,
+                    first: j == 0,
+                }
+            })
+            .collect()
+    }
+
+    /// The step's figures from the summed statistics of its `mini_batches` optimizer steps
+    /// (loss and gradient norm: their mean over the mini-batches).
     fn stats(
         &self,
         batch: &TrainingBatch,
         step: u64,
+        mini_batches: usize,
         norm: f64,
         sums: &StepSums,
         secs: f64,
@@ -508,11 +680,18 @@ impl Prepared {
         let st = batch.stats.unwrap_or_default();
         let n = self.total_tokens.max(1) as f64;
         let total = self.total_tokens;
+        let kind_fraction = |replay: bool, clipped: f64| {
+            let tokens: usize = (0..self.len())
+                .filter(|&i| self.replay[i] == replay)
+                .map(|i| self.lengths[i])
+                .sum();
+            (tokens > 0).then(|| clipped / tokens as f64)
+        };
         StepStats {
             step,
             policy_version: 0,
             batch_id: batch.batch_id,
-            loss: sums.loss,
+            loss: sums.loss / mini_batches as f64,
             grad_norm: norm,
             samples: self.pairs.len(),
             original_samples: st.original_samples,
@@ -527,6 +706,9 @@ impl Prepared {
             response_tokens: total,
             prompt_tokens: self.prompt_tokens,
             clip_fraction: sums.clipped_tokens / n,
+            clip_fraction_original: kind_fraction(false, sums.clipped_original),
+            clip_fraction_replay: kind_fraction(true, sums.clipped_replay),
+            mini_batches,
             approx_kl: sums.kl_sum / n,
             ratio_mean: sums.ratio_sum / n,
             step_seconds: secs,
@@ -535,6 +717,8 @@ impl Prepared {
                 .then(|| sums.mismatch_sum / sums.mismatch_n),
             logprob_mismatch_max: (sums.mismatch_n > 0.0).then_some(sums.mismatch_max),
             group_seqs: Vec::new(),
+            step_generated_responses: st.original_samples as u64,
+            generated_responses: 0,
         }
     }
 }
@@ -544,11 +728,29 @@ impl Prepared {
 pub struct StepSums {
     pub loss: f64,
     pub clipped_tokens: f64,
+    /// Clipped tokens of originals and of replays (they add up to `clipped_tokens`).
+    pub clipped_original: f64,
+    pub clipped_replay: f64,
     pub ratio_sum: f64,
     pub kl_sum: f64,
     pub mismatch_sum: f64,
     pub mismatch_n: f64,
     pub mismatch_max: f64,
+}
+
+impl StepSums {
+    /// Adds another optimizer step's reduced sums (the max by maximum).
+    fn add(&mut self, o: &StepSums) {
+        self.loss += o.loss;
+        self.clipped_tokens += o.clipped_tokens;
+        self.clipped_original += o.clipped_original;
+        self.clipped_replay += o.clipped_replay;
+        self.ratio_sum += o.ratio_sum;
+        self.kl_sum += o.kl_sum;
+        self.mismatch_sum += o.mismatch_sum;
+        self.mismatch_n += o.mismatch_n;
+        self.mismatch_max = self.mismatch_max.max(o.mismatch_max);
+    }
 }
 
 /// One rank's gradients and statistics before the reduction.
@@ -562,4 +764,157 @@ pub struct Reduced {
     pub grads: candle_core::backprop::GradStore,
     pub norm: f64,
     pub sums: StepSums,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hindsight_proto::v1::{BatchStats, Provenance};
+
+    fn sample(prompt: &[u32], response: &[u32], replay: bool, group: u32, index: u32) -> Sample {
+        Sample {
+            prompt_token_ids: prompt.to_vec(),
+            response_token_ids: response.to_vec(),
+            loss_mask: vec![1; response.len()],
+            behaviour_logprobs: vec![-1.0; response.len()],
+            reward: if replay { 1.0 } else { 0.0 },
+            is_replay: replay,
+            group_index: group,
+            provenance: Some(Provenance {
+                response_index: index,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn tiny_trainer(with_reference: bool, lr: f64, mini_batches: usize) -> Trainer {
+        let model = hindsight_policy::load(
+            "tiny",
+            std::path::Path::new("/nonexistent-cache"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let config = TrainConfig {
+            lr,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            advantage: AdvantageKind::ReinforcePp,
+            kl_beta: 0.01,
+            ppo: PpoConfig::default(),
+            micro_batch: 2,
+            mini_batches,
+        };
+        Trainer::new(&model, with_reference, config, &Device::Cpu).unwrap()
+    }
+
+    const SOURCE: &[u32] = &[1, 40, 41, 42, 43, 44];
+    const REWRITTEN: &[u32] = &[1, 40, 90, 91];
+    const RESPONSE: &[u32] = &[50, 51, 52, 53, 54];
+
+    #[test]
+    fn a_replay_takes_its_source_originals_reference() {
+        let a = sample(&[1, 2, 3], &[7, 8], false, 0, 0);
+        let b = sample(SOURCE, RESPONSE, false, 1, 2);
+        let c = sample(&[1, 2, 3], &[9], false, 1, 0);
+        let r = sample(REWRITTEN, RESPONSE, true, 1, 2);
+        assert_eq!(
+            reference_sources(&[&a, &b, &c, &r]).unwrap(),
+            vec![0, 1, 2, 1]
+        );
+        // No source in the batch, or a source with other tokens: refused by name.
+        let e = reference_sources(&[&a, &r]).unwrap_err().to_string();
+        assert!(e.contains("no source original"), "{e}");
+        let other = sample(SOURCE, &[50, 51], false, 1, 2);
+        let e = reference_sources(&[&other, &r]).unwrap_err().to_string();
+        assert!(e.contains("other response tokens"), "{e}");
+    }
+
+    /// The replay KL fix: a replay's reference log-probs are its response's log-probs under
+    /// the *source* prompt (copied from the source original), not under the rewritten one.
+    #[test]
+    fn replay_reference_logprobs_are_those_of_the_source_prompt() {
+        let t = tiny_trainer(true, 1e-6, 1);
+        let other = sample(&[1, 2, 3], &[7, 8], false, 0, 0);
+        let original = sample(SOURCE, RESPONSE, false, 1, 2);
+        let replay = sample(REWRITTEN, RESPONSE, true, 1, 2);
+        let rows = t
+            .reference_logprobs(&[&other, &original, &replay], 1.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows[2].len(), RESPONSE.len());
+        assert_eq!(rows[2], rows[1], "replay row must be the source's");
+        // What the old code computed: the same response under the rewritten prompt.
+        let as_original = sample(REWRITTEN, RESPONSE, false, 5, 0);
+        let under_rewritten = t
+            .reference_logprobs(&[&as_original], 1.0)
+            .unwrap()
+            .unwrap()
+            .remove(0);
+        let diff = rows[2]
+            .iter()
+            .zip(&under_rewritten)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff > 1e-4,
+            "the prompts should change the log-probs (max diff {diff})"
+        );
+        // Without a reference model there is nothing to compute.
+        let plain = tiny_trainer(false, 1e-6, 1);
+        assert!(plain.reference_logprobs(&[&other], 1.0).unwrap().is_none());
+    }
+
+    /// Clip fractions by kind: originals whose behaviour log-probs are far below the
+    /// policy's are all clipped, replays whose behaviour log-probs are the policy's own are
+    /// not; both with one and with two mini-batches.
+    #[test]
+    fn clip_fraction_is_reported_per_kind() {
+        for mini_batches in [1, 2] {
+            let mut t = tiny_trainer(false, 1e-9, mini_batches);
+            let mut replay = sample(REWRITTEN, RESPONSE, true, 1, 2);
+            let own = t
+                .model
+                .forward_train(&[(REWRITTEN.to_vec(), RESPONSE.to_vec())], 1.0)
+                .unwrap()
+                .logp
+                .to_vec2::<f32>()
+                .unwrap();
+            replay.behaviour_logprobs = own[0][..RESPONSE.len()].to_vec();
+            let mut original = sample(SOURCE, RESPONSE, false, 1, 2);
+            original.behaviour_logprobs = vec![-30.0; RESPONSE.len()];
+            let mut second = sample(&[1, 2, 3], &[7, 8, 9], false, 0, 0);
+            second.behaviour_logprobs = vec![-30.0; 3];
+            let batch = TrainingBatch {
+                batch_id: 1,
+                step: 1,
+                samples: vec![original, second, replay],
+                stats: Some(BatchStats {
+                    original_samples: 2,
+                    replay_samples: 1,
+                    ..Default::default()
+                }),
+                temperature: 1.0,
+            };
+            let st = t.train_step(&batch, 1, 0).unwrap();
+            assert_eq!(st.mini_batches, mini_batches);
+            assert_eq!(st.clip_fraction_original, Some(1.0), "{st:?}");
+            assert_eq!(st.clip_fraction_replay, Some(0.0), "{st:?}");
+            assert!((st.clip_fraction - 8.0 / 13.0).abs() < 1e-9, "{st:?}");
+            assert_eq!(st.step_generated_responses, 2);
+            assert!(st.loss.is_finite() && st.grad_norm.is_finite());
+        }
+        // A batch of originals only: no replay fraction.
+        let mut t = tiny_trainer(false, 1e-9, 1);
+        let batch = TrainingBatch {
+            batch_id: 1,
+            step: 1,
+            samples: vec![sample(SOURCE, RESPONSE, false, 0, 0)],
+            stats: None,
+            temperature: 1.0,
+        };
+        let st = t.train_step(&batch, 1, 0).unwrap();
+        assert_eq!(st.clip_fraction_replay, None);
+        assert!(st.clip_fraction_original.is_some());
+    }
 }

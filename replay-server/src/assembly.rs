@@ -1,7 +1,8 @@
 //! HiR batch assembly: one window of complete groups becomes one training batch.
 //!
-//! Originals are all responses of every group in the window (reward 1 or 0, behaviour
-//! log-probs from the actor). With hindsight on, the responses with 0 < CLA < 1 are replay
+//! Originals are all responses of every group in the window (reward by `--reward`: 1 or 0
+//! with `binary`, the fraction of constraints that hold with `cla`; behaviour log-probs from
+//! the actor). With hindsight on, the responses with 0 < CLA < 1 are replay
 //! candidates, scored `lambda_s * CLA + mean token entropy`; the top K (`hir::select`) are
 //! replayed with an instruction rewritten to keep only the constraints they satisfied
 //! (reward 1, prompt re-templated, response tokens and log-probs of the source). Fewer
@@ -11,6 +12,7 @@ use hindsight_constraints::hir;
 use hindsight_proto::v1::{BatchStats, Provenance, Sample, TrainingBatch};
 
 use crate::codec::PromptCodec;
+use crate::config::Reward;
 use crate::rollout::ScoredGroup;
 
 /// What a window is assembled for.
@@ -24,6 +26,8 @@ pub struct WindowParams {
     pub lambda: f64,
     /// The learner's current policy version (for the staleness statistic).
     pub learner_version: u64,
+    /// What an original's reward is (a replay's is always 1).
+    pub reward: Reward,
 }
 
 /// A batch (without its id) and how it went.
@@ -105,7 +109,7 @@ pub fn assemble(
 ) -> Assembled {
     let mut samples = Vec::new();
     let mut cla_sum = 0.0f64;
-    let mut reward_sum = 0.0f64;
+    let mut success_sum = 0.0f64;
     let mut staleness_sum = 0.0f64;
     for (g, group) in window.iter().enumerate() {
         staleness_sum += params
@@ -113,13 +117,13 @@ pub fn assemble(
             .saturating_sub(group.group.policy_version) as f64;
         for (r, (resp, score)) in group.group.responses.iter().zip(&group.scores).enumerate() {
             cla_sum += score.cla;
-            reward_sum += f64::from(score.reward);
+            success_sum += f64::from(score.reward);
             samples.push(Sample {
                 prompt_token_ids: group.entry.prompt_token_ids.clone(),
                 response_token_ids: resp.token_ids.clone(),
                 loss_mask: vec![1; resp.token_ids.len()],
                 behaviour_logprobs: resp.logprobs.clone(),
-                reward: score.reward,
+                reward: params.reward.of(&score.verdicts),
                 is_replay: false,
                 group_index: g as u32,
                 constraint_accuracy: score.cla as f32,
@@ -178,7 +182,7 @@ pub fn assemble(
         original_samples: originals as u32,
         replay_samples: replays as u32,
         replay_shortfall: params.replays.saturating_sub(replays) as u32,
-        success_rate: div(reward_sum, originals),
+        success_rate: div(success_sum, originals),
         mean_constraint_accuracy: div(cla_sum, originals),
         mean_staleness: div(staleness_sum, window.len()),
         lambda: params.lambda,
@@ -301,6 +305,7 @@ mod tests {
             step: 1,
             lambda,
             learner_version: 3,
+            reward: Reward::Binary,
         };
         let out = assemble(&w, &params, &ByteCodec);
         let b = &out.batch;
@@ -357,11 +362,52 @@ mod tests {
             step: 1,
             lambda: 2.1,
             learner_version: 1,
+            reward: Reward::Binary,
         };
         let out = assemble(&w, &params, &ByteCodec);
         let stats = out.batch.stats.unwrap();
         assert_eq!((stats.replay_samples, stats.replay_shortfall), (2, 2));
         assert_eq!(out.batch.samples.len(), 14);
         assert!(select_replays(&w, 0, 2.1).is_empty());
+    }
+
+    #[test]
+    fn cla_reward_is_the_fraction_of_constraints_that_hold() {
+        let w = window(&[ALL3, NO_COMMA_FAILS, ONE_OF_3, NONE], 1);
+        let params = |reward| WindowParams {
+            replays: 0,
+            step: 1,
+            lambda: 2.0,
+            learner_version: 1,
+            reward,
+        };
+        let rewards = |reward| -> Vec<f32> {
+            assemble(&w, &params(reward), &ByteCodec)
+                .batch
+                .samples
+                .iter()
+                .map(|s| s.reward)
+                .collect()
+        };
+        assert_eq!(rewards(Reward::Binary), vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(rewards(Reward::Cla), vec![1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0]);
+        // Success stays "every constraint holds", whatever the reward.
+        let stats = assemble(&w, &params(Reward::Cla), &ByteCodec)
+            .batch
+            .stats
+            .unwrap();
+        assert_eq!(stats.success_rate, 0.25);
+        assert!((stats.mean_constraint_accuracy - 0.5).abs() < 1e-6);
+        // A replay's reward is 1 with either reward (every kept constraint holds).
+        let mut p = params(Reward::Cla);
+        p.replays = 2;
+        let out = assemble(&w, &p, &ByteCodec).batch;
+        let replays: Vec<f32> = out
+            .samples
+            .iter()
+            .filter(|s| s.is_replay)
+            .map(|s| s.reward)
+            .collect();
+        assert_eq!(replays, vec![1.0, 1.0]);
     }
 }

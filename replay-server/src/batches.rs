@@ -10,6 +10,7 @@ use hindsight_proto::v1::TrainingBatch;
 
 use crate::assembly::{assemble, WindowParams};
 use crate::codec::PromptCodec;
+use crate::config::Reward;
 use crate::rollout::ScoredGroup;
 use crate::state::WaitingGroup;
 use crate::wal::{read_group, BatchRecord};
@@ -28,6 +29,7 @@ pub fn assemble_from_log(
     record: &BatchRecord,
     groups: &[WaitingGroup],
     temperature: f32,
+    reward: Reward,
 ) -> std::io::Result<Served> {
     let mut window = Vec::with_capacity(groups.len());
     for g in groups {
@@ -47,6 +49,7 @@ pub fn assemble_from_log(
         step: record.step,
         lambda: record.lambda,
         learner_version: record.learner_version,
+        reward,
     };
     let mut batch = assemble(&window, &params, codec.as_ref()).batch;
     batch.batch_id = record.batch_id;

@@ -19,6 +19,27 @@ pub enum Hindsight {
     Off,
 }
 
+/// What a sample's reward is (`--reward`): the paper's binary reward, or the constraint-level
+/// accuracy (CLA) baseline. Success (every constraint holds) is reported the same either way.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Reward {
+    /// 1 when every constraint holds, else 0 (HiR and the binary baseline).
+    #[default]
+    Binary,
+    /// The fraction of the constraints that hold (the CLA baseline's dense reward).
+    Cla,
+}
+
+impl Reward {
+    /// The reward of a response with these verdicts (no constraint: 0 either way).
+    pub fn of(self, verdicts: &[bool]) -> f32 {
+        match self {
+            Reward::Binary => hindsight_constraints::hir::reward(verdicts),
+            Reward::Cla => hindsight_constraints::hir::constraint_accuracy(verdicts) as f32,
+        }
+    }
+}
+
 /// Settings of the replay server.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ReplayArgs {
@@ -49,6 +70,10 @@ pub struct ReplayArgs {
     /// Hindsight instruction replay on or off.
     #[arg(long, env = "HINDSIGHT_HINDSIGHT", value_enum, default_value_t = Hindsight::On)]
     pub hindsight: Hindsight,
+    /// Reward of an original response: `binary` (every constraint holds) or `cla` (the
+    /// fraction that hold). Replays always have reward 1 (every kept constraint holds).
+    #[arg(long, env = "HINDSIGHT_REWARD", value_enum, default_value_t = Reward::Binary)]
+    pub reward: Reward,
     /// Prompts (groups) per training batch.
     #[arg(long, env = "HINDSIGHT_PROMPTS_PER_BATCH", default_value_t = 4)]
     pub prompts_per_batch: u32,
@@ -124,6 +149,7 @@ impl Default for ReplayArgs {
             group_size: 8,
             responses_per_prompt: 6,
             hindsight: Hindsight::On,
+            reward: Reward::Binary,
             prompts_per_batch: 4,
             lambda0: 2.0,
             eta: 0.05,
@@ -157,6 +183,7 @@ impl hindsight_service::ToArgv for ReplayArgs {
             .opt("--group-size", self.group_size)
             .opt("--responses-per-prompt", self.responses_per_prompt)
             .value_enum("--hindsight", &self.hindsight)
+            .value_enum("--reward", &self.reward)
             .opt("--prompts-per-batch", self.prompts_per_batch)
             .opt("--lambda0", self.lambda0)
             .opt("--eta", self.eta)
@@ -281,6 +308,7 @@ mod tests {
             group_size: 5,
             responses_per_prompt: 2,
             hindsight: Hindsight::Off,
+            reward: Reward::Cla,
             prompts_per_batch: 7,
             lambda0: 0.125,
             eta: 0.3,
@@ -308,11 +336,26 @@ mod tests {
     }
 
     #[test]
+    fn binary_and_cla_rewards() {
+        let v = [true, false, true, true];
+        assert_eq!(Reward::Binary.of(&v), 0.0);
+        assert_eq!(Reward::Cla.of(&v), 0.75);
+        assert_eq!(Reward::Binary.of(&[true, true]), 1.0);
+        assert_eq!(Reward::Cla.of(&[true, true]), 1.0);
+        assert_eq!(Reward::Cla.of(&[false, false]), 0.0);
+        assert_eq!((Reward::Binary.of(&[]), Reward::Cla.of(&[])), (0.0, 0.0));
+    }
+
+    #[test]
     fn hindsight_flag_and_validation() {
         let args = Cli::parse_from(["replay", "--hindsight", "off", "--group-size", "5"]).args;
         assert_eq!(args.hindsight, Hindsight::Off);
         assert_eq!(args.actor_responses(), 5);
         assert_eq!(args.replays_per_batch(), 0);
+        assert_eq!(args.reward, Reward::Binary);
+        let args = Cli::parse_from(["replay", "--reward", "cla"]).args;
+        assert_eq!(args.reward, Reward::Cla);
+        assert!(Cli::try_parse_from(["replay", "--reward", "dense"]).is_err());
         let bad = ReplayArgs {
             responses_per_prompt: 9,
             ..ReplayArgs::default()

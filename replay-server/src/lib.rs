@@ -37,7 +37,7 @@ use tonic::server::NamedService;
 use tracing::{info, warn};
 
 pub use codec::{ByteCodec, PromptCodec};
-pub use config::{Hindsight, ReplayArgs};
+pub use config::{Hindsight, ReplayArgs, Reward};
 
 use prompts::PromptSet;
 use service::{ReplayService, Shared};
@@ -254,7 +254,7 @@ pub async fn serve_with_codec(
     let (state, summary) = status;
     info!(instance = %instance, prompts = prompts.len(), waiting = summary.groups_waiting,
         uncommitted_batches = summary.pending_batches, committed_through = summary.committed_through_batch_id,
-        recovery_seconds = started.elapsed().as_secs_f64(), hindsight = ?args.hindsight,
+        recovery_seconds = started.elapsed().as_secs_f64(), hindsight = ?args.hindsight, reward = ?args.reward,
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "replay server ready");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -264,6 +264,7 @@ pub async fn serve_with_codec(
         wal.clone(),
         codec,
         args.temperature,
+        args.reward,
         batch_log,
         shutdown_rx,
     );

@@ -138,7 +138,8 @@ pub fn validate_group(group: &RolloutGroup, limits: &Limits) -> Result<(), Strin
 pub struct ResponseScore {
     /// Strict verdict per constraint, in the instruction's order.
     pub verdicts: Vec<bool>,
-    /// 1 when every constraint holds, else 0.
+    /// 1 when every constraint holds, else 0: success, and the binary reward (a sample's
+    /// reward is chosen at assembly by `--reward`, see [`crate::config::Reward`]).
     pub reward: f32,
     /// Constraint-level accuracy: fraction of constraints that hold.
     pub cla: f64,

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn, Instrument as _};
 use crate::batch_log::{BatchLog, LoggedBatch};
 use crate::batches::assemble_from_log;
 use crate::codec::PromptCodec;
+use crate::config::Reward;
 use crate::error::{shown, ReplayError};
 use crate::metrics as m;
 use crate::rollout::score_group;
@@ -82,6 +83,8 @@ pub struct Shared {
     wal: Wal,
     codec: Arc<dyn PromptCodec>,
     temperature: f32,
+    /// What an original sample's reward is (`--reward`).
+    reward: Reward,
     batch_log: Option<BatchLog>,
     /// Batches up to this id are in the batch log already (re-served ones are not logged twice).
     batch_logged_through: AtomicU64,
@@ -98,6 +101,7 @@ impl Shared {
         wal: Wal,
         codec: Arc<dyn PromptCodec>,
         temperature: f32,
+        reward: Reward,
         batch_log: Option<(BatchLog, u64)>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -110,6 +114,7 @@ impl Shared {
             wal,
             codec,
             temperature,
+            reward,
             batch_log,
             batch_logged_through: AtomicU64::new(logged),
             changes: watch::channel(0).0,
@@ -363,6 +368,7 @@ impl Shared {
                     &record,
                     &groups,
                     shared.temperature,
+                    shared.reward,
                 );
                 histogram!(m::ASSEMBLE_SECONDS).record(started.elapsed().as_secs_f64());
                 // Logged before it is sent, so the record survives a crash right after.

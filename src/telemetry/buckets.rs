@@ -18,6 +18,7 @@ pub fn all() -> impl Iterator<Item = (&'static str, &'static [f64])> {
         .iter()
         .chain(hindsight_replay_server::metrics::BUCKETS)
         .chain(hindsight_learner::metrics::BUCKETS)
+        .chain(hindsight_evaluator::metrics::BUCKETS)
         .copied()
 }
 
@@ -52,6 +53,8 @@ mod tests {
             hindsight_learner::metrics::init(0);
             hindsight_replay_server::metrics::describe();
             hindsight_replay_server::metrics::init(4);
+            hindsight_evaluator::metrics::describe();
+            hindsight_evaluator::metrics::init();
             super::super::process::start();
             for (name, _) in all() {
                 metrics::histogram!(name).record(0.3);
@@ -107,6 +110,7 @@ mod tests {
                 "hindsight_actor_",
                 "hindsight_replay_",
                 "hindsight_learner_",
+                "hindsight_evaluator_",
             ]
             .iter()
             .any(|p| name.starts_with(p))

@@ -1,5 +1,6 @@
 //! `change_case:english_capital` (reference `CapitalLettersEnglishChecker`):
-//! Python `str.isupper()` and detected as English (see [`crate::lang`]).
+//! Python `str.isupper()` and detected as English by langdetect, or
+//! undetectable (see [`crate::lang`]).
 
 use crate::kwargs::Kwargs;
 use crate::registry::Entry;
@@ -22,7 +23,7 @@ impl Constraint for EnglishCapital {
         ENTRY.id
     }
     fn follows(&self, response: &str) -> bool {
-        pytext::py_isupper(response) && lang::is_english(response)
+        pytext::py_isupper(response) && lang::english_or_undetectable(response)
     }
     fn description(&self) -> String {
         "Your entire response should be in English, and in all capital letters.".to_string()

@@ -2,9 +2,8 @@
 //! language of the response is `language` (an ISO 639-1 code of the reference's 30
 //! `LANGUAGE_CODES`; others are rejected at build time, where the reference raises).
 //!
-//! The reference uses `langdetect` and counts an undetectable text (no letters) as
-//! passing; we use `whatlang` (see [`crate::lang`]), mapping "no answer" to passing too.
-//! The conformance tests list each disagreement with the reference on the golden data.
+//! The reference uses `langdetect` and counts an undetectable text (no features) as
+//! passing; so do we, with our port of it (see [`crate::lang`]).
 
 use crate::kwargs::Kwargs;
 use crate::registry::Entry;

@@ -1,0 +1,399 @@
+//! `hindsight evaluator`: follows the learner's weight versions the way an actor does (the
+//! model's description from `Weights.Model` with its fingerprint checked, the long-polled
+//! `Latest`, chunked and checksummed fetches, weights prepared in the background: the shared
+//! `hindsight-follower`), evaluates a version when it is at least `--eval-every` versions
+//! after the last one it evaluated (the first version it sees, normally the base model's
+//! version 0, always), on a fixed held-out set (the first `--eval-limit` prompts of
+//! `--bench`), greedy by default. Each evaluation is exported as metrics
+//! ([`crate::metrics`]) and appended to `--eval-log` as one JSON line:
+//! `{version, step, bench, limit, prompt_strict, prompt_loose, instruction_strict,
+//! instruction_loose, seconds, time_unix}`.
+//!
+//! While an evaluation runs, newer versions replace each other in the follower; the next
+//! evaluation takes the newest. The evaluator is ready (`/readyz`) once it holds weights; on
+//! SIGTERM it turns not ready and stops (an evaluation in progress is abandoned: nothing is
+//! written for it).
+
+use std::future::Future;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use hindsight_follower::{FollowSpec, Follower, LearnerModel};
+use hindsight_policy::{Precision, Sampler};
+use hindsight_proto::v1::weights_client::WeightsClient;
+use hindsight_service::{ConfigError, ConfigResultExt as _};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::bench::Benchmark;
+use crate::generate::{generate, score, Settings};
+use crate::metrics;
+
+/// Command-line / environment configuration of `hindsight evaluator`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvaluatorArgs {
+    /// Learner whose Weights service publishes the versions to evaluate (the model comes
+    /// from it too).
+    #[arg(
+        long,
+        env = "HINDSIGHT_LEARNER",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub learner: String,
+    /// The held-out set: `ifeval`, `ifbench` (shipped with the binary) or a .jsonl file of
+    /// {key, prompt, instruction_id_list, kwargs}.
+    #[arg(long, env = "HINDSIGHT_BENCH", default_value = "ifeval")]
+    pub bench: String,
+    /// Evaluate the first N prompts of --bench (0 = all of them).
+    #[arg(long, env = "HINDSIGHT_EVAL_LIMIT", default_value_t = 64)]
+    pub eval_limit: usize,
+    /// Evaluate a version when it is at least K versions after the last evaluated one.
+    #[arg(long, env = "HINDSIGHT_EVAL_EVERY", default_value_t = 1)]
+    pub eval_every: u64,
+    /// Most tokens generated per response.
+    #[arg(long, env = "HINDSIGHT_MAX_NEW_TOKENS", default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy: the same weights give the same scores).
+    #[arg(long, env = "HINDSIGHT_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Seed of the sampler (only used with a positive temperature).
+    #[arg(long, env = "HINDSIGHT_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Append one JSON line per evaluated version here (e.g. RUN_DIR/eval.jsonl).
+    #[arg(long, env = "HINDSIGHT_EVAL_LOG")]
+    pub eval_log: Option<PathBuf>,
+    /// Precision of the generation weights (`f32`, `bf16`).
+    #[arg(long, env = "HINDSIGHT_PRECISION", default_value = "f32")]
+    pub precision: Precision,
+    /// Device to generate on: `cpu` or `cuda` / `cuda:N` (a `--features cuda` build).
+    #[arg(long, env = "HINDSIGHT_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Sequences generated at once (continuous batching).
+    #[arg(long, env = "HINDSIGHT_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+    /// How the evaluator proves itself to the learner (`--tls-ca`, `--token-file`: an
+    /// actor's or the status token will do, both may read weights).
+    #[command(flatten)]
+    pub security: hindsight_service::ClientSecurityArgs,
+    /// The drain bound after SIGTERM.
+    #[command(flatten)]
+    pub shutdown: hindsight_service::ShutdownArgs,
+}
+
+impl Default for EvaluatorArgs {
+    /// The same values as the command-line defaults (tested).
+    fn default() -> Self {
+        EvaluatorArgs {
+            learner: "http://127.0.0.1:50052".into(),
+            bench: "ifeval".into(),
+            eval_limit: 64,
+            eval_every: 1,
+            max_new_tokens: 512,
+            temperature: 0.0,
+            seed: 0,
+            eval_log: None,
+            precision: Precision::F32,
+            device: "cpu".into(),
+            max_batch: hindsight_policy::sampler::DEFAULT_MAX_BATCH,
+            security: Default::default(),
+            shutdown: Default::default(),
+        }
+    }
+}
+
+impl hindsight_service::ToArgv for EvaluatorArgs {
+    /// The flags that parse back to these settings (every one, defaults included).
+    fn to_argv(&self) -> Vec<String> {
+        let mut a = hindsight_service::Argv::new();
+        a.opt("--learner", &self.learner)
+            .opt("--bench", &self.bench)
+            .opt("--eval-limit", self.eval_limit)
+            .opt("--eval-every", self.eval_every)
+            .opt("--max-new-tokens", self.max_new_tokens)
+            .opt("--temperature", self.temperature)
+            .opt("--seed", self.seed)
+            .path_some("--eval-log", &self.eval_log)
+            .opt("--precision", self.precision)
+            .opt("--device", &self.device)
+            .opt("--max-batch", self.max_batch)
+            .extend(&self.security)
+            .extend(&self.shutdown);
+        a.into_vec()
+    }
+}
+
+/// One evaluated version: the line appended to `eval.jsonl`.
+pub fn eval_line(
+    version: u64,
+    step: u64,
+    bench: &str,
+    limit: usize,
+    s: &hindsight_constraints::score::Scores,
+    seconds: f64,
+) -> serde_json::Value {
+    let time_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    json!({
+        "version": version,
+        "step": step,
+        "bench": bench,
+        "limit": limit,
+        "prompt_strict": s.prompt_strict.unwrap_or(0.0),
+        "prompt_loose": s.prompt_loose.unwrap_or(0.0),
+        "instruction_strict": s.instruction_strict.unwrap_or(0.0),
+        "instruction_loose": s.instruction_loose.unwrap_or(0.0),
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "time_unix": (time_unix * 1000.0).round() / 1000.0,
+    })
+}
+
+/// Runs the evaluator until `shutdown` resolves.
+pub async fn run(
+    args: EvaluatorArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    metrics::describe();
+    if args.eval_every == 0 || args.max_batch == 0 {
+        return Err(ConfigError::wrap(anyhow::anyhow!(
+            "--eval-every and --max-batch must be at least 1"
+        )));
+    }
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(ConfigError::wrap(anyhow::anyhow!(
+            "--temperature must be a finite number >= 0"
+        )));
+    }
+    let bench = Arc::new(Benchmark::load(&args.bench, args.eval_limit).map_err(ConfigError::wrap)?);
+    if let Some(log) = &args.eval_log {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening --eval-log {}", log.display()))
+            .map_err(ConfigError::wrap)?;
+    }
+    let device = hindsight_policy::parse_device(&args.device).config_err()?;
+    let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
+    metrics::init();
+    let (stop_tx, mut stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        hindsight_service::set_not_ready("draining");
+        let _ = stop_tx.send(true);
+    });
+    let channel = security
+        .connect_authed(&args.learner, 100)
+        .await
+        .with_context(|| format!("connecting to {}", args.learner))?;
+    let mut client =
+        WeightsClient::new(channel).max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+
+    let model: LearnerModel = {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let got = tokio::select! {
+                m = hindsight_follower::learner_model(&mut client) => m,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            match got {
+                Ok(Some(m)) => break m,
+                Ok(None) => anyhow::bail!(
+                    "the learner does not describe its model (an older learner?): the \
+                     evaluator needs Weights.Model"
+                ),
+                Err(e) => {
+                    warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "cannot get the learner's model yet; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    };
+    info!(model = %model.name, fingerprint = %hindsight_policy::fingerprint::short(&model.fingerprint),
+        bench = %bench.name, prompts = bench.prompts.len(), every = args.eval_every,
+        "evaluator following the learner");
+    let spec = FollowSpec {
+        fingerprint: model.fingerprint.clone(),
+        config: model.config.clone(),
+        device: device.clone(),
+        precision: args.precision,
+    };
+    let follower =
+        Follower::start_observed(client.clone(), spec, None, stop.clone(), metrics::OBSERVER);
+    let tokenizer = Arc::new(model.tokenizer);
+    let settings = Settings {
+        temperature: args.temperature,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    };
+    let mut sampler: Option<Sampler> = None;
+    let mut last: Option<u64> = None;
+    loop {
+        let update = tokio::select! {
+            u = follower.next() => u.context("following the learner's weights")?,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        if last.is_some_and(|l| update.version < l + args.eval_every) {
+            continue;
+        }
+        let mut s = match sampler.take() {
+            Some(mut s) => {
+                s.install(update.weights)
+                    .with_context(|| format!("installing weights version {}", update.version))?;
+                s
+            }
+            None => {
+                let mut s = Sampler::from_prepared(
+                    &model.config,
+                    tokenizer.stop_token_ids(),
+                    &device,
+                    args.precision,
+                    update.weights,
+                )?;
+                s.set_max_batch(args.max_batch);
+                s
+            }
+        };
+        hindsight_service::set_ready();
+        let (version, step) = (update.version, update.learner_step);
+        info!(policy_version = version, learner_step = step, "evaluating");
+        let (b, t, st) = (bench.clone(), tokenizer.clone(), settings.clone());
+        // Set at shutdown: the generation stops at the next finished sequence.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = cancel.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut responses = vec![String::new(); b.prompts.len()];
+            let mut tokens = 0usize;
+            let todo: Vec<usize> = (0..b.prompts.len()).collect();
+            let r = generate(&mut s, &t, &b, &todo, &st, &mut |r| {
+                anyhow::ensure!(!cancelled.load(Ordering::Relaxed), "evaluation cancelled");
+                tokens += r.token_ids.len();
+                responses[r.index] = r.text;
+                Ok(())
+            });
+            let gen_secs = started.elapsed().as_secs_f64();
+            let scored = r.map(|()| score(&b, &responses, 1));
+            (s, scored, tokens, gen_secs, started.elapsed().as_secs_f64())
+        });
+        let (s, scored, tokens, gen_secs, seconds) = tokio::select! {
+            j = job => j.context("evaluation task")?,
+            // Nothing is written for an evaluation cut short.
+            _ = stop.wait_for(|s| *s) => {
+                cancel.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        sampler = Some(s);
+        let scored = scored?;
+        let sc = &scored.scores;
+        metrics::record_scores(&bench.name, sc, version, step);
+        ::metrics::counter!(metrics::RESPONSES).increment(bench.prompts.len() as u64);
+        ::metrics::counter!(metrics::GENERATED_TOKENS).increment(tokens as u64);
+        ::metrics::gauge!(metrics::TOKENS_PER_SECOND).set(tokens as f64 / gen_secs.max(1e-9));
+        ::metrics::histogram!(metrics::EVALUATION_SECONDS).record(seconds);
+        let line = eval_line(version, step, &bench.name, bench.prompts.len(), sc, seconds);
+        if let Some(path) = &args.eval_log {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        }
+        info!(
+            policy_version = version,
+            learner_step = step,
+            prompt_strict = format!("{:.4}", sc.prompt_strict.unwrap_or(0.0)),
+            prompt_loose = format!("{:.4}", sc.prompt_loose.unwrap_or(0.0)),
+            instruction_strict = format!("{:.4}", sc.instruction_strict.unwrap_or(0.0)),
+            instruction_loose = format!("{:.4}", sc.instruction_loose.unwrap_or(0.0)),
+            seconds = format!("{seconds:.1}"),
+            tokens_per_s = format!("{:.1}", tokens as f64 / gen_secs.max(1e-9)),
+            "evaluated"
+        );
+        last = Some(version);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EvaluatorArgs,
+    }
+
+    #[test]
+    fn clap_defaults_match_default_impl() {
+        let parsed = Cli::parse_from(["x"]).args;
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", EvaluatorArgs::default())
+        );
+    }
+
+    #[test]
+    fn renders_to_flags_that_parse_back() {
+        let args = EvaluatorArgs {
+            eval_limit: 4,
+            eval_every: 3,
+            eval_log: Some("/tmp/run/eval.jsonl".into()),
+            bench: "ifbench".into(),
+            security: hindsight_service::ClientSecurityArgs {
+                tls_ca: Some("/s/ca.pem".into()),
+                token_file: Some("/s/actor.token".into()),
+                token: Some("t".into()),
+                tls_domain: Some("learner".into()),
+            },
+            ..Default::default()
+        };
+        hindsight_service::assert_round_trip(&args);
+    }
+
+    #[test]
+    fn eval_line_has_the_plot_format() {
+        let s = hindsight_constraints::score::Scores {
+            records: 2,
+            instructions: 3,
+            prompt_strict: Some(0.5),
+            prompt_loose: Some(0.5),
+            instruction_strict: Some(2.0 / 3.0),
+            instruction_loose: Some(1.0),
+            per_id: Default::default(),
+        };
+        let v = eval_line(3, 3, "ifeval", 2, &s, 1.25);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = vec![
+            "version",
+            "step",
+            "bench",
+            "limit",
+            "prompt_strict",
+            "prompt_loose",
+            "instruction_strict",
+            "instruction_loose",
+            "seconds",
+            "time_unix",
+        ];
+        want.sort_unstable();
+        let mut got = keys.clone();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(v["version"], 3);
+        assert_eq!(v["instruction_loose"], 1.0);
+    }
+}

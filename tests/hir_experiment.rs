@@ -1,0 +1,129 @@
+//! `scripts/hir-experiment.sh` end to end on the tiny model, with the binary under test: the
+//! three arms train in two interleaved rounds on the same prompts and the same generation
+//! budget, the final checkpoints and the base model go through `hindsight eval`, and the
+//! figure and the table come out. The real experiment is the same script with SmolLM2 and a
+//! larger budget (README, "Does it learn?").
+
+use std::path::Path;
+use std::process::Command;
+
+fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_experiment_script_runs_three_arms_evaluates_and_tabulates() {
+    let root =
+        std::env::temp_dir().join(format!("hindsight-hir-experiment-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let out = root.join("exp");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hir-experiment.sh");
+    // Budget 48 responses: HiR generates 3 of each prompt's 4 samples (2 prompts a step: 6 a
+    // step, 8 steps), the baselines all 4 (8 a step, 6 steps).
+    let output = Command::new("bash")
+        .arg(&script)
+        .args([
+            "--model", "tiny", "--budget", "48", "--rounds", "2", "--actors", "1",
+        ])
+        .args([
+            "--prompts-per-batch",
+            "2",
+            "--group-size",
+            "4",
+            "--responses-per-prompt",
+            "3",
+        ])
+        .args([
+            "--num-prompts",
+            "16",
+            "--max-new-tokens",
+            "16",
+            "--eval-limit",
+            "4",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .env("HINDSIGHT_BIN", env!("CARGO_BIN_EXE_hindsight"))
+        .output()
+        .expect("running scripts/hir-experiment.sh");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "the experiment failed:\n{log}");
+
+    let expected_steps = [("hir", 8u64), ("binary", 6), ("cla", 6)];
+    for (arm, steps) in expected_steps {
+        let rows = read_jsonl(&out.join(arm).join("steps.jsonl"));
+        let last = rows
+            .last()
+            .unwrap_or_else(|| panic!("{arm}: no steps\n{log}"));
+        assert_eq!(last["step"].as_u64(), Some(steps), "{arm}: steps\n{log}");
+        // Equal budgets: every arm generated the same number of responses.
+        assert_eq!(
+            last["generated_responses"].as_u64(),
+            Some(48),
+            "{arm}: budget\n{log}"
+        );
+        let replays: u64 = rows
+            .iter()
+            .filter_map(|r| r["replay_samples"].as_u64())
+            .sum();
+        assert_eq!(
+            replays > 0,
+            arm == "hir",
+            "{arm}: replays only with hindsight on"
+        );
+        // Two rounds, each timed.
+        let wall = std::fs::read_to_string(out.join(arm).join("wall-seconds.txt")).unwrap();
+        assert_eq!(wall.lines().count(), 2, "{arm}: one wall time per round");
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(arm).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        let label = match arm {
+            "hir" => "HiR",
+            "binary" => "binary",
+            _ => "CLA",
+        };
+        assert_eq!(summary["arm"], label, "{arm}: summary arm");
+    }
+    for who in ["base", "hir", "binary", "cla"] {
+        let responses = read_jsonl(&out.join(format!("eval-{who}.jsonl")));
+        assert_eq!(
+            responses.len(),
+            4,
+            "{who}: one response per evaluated prompt"
+        );
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("eval-{who}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            summary["prompt_level_strict"].is_number(),
+            "{who}: {summary}"
+        );
+    }
+    let png = std::fs::read(out.join("figure.png")).unwrap();
+    assert!(png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let svg = std::fs::read_to_string(out.join("figure.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("hir") && svg.contains("cla"));
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    for row in [
+        "| base model |",
+        "| HiR | 8 | 48 |",
+        "| binary | 6 | 48 |",
+        "| CLA | 6 | 48 |",
+    ] {
+        assert!(table.contains(row), "table lacks {row:?}:\n{table}");
+    }
+    // Every arm and the base model got an eval score, not "n/a".
+    assert_eq!(table.matches("n/a").count(), 0, "{table}");
+    let _ = std::fs::remove_dir_all(&root);
+}
