@@ -25,7 +25,7 @@ use prost::Message;
 const CHILD_ENV: &str = "HINDSIGHT_RANKS_TEST_CHILD";
 const STEPS: u64 = 3;
 
-fn config(advantage: AdvantageKind) -> TrainConfig {
+fn config(advantage: AdvantageKind, mini_batches: usize) -> TrainConfig {
     TrainConfig {
         lr: 1e-3,
         weight_decay: 0.01,
@@ -38,13 +38,13 @@ fn config(advantage: AdvantageKind) -> TrainConfig {
             dual_clip: 3.0,
         },
         micro_batch: 2,
-        mini_batches: 1,
+        mini_batches,
     }
 }
 
-fn trainer(advantage: AdvantageKind) -> Trainer {
+fn trainer(advantage: AdvantageKind, mini_batches: usize) -> Trainer {
     let model = hindsight_policy::tiny(7).unwrap();
-    Trainer::new(&model, false, config(advantage), &Device::Cpu).unwrap()
+    Trainer::new(&model, false, config(advantage, mini_batches), &Device::Cpu).unwrap()
 }
 
 /// `n` samples for batch `id`: ragged prompts and responses, one empty response (when
@@ -109,6 +109,9 @@ struct Job {
     out: PathBuf,
     batches: Vec<PathBuf>,
     grpo: bool,
+    /// Above 1: run `train_step_with` itself (K optimizer steps per batch) and write its
+    /// weights and step figures only.
+    mini_batches: usize,
     world: u32,
     rank: u32,
     addr: String,
@@ -127,7 +130,7 @@ fn rank_process_entry() {
     } else {
         AdvantageKind::ReinforcePp
     };
-    let mut t = trainer(advantage);
+    let mut t = trainer(advantage, job.mini_batches);
     let mut c: Box<dyn Collective> = if job.world == 1 {
         Box::new(Single)
     } else {
@@ -154,6 +157,13 @@ fn rank_process_entry() {
     for (s, path) in job.batches.iter().enumerate() {
         let step = s as u64 + 1;
         let b = TrainingBatch::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
+        let f = |name: &str| job.out.join(format!("rank{}-step{step}.{name}", job.rank));
+        if job.mini_batches > 1 {
+            let stats = t.train_step_with(&mut *c, &b, step, step - 1).unwrap();
+            std::fs::write(f("weights"), bytes(&weights_of(&t))).unwrap();
+            std::fs::write(f("json"), serde_json::to_string(&stats).unwrap()).unwrap();
+            continue;
+        }
         // The steps of `train_step_with`, spelled out to see the reduced gradients.
         let prepared = t.prepare(&b, step - 1).unwrap();
         let shard = shard_indices(&prepared.costs, c.rank() as usize, c.world_size() as usize);
@@ -175,23 +185,26 @@ fn rank_process_entry() {
             "mismatch_sum": sums.mismatch_sum, "mismatch_n": sums.mismatch_n,
             "mismatch_max": sums.mismatch_max, "norm": norm, "shard": shard,
         });
-        let mut weights = Vec::new();
-        for (_, v) in t.model.vars() {
-            weights.extend(
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
-        }
-        let f = |name: &str| job.out.join(format!("rank{}-step{step}.{name}", job.rank));
         std::fs::write(f("grads"), bytes(&grads)).unwrap();
-        std::fs::write(f("weights"), bytes(&weights)).unwrap();
+        std::fs::write(f("weights"), bytes(&weights_of(&t))).unwrap();
         std::fs::write(f("json"), stats.to_string()).unwrap();
     }
     // The same digests on every rank, through the learner's own check.
     hindsight_learner::ranks::check_digest(&mut *c, &t, STEPS).unwrap();
+}
+
+fn weights_of(t: &Trainer) -> Vec<f32> {
+    let mut weights = Vec::new();
+    for (_, v) in t.model.vars() {
+        weights.extend(
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+    }
+    weights
 }
 
 fn bytes(v: &[f32]) -> Vec<u8> {
@@ -205,7 +218,14 @@ fn floats(b: &[u8]) -> Vec<f32> {
 }
 
 /// Runs `world` rank processes on `batches`; their output directory.
-fn run(dir: &Path, name: &str, batches: &[PathBuf], grpo: bool, world: u32) -> PathBuf {
+fn run(
+    dir: &Path,
+    name: &str,
+    batches: &[PathBuf],
+    grpo: bool,
+    mini_batches: usize,
+    world: u32,
+) -> PathBuf {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -219,6 +239,7 @@ fn run(dir: &Path, name: &str, batches: &[PathBuf], grpo: bool, world: u32) -> P
                 out: out.clone(),
                 batches: batches.to_vec(),
                 grpo,
+                mini_batches,
                 world,
                 rank,
                 addr: format!("127.0.0.1:{port}"),
@@ -320,11 +341,14 @@ fn compare(single: &Path, multi: &Path, world: u32, w0: &[f32]) {
 
 fn setup(n: usize, grpo: bool) -> (tempfile::TempDir, Vec<PathBuf>, Vec<f32>) {
     let dir = tempfile::tempdir().unwrap();
-    let t = trainer(if grpo {
-        AdvantageKind::Grpo
-    } else {
-        AdvantageKind::ReinforcePp
-    });
+    let t = trainer(
+        if grpo {
+            AdvantageKind::Grpo
+        } else {
+            AdvantageKind::ReinforcePp
+        },
+        1,
+    );
     let batches = (1..=STEPS)
         .map(|id| {
             let p = dir.path().join(format!("batch{id}.pb"));
@@ -348,8 +372,8 @@ fn setup(n: usize, grpo: bool) -> (tempfile::TempDir, Vec<PathBuf>, Vec<f32>) {
 #[test]
 fn two_ranks_equal_one_rank() {
     let (dir, batches, w0) = setup(7, false);
-    let single = run(dir.path(), "world1", &batches, false, 1);
-    let two = run(dir.path(), "world2", &batches, false, 2);
+    let single = run(dir.path(), "world1", &batches, false, 1, 1);
+    let two = run(dir.path(), "world2", &batches, false, 1, 2);
     compare(&single, &two, 2, &w0);
     // Both ranks trained on something: the shards split the batch.
     let s: serde_json::Value = serde_json::from_slice(&read(&two, 1, 1, "json")).unwrap();
@@ -359,8 +383,8 @@ fn two_ranks_equal_one_rank() {
 #[test]
 fn four_ranks_on_three_sequences_equal_one_rank() {
     let (dir, batches, w0) = setup(3, true);
-    let single = run(dir.path(), "world1", &batches, true, 1);
-    let four = run(dir.path(), "world4", &batches, true, 4);
+    let single = run(dir.path(), "world1", &batches, true, 1, 1);
+    let four = run(dir.path(), "world4", &batches, true, 1, 4);
     compare(&single, &four, 4, &w0);
     let empty = (0..4)
         .filter(|&r| {
@@ -372,6 +396,59 @@ fn four_ranks_on_three_sequences_equal_one_rank() {
         empty, 1,
         "3 sequences over 4 ranks leave one rank without a sample"
     );
+}
+
+/// `--mini-batches 2` through `train_step_with` itself: each mini-batch is sharded, reduced
+/// and applied on its own, so two ranks still take one rank's two optimizer steps (and
+/// those differ from one step on the whole batch, so the mini-batches are really taken).
+#[test]
+fn two_ranks_with_two_mini_batches_equal_one_rank() {
+    let (dir, batches, w0) = setup(7, false);
+    let whole = run(dir.path(), "k1", &batches, false, 1, 1);
+    let single = run(dir.path(), "k2-world1", &batches, false, 2, 1);
+    let two = run(dir.path(), "k2-world2", &batches, false, 2, 2);
+    for step in 1..=STEPS {
+        assert!(
+            read(&two, 0, step, "weights") == read(&two, 1, step, "weights"),
+            "step {step}: the ranks' weights differ"
+        );
+        let stats = |out: &Path, rank| -> serde_json::Value {
+            serde_json::from_slice(&read(out, rank, step, "json")).unwrap()
+        };
+        let (s1, s2, s2b) = (stats(&single, 0), stats(&two, 0), stats(&two, 1));
+        assert_eq!(s1["mini_batches"], 2);
+        for k in [
+            "loss",
+            "grad_norm",
+            "clip_fraction",
+            "clip_fraction_original",
+            "clip_fraction_replay",
+            "approx_kl",
+            "ratio_mean",
+        ] {
+            assert_eq!(s2[k], s2b[k], "step {step}: {k} of rank 1 vs rank 0");
+            let (x, y) = (s1[k].as_f64().unwrap(), s2[k].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+                "step {step}: {k} is {y} with two ranks, {x} with one"
+            );
+        }
+        let delta = |out: &Path| -> Vec<f32> {
+            floats(&read(out, 0, step, "weights"))
+                .iter()
+                .zip(&w0)
+                .map(|(a, b)| a - b)
+                .collect()
+        };
+        let (d1, d2, dw) = (delta(&single), delta(&two), delta(&whole));
+        let e = rel_l2(&d2, &d1);
+        assert!(e < 1e-3, "step {step}: weight updates differ by {e:e}");
+        let apart = rel_l2(&dw, &d1);
+        assert!(
+            apart > 1e-2,
+            "step {step}: two mini-batches moved the weights like one ({apart:e})"
+        );
+    }
 }
 
 #[test]
