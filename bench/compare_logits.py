@@ -24,7 +24,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_common import HERE, MODELS, ROOT, convert, run
+from hf_common import HERE, MODELS, convert, default_bin, run
 
 PROMPTS = [
     "What is 2+2?",
@@ -35,7 +35,7 @@ PROMPTS = [
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "hindsight"))
+    ap.add_argument("--bin", default=default_bin())
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--force", action="store_true", help="re-convert existing checkpoints")
