@@ -17,25 +17,14 @@ Usage (see bench/README.md for the venv):
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-# name -> (hindsight model spec, extra `convert` flags)
-MODELS = {
-    "smollm2": ("smollm2", []),
-    "tiny-llama": ("tiny:1", []),
-    "tiny-llama3": ("tiny-llama3:1", ["--dtype", "bf16", "--shards", "2"]),
-    "tiny-qwen2": ("tiny-qwen2:1", ["--shards", "2"]),
-}
+from hf_common import HERE, MODELS, convert, default_bin, run
 
 PROMPTS = [
     "What is 2+2?",
@@ -44,15 +33,9 @@ PROMPTS = [
 ]
 
 
-def run(cmd):
-    t = time.time()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    return out.stdout, time.time() - t
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "hindsight"))
+    ap.add_argument("--bin", default=default_bin())
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--force", action="store_true", help="re-convert existing checkpoints")
@@ -63,11 +46,7 @@ def main():
     results = []
     worst = 0.0
     for name in args.models.split(","):
-        spec, flags = MODELS[name]
-        ckpt = os.path.join(args.out, name)
-        if args.force or not os.path.isfile(os.path.join(ckpt, "config.json")):
-            _, dt = run([args.bin, "convert", "--input", spec, "--output", ckpt, *flags])
-            print(f"[{name}] converted {spec} -> {ckpt} in {dt:.1f}s", flush=True)
+        ckpt = convert(args.bin, name, args.out, args.force)
         dump = os.path.join(args.out, f"{name}.logits.safetensors")
         cmd = [args.bin, "convert", "--input", ckpt, "--dump-logits", dump]
         for p in PROMPTS:

@@ -7,7 +7,11 @@
 //!   official IFEval / IFBench scripts and `hindsight verify --prompts P --responses R` read;
 //! - `--summary`: the scores (the `hindsight verify --summary` JSON plus the generation
 //!   settings and throughput);
-//! - `--verdicts`: the per-record verdict lines (the reference oracle's format).
+//! - `--verdicts`: the per-record verdict lines (the reference oracle's format);
+//! - `--token-ids`: the token ids of the responses generated in this run, one
+//!   `{"index", "prompt", "prompt_ids", "token_ids", "finished"}` line each, in the order they
+//!   finish (for token-level comparisons with other engines: `bench/greedy_agreement.py`).
+//!   A separate file so that `--output` stays in the official format.
 //!
 //! Resumable: responses already in `--output` (matched on the prompt text) are kept and only
 //! the other prompts are generated; each response is appended (and flushed) as soon as it is
@@ -63,6 +67,11 @@ pub struct EvalArgs {
     /// Where to write the per-record verdicts (JSONL, the reference oracle's format).
     #[arg(long)]
     pub verdicts: Option<PathBuf>,
+    /// Also write the token ids of the responses generated in this run (JSONL of {index,
+    /// prompt, prompt_ids, token_ids, finished}; `index` is the prompt's position in the
+    /// benchmark; responses kept from an earlier run are not in it). Truncated first.
+    #[arg(long)]
+    pub token_ids: Option<PathBuf>,
     /// Precision of the generation weights (`f32`, `bf16`).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
@@ -158,6 +167,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let todo: Vec<usize> = (0..n).filter(|&i| responses[i].is_none()).collect();
     let resumed = n - todo.len();
 
+    let mut ids_out = match &args.token_ids {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path)
+                .map(std::io::BufWriter::new)
+                .with_context(|| format!("opening --token-ids {}", path.display()))
+                .map_err(ConfigError::wrap)?,
+        )),
+        None => None,
+    };
     let mut gen_tokens = 0usize;
     let mut gen_secs = 0.0f64;
     let mut stopped = 0usize;
@@ -214,6 +233,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 out.write_all(response_line(&bench.prompts[r.index].prompt, &r.text).as_bytes())
                     .and_then(|()| out.flush())
                     .with_context(|| format!("writing {}", args.output.display()))?;
+                if let Some((path, f)) = &mut ids_out {
+                    let line = json!({
+                        "index": r.index,
+                        "prompt": bench.prompts[r.index].prompt,
+                        "prompt_ids": r.prompt_ids,
+                        "token_ids": r.token_ids,
+                        "finished": r.finished,
+                    });
+                    serde_json::to_writer(&mut *f, &line)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| f.write_all(b"\n"))
+                        .and_then(|()| f.flush())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
                 gen_tokens += r.token_ids.len();
                 stopped += usize::from(r.finished);
                 done += 1;

@@ -57,6 +57,7 @@ fn eval_scores_like_verify_and_resumes() {
     let out = dir.path().join("responses.jsonl");
     let summary = dir.path().join("summary.json");
     let verdicts = dir.path().join("verdicts.jsonl");
+    let ids = dir.path().join("ids.jsonl");
     let stdout = ok(&eval(
         &out,
         &[
@@ -70,6 +71,8 @@ fn eval_scores_like_verify_and_resumes() {
             summary.to_str().unwrap(),
             "--verdicts",
             verdicts.to_str().unwrap(),
+            "--token-ids",
+            ids.to_str().unwrap(),
         ],
     ));
     assert!(
@@ -81,6 +84,23 @@ fn eval_scores_like_verify_and_resumes() {
     for l in &lines {
         assert_eq!(l.as_object().unwrap().len(), 2, "{l}");
         assert!(l["prompt"].is_string() && l["response"].is_string(), "{l}");
+    }
+    // --token-ids: a line per response, by benchmark index, next to the official file.
+    let by_index = |path: &Path| {
+        let mut v = read_jsonl(path);
+        v.sort_by_key(|l| l["index"].as_u64().unwrap());
+        v
+    };
+    let id_lines = by_index(&ids);
+    assert_eq!(id_lines.len(), 6);
+    for (i, (l, r)) in id_lines.iter().zip(&lines).enumerate() {
+        assert_eq!(l["index"], i, "{l}");
+        assert_eq!(l["prompt"], r["prompt"], "{l}");
+        assert!(!l["prompt_ids"].as_array().unwrap().is_empty(), "{l}");
+        let n = l["token_ids"].as_array().unwrap().len();
+        assert!((1..=24).contains(&n), "{l}");
+        // Fewer than 24 tokens only when the response ended on a stop token.
+        assert!(n == 24 || l["finished"] == true, "{l}");
     }
     let ours = json(&summary);
     assert_eq!(ours["records"], 6);
@@ -132,7 +152,23 @@ fn eval_scores_like_verify_and_resumes() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("4 prompts of 10 (6 already in"), "{stderr}");
     let fresh = dir.path().join("fresh.jsonl");
-    ok(&eval(&fresh, &["--limit", "10", "--max-batch", "1"]));
+    let fresh_ids = dir.path().join("fresh-ids.jsonl");
+    ok(&eval(
+        &fresh,
+        &[
+            "--limit",
+            "10",
+            "--max-batch",
+            "1",
+            "--token-ids",
+            fresh_ids.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(
+        by_index(&fresh_ids)[..6],
+        id_lines[..],
+        "token ids at batch 1 vs batch 4"
+    );
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         std::fs::read_to_string(&fresh).unwrap(),

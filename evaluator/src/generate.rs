@@ -30,6 +30,8 @@ pub struct Response {
     /// The prompt's index in the benchmark.
     pub index: usize,
     pub text: String,
+    /// The chat-templated prompt's token ids, as fed to the engine.
+    pub prompt_ids: Vec<u32>,
     /// The generated token ids (a final stop token included).
     pub token_ids: Vec<u32>,
     /// Ended on a stop token (false: cut at `max_new_tokens`).
@@ -62,6 +64,9 @@ pub fn generate(
         max_new_tokens: settings.max_new_tokens,
         seed: settings.seed,
     };
+    // The engine takes the prompts by value; keep a copy to hand back with each response.
+    let mut prompt_ids: std::collections::HashMap<usize, Vec<u32>> =
+        encoded.iter().cloned().collect();
     let mut it = encoded.into_iter();
     sampler.generate_stream(&params, &mut || it.next(), &mut |index, g| {
         let text = tokenizer
@@ -70,6 +75,7 @@ pub fn generate(
         done(Response {
             index,
             text,
+            prompt_ids: prompt_ids.remove(&index).unwrap_or_default(),
             token_ids: g.token_ids,
             finished: g.finished,
         })
