@@ -18,6 +18,7 @@ mod convert;
 mod env;
 mod eval;
 mod health;
+mod jsonl;
 mod plot;
 mod status;
 mod supervise;
