@@ -1,7 +1,8 @@
 //! `hindsight evaluator`: follows the learner's weight versions the way an actor does (the
 //! model's description from `Weights.Model` with its fingerprint checked, the long-polled
 //! `Latest`, chunked and checksummed fetches, weights prepared in the background: the shared
-//! `hindsight-follower`), evaluates a version when it is at least `--eval-every` versions
+//! `hindsight-follower`; with `--model`, local files checked against the learner's model and
+//! evaluated as version 0, as an actor does), evaluates a version when it is at least `--eval-every` versions
 //! after the last one it evaluated (the first version it sees, normally the base model's
 //! version 0, always), on a fixed held-out set (the first `--eval-limit` prompts of
 //! `--bench`), greedy by default. Each evaluation is exported as metrics
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use hindsight_follower::{Generation, Started};
+use hindsight_follower::{Generation, LocalModel, Started};
 use hindsight_policy::Precision;
 use hindsight_service::{ConfigError, ConfigResultExt as _};
 use serde_json::json;
@@ -44,6 +45,14 @@ pub struct EvaluatorArgs {
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
+    /// Model to evaluate, for local runs: "tiny", "smollm2", a .gguf path or a checkpoint
+    /// directory; its fingerprint must match the learner's. Without it the evaluator takes
+    /// the model (architecture, tokenizer, chat template, weights) from the learner.
+    #[arg(long, env = "HINDSIGHT_MODEL")]
+    pub model: Option<String>,
+    /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
+    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// The held-out set: `ifeval`, `ifbench` (shipped with the binary) or a .jsonl file of
     /// {key, prompt, instruction_id_list, kwargs}.
     #[arg(long, env = "HINDSIGHT_BENCH", default_value = "ifeval")]
@@ -89,6 +98,8 @@ impl Default for EvaluatorArgs {
     fn default() -> Self {
         EvaluatorArgs {
             learner: "http://127.0.0.1:50052".into(),
+            model: None,
+            cache_dir: None,
             bench: "ifeval".into(),
             eval_limit: 64,
             eval_every: 1,
@@ -110,6 +121,8 @@ impl hindsight_service::ToArgv for EvaluatorArgs {
     fn to_argv(&self) -> Vec<String> {
         let mut a = hindsight_service::Argv::new();
         a.opt("--learner", &self.learner)
+            .opt_some("--model", &self.model)
+            .path_some("--cache-dir", &self.cache_dir)
             .opt("--bench", &self.bench)
             .opt("--eval-limit", self.eval_limit)
             .opt("--eval-every", self.eval_every)
@@ -192,9 +205,16 @@ pub async fn run(
         precision: args.precision,
         max_batch: args.max_batch,
     };
+    let local = args.model.as_ref().map(|spec| LocalModel {
+        spec: spec.clone(),
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(hindsight_policy::default_cache_dir),
+    });
     let started = hindsight_follower::start_model(
         &mut client,
-        None,
+        local.as_ref(),
         &generation,
         stop.clone(),
         metrics::OBSERVER,
@@ -323,6 +343,8 @@ mod tests {
             eval_every: 3,
             eval_log: Some("/tmp/run/eval.jsonl".into()),
             bench: "ifbench".into(),
+            model: Some("tiny".into()),
+            cache_dir: Some("/tmp/cache".into()),
             security: hindsight_service::ClientSecurityArgs {
                 tls_ca: Some("/s/ca.pem".into()),
                 token_file: Some("/s/actor.token".into()),
