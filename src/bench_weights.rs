@@ -22,7 +22,6 @@ use hindsight_actor::weights::{FollowSpec, Follower};
 use hindsight_learner::publish::WeightStore;
 use hindsight_policy::{Device, Precision, Sampler, SamplingParams};
 use hindsight_proto::v1::weights_client::WeightsClient;
-use hindsight_proto::v1::weights_server::WeightsServer;
 use serde::Serialize;
 
 /// The figure this benchmark is held to.
@@ -151,43 +150,17 @@ async fn run_one(
     n: usize,
     args: &BenchWeightsArgs,
 ) -> Result<Outcome> {
-    let description = hindsight_policy::ModelDescription::new(&model.config, &model.tokenizer)?;
-    let fingerprint = description.fingerprint();
-    let store = WeightStore::new(2, hindsight_proto::WEIGHT_CHUNK_BYTES).with_model(
-        hindsight_proto::v1::ModelDescription {
-            fingerprint: fingerprint.clone(),
-            name: model.name.clone(),
-            description: description.to_bytes(),
-        },
-    );
+    // The learner's store and server, built by the learner's own code (insecure here).
+    let store = WeightStore::for_model(&model.name, &model.config, &model.tokenizer, 2)?;
+    let fingerprint = store.model_fingerprint().to_owned();
     store.publish(0, 0, payload.to_vec());
-
-    // The learner's server, as `hindsight learner` builds it.
-    let security =
-        hindsight_service::ServerSecurity::from_args(&hindsight_service::ServerSecurityArgs {
-            insecure: true,
-            ..Default::default()
-        })?;
+    let security = hindsight_service::ServerSecurity::insecure();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(
-        security
-            .server()?
-            .initial_connection_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
-            .initial_stream_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
-            .add_service(
-                WeightsServer::new(store.clone())
-                    .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
-            )
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let (_health, server) =
+        hindsight_learner::publish::serve(&security, store.clone(), listener, stop_rx.clone())
+            .await?;
 
     // N actors: a follower each (on this runtime) and a generation thread each.
     let client_security = hindsight_service::ClientSecurity::from_args(

@@ -113,19 +113,15 @@ fn read_existing(path: &Path) -> Result<HashMap<String, String>> {
         f.set_len(complete as u64)?;
     }
     let text = String::from_utf8_lossy(&text[..complete]);
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line)
+    for (line, v) in crate::jsonl::lines(&text) {
+        let v: Value = v
             .ok()
             .filter(|v: &Value| v["prompt"].is_string() && v["response"].is_string())
             .with_context(|| {
                 format!(
-                    "{}:{}: not a {{\"prompt\", \"response\"}} line: remove the file or \
+                    "{}:{line}: not a {{\"prompt\", \"response\"}} line: remove the file or \
                      choose another --output",
                     path.display(),
-                    i + 1
                 )
             })
             .map_err(ConfigError::wrap)?;

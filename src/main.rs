@@ -19,6 +19,7 @@ mod convert;
 mod env;
 mod eval;
 mod health;
+mod jsonl;
 mod plot;
 mod status;
 mod supervise;

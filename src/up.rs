@@ -375,6 +375,9 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         // It reads weights as an actor may (the actor's token).
         let evaluator = hindsight_evaluator::EvaluatorArgs {
             learner: learner_url.clone(),
+            // No --model: like the actors, it takes the model from the learner.
+            model: None,
+            cache_dir: Some(cache.clone()),
             eval_every: args.eval_every,
             eval_limit: args.eval_limit,
             eval_log: Some(eval_path.clone()),

@@ -80,17 +80,12 @@ pub struct VerifyArgs {
     pub jobs: usize,
 }
 
-pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: bad JSON", path.display(), i + 1))
-        })
-        .collect()
+/// The values of a JSONL file, in order (errors name the line).
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    Ok(crate::jsonl::read(path)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
 }
 
 /// Python `str.strip()`.

@@ -3,11 +3,44 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
 use hindsight_constraints::{generate_prompts, PromptRecord};
 use serde_json::json;
+
+/// What every cluster in this file shares: the tiny model, `prompts` as the prompt file, two
+/// prompts a batch, one thread a process.
+fn tiny_args(prompts: &Path) -> Vec<String> {
+    ["--model", "tiny", "--prompts", prompts.to_str().unwrap()]
+        .into_iter()
+        .chain(["--prompts-per-batch", "2", "--threads-per-process", "1"])
+        .map(String::from)
+        .collect()
+}
+
+/// Writes `records` to `dir/prompts.jsonl`, one JSON line each.
+fn write_prompts(dir: &Path, records: &[PromptRecord]) -> PathBuf {
+    let path = dir.join("prompts.jsonl");
+    let text: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `hindsight up` in `run_dir` with [`tiny_args`] and `extra` (actors, steps, the arm), killed
+/// with its children if the test fails before stopping it.
+fn start_tiny(run_dir: &Path, prompts: &Path, extra: &[&str]) -> Up {
+    let mut args = tiny_args(prompts);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Up::start(
+        run_dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
 
 #[test]
 fn tiny_cluster_trains_with_hindsight_replay() {
@@ -15,36 +48,13 @@ fn tiny_cluster_trains_with_hindsight_replay() {
     let run_dir = dir.path().join("run");
     // Our own prompt file: exercises the JSONL loader and lets the test re-derive rewrites.
     let records: Vec<PromptRecord> = generate_prompts(7, 64);
-    let prompts = dir.path().join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        records
-            .iter()
-            .map(|r| serde_json::to_string(r).unwrap() + "\n")
-            .collect::<String>(),
-    )
-    .unwrap();
-
-    let mut up = start_up(
+    let prompts = write_prompts(dir.path(), &records);
+    let mut up = start_tiny(
         &run_dir,
-        &[
-            "--model",
-            "tiny",
-            "--actors",
-            "2",
-            "--steps",
-            "3",
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--max-new-tokens",
-            "48",
-            "--prompts-per-batch",
-            "2",
-            "--threads-per-process",
-            "1",
-        ],
+        &prompts,
+        &["--actors", "2", "--steps", "3", "--max-new-tokens", "48"],
     );
-    let steps = wait_for_steps(&mut up, &run_dir, 3, Duration::from_secs(600));
+    let steps = wait_for_steps(up.child(), &run_dir, 3, Duration::from_secs(600));
 
     // Losses are finite and versions advance one per step.
     for (i, s) in steps.iter().enumerate() {
@@ -224,7 +234,7 @@ fn tiny_cluster_trains_with_hindsight_replay() {
         "{text}"
     );
 
-    let summary = stop_up(up, &run_dir);
+    let summary = stop_up(up.take(), &run_dir);
     assert_eq!(summary["ok"], true, "{summary}");
     assert_eq!(summary["steps_completed"], 3);
     for p in summary["processes"].as_array().unwrap() {
@@ -344,25 +354,9 @@ fn tiny_cluster_trains_with_hindsight_replay() {
 
     // Resume: the learner continues from its step-3 checkpoint, the replay server from its log.
     let status = hindsight()
-        .args([
-            "up",
-            "--resume",
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--model",
-            "tiny",
-            "--actors",
-            "1",
-        ])
-        .args([
-            "--steps",
-            "4",
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--max-new-tokens",
-            "48",
-        ])
-        .args(["--prompts-per-batch", "2", "--threads-per-process", "1"])
+        .args(["up", "--resume", "--run-dir", run_dir.to_str().unwrap()])
+        .args(tiny_args(&prompts))
+        .args(["--actors", "1", "--steps", "4", "--max-new-tokens", "48"])
         .status()
         .unwrap();
     assert!(status.success());
@@ -386,31 +380,17 @@ fn tiny_cluster_trains_with_hindsight_replay() {
 fn tiny_cla_baseline_arm() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("cla");
-    let records: Vec<PromptRecord> = generate_prompts(3, 16);
-    let prompts = dir.path().join("prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        records
-            .iter()
-            .map(|r| serde_json::to_string(r).unwrap() + "\n")
-            .collect::<String>(),
-    )
-    .unwrap();
-    let mut up = start_up(
+    let prompts = write_prompts(dir.path(), &generate_prompts(3, 16));
+    let mut up = start_tiny(
         &run_dir,
+        &prompts,
         &[
-            "--model",
-            "tiny",
             "--actors",
             "1",
             "--steps",
             "1",
-            "--prompts",
-            prompts.to_str().unwrap(),
             "--max-new-tokens",
             "24",
-            "--prompts-per-batch",
-            "2",
             "--group-size",
             "4",
             "--hindsight",
@@ -419,12 +399,10 @@ fn tiny_cla_baseline_arm() {
             "cla",
             "--mini-batches",
             "2",
-            "--threads-per-process",
-            "1",
         ],
     );
-    let steps = wait_for_steps(&mut up, &run_dir, 1, Duration::from_secs(600));
-    let summary = stop_up(up, &run_dir);
+    let steps = wait_for_steps(up.child(), &run_dir, 1, Duration::from_secs(600));
+    let summary = stop_up(up.take(), &run_dir);
     assert_eq!(
         (&summary["arm"], &summary["reward"]),
         (&json!("CLA"), &json!("cla")),

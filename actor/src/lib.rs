@@ -22,9 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hindsight_policy::{Device, Sampler, SamplingParams};
+use hindsight_policy::{Sampler, SamplingParams};
 use hindsight_proto::v1::replay_client::ReplayClient;
-use hindsight_proto::v1::weights_client::WeightsClient;
 use hindsight_proto::v1::{
     LeaseRequest, ReleaseLeasesRequest, Response as RolloutResponse, RolloutAck, RolloutGroup,
 };
@@ -179,138 +178,6 @@ async fn open_stream(client: &mut ReplayClient<Authed>) -> Result<RolloutStream>
     Ok(RolloutStream { tx, acks })
 }
 
-/// The model an actor generates with, once started.
-struct StartedModel {
-    name: String,
-    fingerprint: String,
-    /// The learner's version the sampler holds (`None`: local weights, version 0).
-    version: Option<u64>,
-}
-
-/// Loads `--model` or receives the learner's model, builds the sampler, and starts the
-/// background weight follower. An actor without `--model` waits for the learner's first
-/// published version; with `--model` it generates with its local weights (version 0) at
-/// once.
-async fn start_model(
-    args: &ActorArgs,
-    device: &Device,
-    client: &mut weights::Client,
-    stop: watch::Receiver<bool>,
-) -> Result<(StartedModel, Sampler, weights::Follower)> {
-    let mut backoff = Duration::from_millis(200);
-    let learner = loop {
-        match weights::learner_model(client).await {
-            Ok(m) => break m,
-            Err(e) if args.model.is_none() => {
-                warn!(
-                    error = format!("{e:#}"),
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "cannot get the learner's model yet; retrying"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            // A local model works without the learner's description.
-            Err(e) => {
-                warn!(error = format!("{e:#}"), "the learner does not describe its model; using --model unchecked until its manifest names one");
-                break None;
-            }
-        }
-    };
-    match &args.model {
-        Some(spec) => {
-            let cache = args
-                .cache_dir
-                .clone()
-                .unwrap_or_else(hindsight_policy::default_cache_dir);
-            let spec = spec.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                hindsight_policy::load(&spec, &cache, &Device::Cpu)
-            })
-            .await??;
-            let fingerprint = hindsight_policy::fingerprint(&loaded.config, &loaded.tokenizer)?;
-            if let Some(l) = &learner {
-                anyhow::ensure!(
-                    l.fingerprint == fingerprint,
-                    "--model {} has fingerprint {fingerprint}, the learner's model ({}) has {}: \
-                     drop --model to use the learner's, or give the learner's model",
-                    args.model.as_deref().unwrap_or_default(),
-                    l.name,
-                    l.fingerprint
-                );
-            }
-            let mut sampler = Sampler::with_precision(
-                &loaded.config,
-                &loaded.weights,
-                loaded.tokenizer.stop_token_ids(),
-                device,
-                args.precision,
-            )?;
-            sampler.set_max_batch(args.max_batch);
-            let spec = weights::FollowSpec {
-                fingerprint: fingerprint.clone(),
-                config: loaded.config.clone(),
-                device: device.clone(),
-                precision: args.precision,
-            };
-            // Local weights stand for version 0 (the learner's base model).
-            let follower = weights::Follower::start_observed(
-                client.clone(),
-                spec,
-                Some(0),
-                stop,
-                weights::OBSERVER,
-            );
-            Ok((
-                StartedModel {
-                    name: loaded.name,
-                    fingerprint,
-                    version: None,
-                },
-                sampler,
-                follower,
-            ))
-        }
-        None => {
-            let l = learner.context("the learner does not describe its model (an older learner?): give the actor --model")?;
-            info!(model = %l.name, fingerprint = %hindsight_policy::fingerprint::short(&l.fingerprint), "using the learner's model; waiting for its weights");
-            let spec = weights::FollowSpec {
-                fingerprint: l.fingerprint.clone(),
-                config: l.config.clone(),
-                device: device.clone(),
-                precision: args.precision,
-            };
-            let follower = weights::Follower::start_observed(
-                client.clone(),
-                spec,
-                None,
-                stop,
-                weights::OBSERVER,
-            );
-            let first = follower.next().await?;
-            let v = first.version;
-            let mut sampler = Sampler::from_prepared(
-                &l.config,
-                l.tokenizer.stop_token_ids(),
-                device,
-                args.precision,
-                first.weights,
-            )?;
-            sampler.set_max_batch(args.max_batch);
-            ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
-            Ok((
-                StartedModel {
-                    name: l.name,
-                    fingerprint: l.fingerprint,
-                    version: Some(v),
-                },
-                sampler,
-                follower,
-            ))
-        }
-    }
-}
-
 /// Installs a prepared version between two generation batches (O(1) on the CPU).
 fn install(sampler: &mut Sampler, update: weights::Update, version: &AtomicU64) -> Result<()> {
     let from = version.load(Ordering::Relaxed);
@@ -370,8 +237,7 @@ async fn run_actor(
     let mut replay = ReplayClient::new(connect(&security, &args.replay).await?)
         .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
-    let mut weights_client = WeightsClient::new(connect(&security, &args.learner).await?)
-        .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+    let mut weights_client = weights::connect(&security, &args.learner).await?;
     // Leases this actor holds and has no ack for: given back when it stops.
     let held = Held::default();
     // Ends with this function, whichever way it returns.
@@ -385,14 +251,34 @@ async fn run_actor(
 
     // The model: local files (`--model`) or the learner's description; either way its
     // fingerprint is checked against the learner's and stated with every lease and group.
-    let (model, mut sampler, follower) = tokio::select! {
-        m = start_model(&args, &device, &mut weights_client, stop_rx.clone()) => m?,
+    let local = args.model.as_ref().map(|spec| weights::LocalModel {
+        spec: spec.clone(),
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(hindsight_policy::default_cache_dir),
+    });
+    let generation = weights::Generation {
+        device,
+        precision: args.precision,
+        max_batch: args.max_batch,
+    };
+    let started = weights::start_model(
+        &mut weights_client,
+        local.as_ref(),
+        &generation,
+        stop_rx.clone(),
+        weights::OBSERVER,
+    );
+    let model = tokio::select! {
+        m = started => m?,
         _ = stop_rx.wait_for(|s| *s) => return Ok(()),
     };
-    let fingerprint = model.fingerprint;
+    let (fingerprint, mut sampler, follower) = (model.fingerprint, model.sampler, model.follower);
     if let Some(v) = model.version {
         version.store(v, Ordering::Relaxed);
         ::metrics::gauge!(metrics::POLICY_VERSION).set(v as f64);
+        ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
     }
     info!(model = %model.name, fingerprint = %hindsight_policy::fingerprint::short(&fingerprint),
         policy_version = version.load(Ordering::Relaxed), precision = %args.precision,

@@ -1,7 +1,8 @@
 //! `hindsight evaluator`: follows the learner's weight versions the way an actor does (the
 //! model's description from `Weights.Model` with its fingerprint checked, the long-polled
 //! `Latest`, chunked and checksummed fetches, weights prepared in the background: the shared
-//! `hindsight-follower`), evaluates a version when it is at least `--eval-every` versions
+//! `hindsight-follower`; with `--model`, local files checked against the learner's model and
+//! evaluated as version 0, as an actor does), evaluates a version when it is at least `--eval-every` versions
 //! after the last one it evaluated (the first version it sees, normally the base model's
 //! version 0, always), on a fixed held-out set (the first `--eval-limit` prompts of
 //! `--bench`), greedy by default. Each evaluation is exported as metrics
@@ -19,16 +20,15 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use hindsight_follower::{FollowSpec, Follower, LearnerModel};
-use hindsight_policy::{Precision, Sampler};
-use hindsight_proto::v1::weights_client::WeightsClient;
+use hindsight_follower::{Generation, LocalModel, Started};
+use hindsight_policy::Precision;
 use hindsight_service::{ConfigError, ConfigResultExt as _};
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::bench::Benchmark;
 use crate::generate::{generate, score, Settings};
@@ -45,6 +45,14 @@ pub struct EvaluatorArgs {
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
+    /// Model to evaluate, for local runs: "tiny", "smollm2", a .gguf path or a checkpoint
+    /// directory; its fingerprint must match the learner's. Without it the evaluator takes
+    /// the model (architecture, tokenizer, chat template, weights) from the learner.
+    #[arg(long, env = "HINDSIGHT_MODEL")]
+    pub model: Option<String>,
+    /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
+    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// The held-out set: `ifeval`, `ifbench` (shipped with the binary) or a .jsonl file of
     /// {key, prompt, instruction_id_list, kwargs}.
     #[arg(long, env = "HINDSIGHT_BENCH", default_value = "ifeval")]
@@ -90,6 +98,8 @@ impl Default for EvaluatorArgs {
     fn default() -> Self {
         EvaluatorArgs {
             learner: "http://127.0.0.1:50052".into(),
+            model: None,
+            cache_dir: None,
             bench: "ifeval".into(),
             eval_limit: 64,
             eval_every: 1,
@@ -111,6 +121,8 @@ impl hindsight_service::ToArgv for EvaluatorArgs {
     fn to_argv(&self) -> Vec<String> {
         let mut a = hindsight_service::Argv::new();
         a.opt("--learner", &self.learner)
+            .opt_some("--model", &self.model)
+            .path_some("--cache-dir", &self.cache_dir)
             .opt("--bench", &self.bench)
             .opt("--eval-limit", self.eval_limit)
             .opt("--eval-every", self.eval_every)
@@ -187,85 +199,50 @@ pub async fn run(
         hindsight_service::set_not_ready("draining");
         let _ = stop_tx.send(true);
     });
-    let channel = security
-        .connect_authed(&args.learner, 100)
-        .await
-        .with_context(|| format!("connecting to {}", args.learner))?;
-    let mut client =
-        WeightsClient::new(channel).max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
-
-    let model: LearnerModel = {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let got = tokio::select! {
-                m = hindsight_follower::learner_model(&mut client) => m,
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-            };
-            match got {
-                Ok(Some(m)) => break m,
-                Ok(None) => anyhow::bail!(
-                    "the learner does not describe its model (an older learner?): the \
-                     evaluator needs Weights.Model"
-                ),
-                Err(e) => {
-                    warn!(
-                        error = format!("{e:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "cannot get the learner's model yet; retrying"
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    };
-    info!(model = %model.name, fingerprint = %hindsight_policy::fingerprint::short(&model.fingerprint),
-        bench = %bench.name, prompts = bench.prompts.len(), every = args.eval_every,
-        "evaluator following the learner");
-    let spec = FollowSpec {
-        fingerprint: model.fingerprint.clone(),
-        config: model.config.clone(),
-        device: device.clone(),
+    let mut client = hindsight_follower::connect(&security, &args.learner).await?;
+    let generation = Generation {
+        device,
         precision: args.precision,
+        max_batch: args.max_batch,
     };
-    let follower =
-        Follower::start_observed(client.clone(), spec, None, stop.clone(), metrics::OBSERVER);
-    let tokenizer = Arc::new(model.tokenizer);
+    let local = args.model.as_ref().map(|spec| LocalModel {
+        spec: spec.clone(),
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(hindsight_policy::default_cache_dir),
+    });
+    let started = hindsight_follower::start_model(
+        &mut client,
+        local.as_ref(),
+        &generation,
+        stop.clone(),
+        metrics::OBSERVER,
+    );
+    let Started {
+        mut sampler,
+        follower,
+        tokenizer,
+        version,
+        learner_step,
+        ..
+    } = tokio::select! {
+        m = started => m?,
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    };
+    info!(bench = %bench.name, prompts = bench.prompts.len(), every = args.eval_every,
+        "evaluator following the learner");
+    let tokenizer = Arc::new(tokenizer);
     let settings = Settings {
         temperature: args.temperature,
         max_new_tokens: args.max_new_tokens,
         seed: args.seed,
     };
-    let mut sampler: Option<Sampler> = None;
-    let mut last: Option<u64> = None;
+    // The version the sampler holds; the first one is always evaluated.
+    let (mut version, mut step) = (version.unwrap_or(0), learner_step);
+    hindsight_service::set_ready();
     loop {
-        let update = tokio::select! {
-            u = follower.next() => u.context("following the learner's weights")?,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        };
-        if last.is_some_and(|l| update.version < l + args.eval_every) {
-            continue;
-        }
-        let mut s = match sampler.take() {
-            Some(mut s) => {
-                s.install(update.weights)
-                    .with_context(|| format!("installing weights version {}", update.version))?;
-                s
-            }
-            None => {
-                let mut s = Sampler::from_prepared(
-                    &model.config,
-                    tokenizer.stop_token_ids(),
-                    &device,
-                    args.precision,
-                    update.weights,
-                )?;
-                s.set_max_batch(args.max_batch);
-                s
-            }
-        };
-        hindsight_service::set_ready();
-        let (version, step) = (update.version, update.learner_step);
+        let mut s = sampler;
         info!(policy_version = version, learner_step = step, "evaluating");
         let (b, t, st) = (bench.clone(), tokenizer.clone(), settings.clone());
         // Set at shutdown: the generation stops at the next finished sequence.
@@ -294,7 +271,7 @@ pub async fn run(
                 return Ok(());
             }
         };
-        sampler = Some(s);
+        sampler = s;
         let scored = scored?;
         let sc = &scored.scores;
         metrics::record_scores(&bench.name, sc, version, step);
@@ -322,7 +299,20 @@ pub async fn run(
             tokens_per_s = format!("{:.1}", tokens as f64 / gen_secs.max(1e-9)),
             "evaluated"
         );
-        last = Some(version);
+        // The next version due: at least --eval-every after this one.
+        let update = loop {
+            let update = tokio::select! {
+                u = follower.next() => u.context("following the learner's weights")?,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            if update.version >= version + args.eval_every {
+                break update;
+            }
+        };
+        sampler
+            .install(update.weights)
+            .with_context(|| format!("installing weights version {}", update.version))?;
+        (version, step) = (update.version, update.learner_step);
     }
 }
 
@@ -353,6 +343,8 @@ mod tests {
             eval_every: 3,
             eval_log: Some("/tmp/run/eval.jsonl".into()),
             bench: "ifbench".into(),
+            model: Some("tiny".into()),
+            cache_dir: Some("/tmp/cache".into()),
             security: hindsight_service::ClientSecurityArgs {
                 tls_ca: Some("/s/ca.pem".into()),
                 token_file: Some("/s/actor.token".into()),

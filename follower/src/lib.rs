@@ -12,8 +12,16 @@
 //!   ([`Sampler::prepare_safetensors_chunks`]) while the actor keeps generating with the old ones;
 //!   the actor installs the newest prepared version between two generation batches.
 //!
+//! - [`start_model`]: how such a role starts (connect, the learner's model or a local `--model`
+//!   checked against it, the first weights, the follower), shared by the actor and the
+//!   evaluator.
+//!
 //! The roles record their own metrics about it through an [`Observer`] (the actor's
 //! `hindsight_actor_*` series, the evaluator's `hindsight_evaluator_*` ones).
+
+mod start;
+
+pub use start::{connect, learner_model_when_up, start_model, Generation, LocalModel, Started};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

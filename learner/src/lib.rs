@@ -27,14 +27,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hindsight_proto::v1::replay_client::ReplayClient;
-use hindsight_proto::v1::weights_server::WeightsServer;
 use hindsight_proto::v1::{
     AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, RegisterLearnerRequest,
 };
 use hindsight_service::ConfigResultExt as _;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tonic::server::NamedService;
 use tracing::{info, warn};
 
 pub use advantage::AdvantageKind;
@@ -310,8 +308,13 @@ pub async fn run(
         mini_batches: args.mini_batches as usize,
     };
     let mut trainer = Trainer::new(&loaded, args.reference_model, config, &device)?;
-    let description = hindsight_policy::ModelDescription::new(&loaded.config, &loaded.tokenizer)?;
-    let fingerprint = description.fingerprint();
+    let store = WeightStore::for_model(
+        &loaded.name,
+        &loaded.config,
+        &loaded.tokenizer,
+        args.keep_versions,
+    )?;
+    let fingerprint = store.model_fingerprint().to_string();
     info!(model = %loaded.name, fingerprint = %fingerprint, "model fingerprint");
     let settings = ranks::RankSettings {
         rendezvous,
@@ -346,12 +349,6 @@ pub async fn run(
     let tokenizer = loaded.tokenizer;
     drop(loaded.weights);
 
-    let store = WeightStore::new(args.keep_versions, hindsight_proto::WEIGHT_CHUNK_BYTES)
-        .with_model(hindsight_proto::v1::ModelDescription {
-            fingerprint: fingerprint.clone(),
-            name: loaded.name.clone(),
-            description: description.to_bytes(),
-        });
     let mut state = TrainerState {
         base_model: args.model.clone(),
         ..Default::default()
@@ -402,34 +399,13 @@ pub async fn run(
     // it serves are in place (first registration), and again while draining.
     let (step_tx, _step_rx) = watch::channel(state.step);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (health, health_server) =
-        hindsight_service::GrpcHealth::new(&[<WeightsServer<WeightStore> as NamedService>::NAME])
-            .await;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the learner to --listen {}", args.listen))
         .config_err()?;
     info!(addr = %listener.local_addr()?, "learner serving Weights and Health");
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(
-        server_security
-            .server()?
-            // Weight chunks are large: big HTTP/2 windows keep the transfer from waiting
-            // on flow control (the receiver's windows matter most; see the actor's client).
-            .initial_connection_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
-            .initial_stream_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
-            .add_service(
-                WeightsServer::new(store.clone())
-                    .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
-            )
-            .add_service(health_server)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let (health, server) =
+        publish::serve(&server_security, store.clone(), listener, stop_rx.clone()).await?;
     let shutdown_task = {
         let stop_tx = stop_tx.clone();
         let health = health.clone();

@@ -16,14 +16,47 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hindsight_proto::bytes::Bytes;
 
 use hindsight_proto::sha256_hex;
-use hindsight_proto::v1::weights_server::Weights;
+use hindsight_proto::v1::weights_server::{Weights, WeightsServer};
 use hindsight_proto::v1::{
     FetchWeightsRequest, LatestWeightsRequest, ModelDescription, ModelRequest, WeightChunk,
     WeightsManifest,
 };
+use hindsight_service::{GrpcHealth, ServerSecurity};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_stream::Stream;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
+
+/// The learner's gRPC server on `listener` until `stop` turns true: `Weights` over `store`
+/// and the standard health service (every entry `NOT_SERVING` until the returned
+/// [`GrpcHealth`] says otherwise), behind `security`'s TLS and tokens.
+pub async fn serve(
+    security: &ServerSecurity,
+    store: WeightStore,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(GrpcHealth, JoinHandle<Result<(), tonic::transport::Error>>)> {
+    let (health, health_server) =
+        GrpcHealth::new(&[<WeightsServer<WeightStore> as NamedService>::NAME]).await;
+    let router = security
+        .server()?
+        // Weight chunks are large: big HTTP/2 windows keep the transfer from waiting on flow
+        // control (the receiver's windows matter most; see the follower's client).
+        .initial_connection_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
+        .initial_stream_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
+        .add_service(
+            WeightsServer::new(store).max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
+        )
+        .add_service(health_server);
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    ));
+    Ok((health, server))
+}
 
 /// One published version: its manifest and payload.
 pub struct Published {
@@ -67,6 +100,25 @@ impl WeightStore {
     pub fn with_model(mut self, model: ModelDescription) -> Self {
         self.model = Some(Arc::new(model));
         self
+    }
+
+    /// The learner's store for a model named `name`: `keep` versions in chunks of
+    /// [`hindsight_proto::WEIGHT_CHUNK_BYTES`], `Model` answering the model's description
+    /// (config, tokenizer, chat template), every manifest naming its fingerprint.
+    pub fn for_model(
+        name: &str,
+        config: &hindsight_policy::ModelConfig,
+        tokenizer: &hindsight_policy::ChatTokenizer,
+        keep: usize,
+    ) -> anyhow::Result<Self> {
+        let description = hindsight_policy::ModelDescription::new(config, tokenizer)?;
+        Ok(
+            Self::new(keep, hindsight_proto::WEIGHT_CHUNK_BYTES).with_model(ModelDescription {
+                fingerprint: description.fingerprint(),
+                name: name.to_string(),
+                description: description.to_bytes(),
+            }),
+        )
     }
 
     /// Publishes `payload` (safetensors bytes) as `version`; returns its manifest.

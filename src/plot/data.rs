@@ -61,20 +61,6 @@ fn number(v: &Value, key: &str, path: &Path, line: usize) -> Result<f64> {
     })
 }
 
-fn jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map(|v| (i + 1, v))
-                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
-        })
-        .collect()
-}
-
 /// Reads `dir` (see the module docs). Errors name the file and line.
 pub fn read_run(dir: &Path) -> Result<Run> {
     if !dir.is_dir() {
@@ -90,7 +76,7 @@ pub fn read_run(dir: &Path) -> Result<Run> {
     let mut steps = Vec::new();
     // Runs from before `generated_responses` existed: the originals are what was generated.
     let mut generated_sum = 0.0;
-    for (line, v) in jsonl(&steps_path)? {
+    for (line, v) in crate::jsonl::read(&steps_path)? {
         let step = v["step"].as_u64().with_context(|| {
             format!(
                 "{}:{line}: field \"step\" is missing or not a step number",
@@ -115,7 +101,7 @@ pub fn read_run(dir: &Path) -> Result<Run> {
     let eval_path = dir.join("eval.jsonl");
     let mut evals = Vec::new();
     if eval_path.is_file() {
-        for (line, v) in jsonl(&eval_path)? {
+        for (line, v) in crate::jsonl::read(&eval_path)? {
             evals.push(EvalPoint {
                 step: v["step"].as_u64().with_context(|| {
                     format!(
