@@ -256,10 +256,7 @@ impl Trainer {
     ) -> Result<StepStats> {
         let started = Instant::now();
         let prepared = self.prepare(batch, current_version)?;
-        let (rank, world) = (
-            collective.rank() as usize,
-            collective.world_size() as usize,
-        );
+        let (rank, world) = (collective.rank() as usize, collective.world_size() as usize);
         let minis = prepared.mini_batches(self.config.mini_batches);
         let mut total = StepSums::default();
         let mut norm_sum = 0f64;
