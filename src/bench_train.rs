@@ -16,7 +16,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_policy::{AdamW, Tensor, TrainableModel};
+use hindsight_policy::Tensor;
+use hindsight_training::{AdamW, TrainableModel};
 use serde_json::{json, Value};
 
 #[derive(clap::Args, Debug)]

@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
+use hindsight_model::ModelConfig;
 use crate::kernels::{matmul_t, Mat};
 use crate::sampler::{sample_row, Generation, SamplingParams};
 use crate::weights::Weights;

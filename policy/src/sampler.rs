@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
+use hindsight_model::ModelConfig;
 use crate::engine::{CpuEngine, Precision};
 use crate::ops::{padded_causal_mask, rope_cos_sin_inv};
 use crate::weights::Weights;

@@ -1,5 +1,5 @@
 //! Fused training ops (`crate::fused`) against the differentiable primitives of
-//! `crate::ops`: forward values, gradients of every input (f32), and f64 gradients
+//! `crate::primitives`: forward values, gradients of every input (f32), and f64 gradients
 //! against central finite differences. Shapes are deliberately not multiples of the
 //! vector width.
 
@@ -8,7 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::fused;
-use crate::ops;
+use crate::primitives as ops;
+use hindsight_policy::{tiny_kind, TinyKind};
 
 fn rand_t(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -164,7 +165,7 @@ fn cos_sin(t: usize, hd: usize, dtype: DType) -> (Tensor, Tensor) {
         .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / hd as f32))
         .collect();
     let pos: Vec<usize> = (0..t).collect();
-    ops::rope_cos_sin_inv(&pos, &inv, dtype, &Device::Cpu).unwrap()
+    hindsight_policy::ops::rope_cos_sin_inv(&pos, &inv, dtype, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -324,7 +325,7 @@ fn fast_exp_is_accurate() {
 /// of every parameter (Llama, Qwen2 with biases and untied head, Llama-3 rope scaling).
 #[test]
 fn fused_trainable_matches_primitive_trainable() {
-    use crate::{tiny_kind, TinyKind, TrainableModel};
+    use crate::TrainableModel;
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = vec![
         (vec![257, 72, 105, 10], vec![104, 101, 108, 108, 111, 258]),
         (vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], vec![200, 201]),
@@ -381,7 +382,7 @@ fn whole_pairs() -> Vec<(Vec<u32>, Vec<u32>)> {
 /// Llama, Qwen2 (q/k/v biases, untied head) and Llama-3 rope scaling, at two temperatures.
 #[test]
 fn whole_pass_matches_autograd_for_every_parameter() {
-    use crate::{tiny_kind, TinyKind, TrainableModel};
+    use crate::TrainableModel;
     let pairs = whole_pairs();
     for kind in [TinyKind::Llama, TinyKind::Qwen2, TinyKind::Llama3] {
         let tm = tiny_kind(kind, 2).unwrap();
@@ -434,7 +435,7 @@ fn whole_pass_matches_autograd_for_every_parameter() {
 /// candle's autograd over the primitive ops computes it in one pass.
 #[test]
 fn accumulated_micro_batches_match_one_primitive_pass() {
-    use crate::{tiny_kind, GradSums, TinyKind, TrainableModel};
+    use crate::{GradSums, TrainableModel};
     let pairs = whole_pairs();
     let tm = tiny_kind(TinyKind::Qwen2, 5).unwrap();
     let whole = TrainableModel::new(&tm.config, &tm.weights, &Device::Cpu).unwrap();
@@ -488,7 +489,7 @@ fn accumulated_micro_batches_match_one_primitive_pass() {
 /// untied head).
 #[test]
 fn whole_pass_gradients_match_finite_differences() {
-    use crate::{tiny_kind, TinyKind, TrainableModel};
+    use crate::TrainableModel;
     let pairs = whole_pairs();
     let tm = tiny_kind(TinyKind::Qwen2, 2).unwrap();
     let model =
@@ -579,7 +580,7 @@ fn whole_pass_gradients_match_finite_differences() {
 /// three AdamW steps on the same batch give the same parameters.
 #[test]
 fn whole_pass_training_steps_match_autograd() {
-    use crate::{tiny_kind, AdamW, TinyKind, TrainableModel};
+    use crate::{AdamW, TrainableModel};
     let pairs = whole_pairs();
     let tm = tiny_kind(TinyKind::Llama, 2).unwrap();
     let mut out = Vec::new();

@@ -5,6 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use hindsight_policy::*;
+
 use crate::*;
 
 fn pairs() -> Vec<(Vec<u32>, Vec<u32>)> {

@@ -6,7 +6,9 @@
 use candle_core::{Device, Tensor};
 
 use super::max_abs_diff;
-use crate::tokenizer::{LLAMA3_STYLE_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE};
+use hindsight_model::tokenizer::{LLAMA3_STYLE_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE};
+use hindsight_policy::*;
+
 use crate::*;
 
 fn values(t: &Tensor) -> Vec<f32> {

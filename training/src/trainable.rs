@@ -17,10 +17,12 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::config::ModelConfig;
+use hindsight_model::ModelConfig;
+use hindsight_policy::ops::rope_cos_sin_inv;
+use hindsight_policy::Weights;
+
 use crate::fused;
-use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin_inv, rope_half_diff, softmax_diff};
-use crate::weights::Weights;
+use crate::primitives::{logsumexp_diff, rms_norm_diff, rope_half_diff, softmax_diff};
 
 /// Rows of `[rows, vocab]` logits processed per chunk in `response_logprobs`.
 const LOGPROB_CHUNK_ROWS: usize = 512;

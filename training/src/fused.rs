@@ -7,7 +7,7 @@
 //!
 //! candle's own fused kernels (`rope`, `softmax_last_dim`, `rms_norm`, `sdpa`) have no
 //! backward; these do. They run on the CPU in f32 and f64 only ([`supported`]); on other
-//! devices the trainable model uses the differentiable primitives of [`crate::ops`].
+//! devices the trainable model uses the differentiable primitives of [`crate::primitives`].
 //!
 //! Matrix products go through candle's `matmul` (the `gemm` crate) on detached tensors;
 //! everything else is a row kernel over raw slices, parallel over rows with rayon and
@@ -604,7 +604,7 @@ fn bwd_rope<T: Real>(op: &Rope, g: &Tensor) -> Result<Tensor> {
 
 /// Half-rotation rope (Hugging Face layout) of `x` `[B, T, H*hd]` (or `[B*T, H*hd]` with
 /// `b` given) for positions `0..T`, returned in the attention layout `[B, H, T, hd]`.
-/// `cos`/`sin`: `[T, hd/2]` (see [`crate::ops::rope_cos_sin_inv`]). Backward for `x`.
+/// `cos`/`sin`: `[T, hd/2]` (see [`hindsight_policy::ops::rope_cos_sin_inv`]). Backward for `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, b: usize, n_heads: usize) -> Result<Tensor> {
     let (t, half) = cos.dims2()?;
     let hd = 2 * half;
