@@ -322,8 +322,10 @@ fn compare(single: &Path, multi: &Path, world: u32, w0: &[f32]) {
             "norm",
         ] {
             let (x, y) = (s1[k].as_f64().unwrap(), sn[k].as_f64().unwrap());
+            // Relative, plus an absolute floor: the loss is a sum of f32 terms of order one
+            // that nearly cancel, so its own size says nothing about its rounding.
             assert!(
-                (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+                (x - y).abs() <= 1e-4 * x.abs() + 1e-6,
                 "step {step}: {k} is {y} with world {world}, {x} with one rank"
             );
         }
@@ -429,7 +431,7 @@ fn two_ranks_with_two_mini_batches_equal_one_rank() {
             assert_eq!(s2[k], s2b[k], "step {step}: {k} of rank 1 vs rank 0");
             let (x, y) = (s1[k].as_f64().unwrap(), s2[k].as_f64().unwrap());
             assert!(
-                (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+                (x - y).abs() <= 1e-4 * x.abs() + 1e-6,
                 "step {step}: {k} is {y} with two ranks, {x} with one"
             );
         }
