@@ -12,8 +12,8 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use hindsight_collective::{Collective, Single};
 use hindsight_policy::{LoadedModel, ModelConfig, Weights};
-use hindsight_training::{AdamW, GradSums, HostGrads, TrainableModel};
 use hindsight_proto::v1::{Sample, TrainingBatch};
+use hindsight_training::{AdamW, GradSums, HostGrads, TrainableModel};
 use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
@@ -255,10 +255,7 @@ impl Trainer {
     ) -> Result<StepStats> {
         let started = Instant::now();
         let prepared = self.prepare(batch, current_version)?;
-        let (rank, world) = (
-            collective.rank() as usize,
-            collective.world_size() as usize,
-        );
+        let (rank, world) = (collective.rank() as usize, collective.world_size() as usize);
         let minis = prepared.mini_batches(self.config.mini_batches);
         let mut total = StepSums::default();
         let mut norm_sum = 0f64;

@@ -167,7 +167,9 @@ fn rank_process_entry() {
         // The steps of `train_step_with`, spelled out to see the reduced gradients.
         let prepared = t.prepare(&b, step - 1).unwrap();
         let shard = shard_indices(&prepared.costs, c.rank() as usize, c.world_size() as usize);
-        let local = t.compute_gradients(&prepared, &prepared.whole(), &shard, step).unwrap();
+        let local = t
+            .compute_gradients(&prepared, &prepared.whole(), &shard, step)
+            .unwrap();
         let reduced = t.reduce(&mut *c, local, step).unwrap();
         let mut grads = Vec::new();
         for (_, v) in t.model.vars() {

@@ -105,14 +105,19 @@ impl GgufMetadata {
     pub fn read_file(path: &Path) -> Result<Self> {
         let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        Self::read(BufReader::new(f), len).with_context(|| format!("reading GGUF {}", path.display()))
+        Self::read(BufReader::new(f), len)
+            .with_context(|| format!("reading GGUF {}", path.display()))
     }
 
     /// Reads GGUF metadata from `r`, which holds at most `len` bytes.
     pub fn read(r: impl Read, len: u64) -> Result<Self> {
-        let mut r = Bounded { inner: r, left: len };
+        let mut r = Bounded {
+            inner: r,
+            left: len,
+        };
         let mut magic = [0u8; 4];
-        r.bytes(&mut magic).context("the file is shorter than a GGUF header")?;
+        r.bytes(&mut magic)
+            .context("the file is shorter than a GGUF header")?;
         ensure!(&magic == MAGIC, "not a GGUF file (magic {magic:02x?})");
         let version = r.u32()?;
         ensure!(
@@ -125,7 +130,9 @@ impl GgufMetadata {
         for i in 0..kvs {
             let key = r.string().with_context(|| format!("metadata key {i}"))?;
             let ty = r.u32()?;
-            let value = r.value(ty, 0).with_context(|| format!("metadata {key:?}"))?;
+            let value = r
+                .value(ty, 0)
+                .with_context(|| format!("metadata {key:?}"))?;
             metadata.insert(key, value);
         }
         let mut tensor_names = BTreeSet::new();
@@ -209,7 +216,9 @@ impl<R: Read> Bounded<R> {
         let n = self.u64()?;
         self.take(n, "a string")?;
         let mut b = vec![0u8; n as usize];
-        self.inner.read_exact(&mut b).context("the file ends early")?;
+        self.inner
+            .read_exact(&mut b)
+            .context("the file ends early")?;
         String::from_utf8(b).context("a string is not UTF-8")
     }
 
@@ -244,5 +253,116 @@ impl<R: Read> Bounded<R> {
             12 => Value::F64(f64::from_le_bytes(self.array()?)),
             t => bail!("unknown GGUF value type {t}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file with `kvs` and tensor infos named `tensors`.
+    fn file(kvs: &[(&str, u32, Vec<u8>)], tensors: &[&str]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend((kvs.len() as u64).to_le_bytes());
+        let s = |b: &mut Vec<u8>, x: &str| {
+            b.extend((x.len() as u64).to_le_bytes());
+            b.extend(x.as_bytes());
+        };
+        for (k, ty, v) in kvs {
+            s(&mut b, k);
+            b.extend(ty.to_le_bytes());
+            b.extend(v);
+        }
+        for t in tensors {
+            s(&mut b, t);
+            b.extend(2u32.to_le_bytes());
+            b.extend(4u64.to_le_bytes());
+            b.extend(8u64.to_le_bytes());
+            b.extend(2u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        b
+    }
+
+    fn string(x: &str) -> Vec<u8> {
+        let mut v = (x.len() as u64).to_le_bytes().to_vec();
+        v.extend(x.as_bytes());
+        v
+    }
+
+    fn read(b: &[u8]) -> Result<GgufMetadata> {
+        GgufMetadata::read(b, b.len() as u64)
+    }
+
+    #[test]
+    fn reads_every_kind_of_value_and_the_tensor_names() {
+        let mut arr = 8u32.to_le_bytes().to_vec();
+        arr.extend(2u64.to_le_bytes());
+        arr.extend(string("a"));
+        arr.extend(string("bc"));
+        let b = file(
+            &[
+                ("general.architecture", 8, string("llama")),
+                ("llama.block_count", 4, 30u32.to_le_bytes().to_vec()),
+                ("llama.context_length", 10, 8192u64.to_le_bytes().to_vec()),
+                ("eps", 6, 1e-5f32.to_le_bytes().to_vec()),
+                ("neg", 5, (-3i32).to_le_bytes().to_vec()),
+                ("flag", 7, vec![1]),
+                ("tokens", 9, arr),
+            ],
+            &["token_embd.weight", "output.weight"],
+        );
+        let m = read(&b).unwrap();
+        assert_eq!(m.version, 3);
+        assert_eq!(m.str("general.architecture").unwrap(), "llama");
+        assert_eq!(m.usize("llama.block_count").unwrap(), 30);
+        assert_eq!(m.usize("llama.context_length").unwrap(), 8192);
+        // An f32 widens through its shortest decimal form.
+        assert_eq!(m.f64("eps").unwrap(), 1e-5);
+        assert!(m.usize("neg").is_err());
+        assert_eq!(m.get("flag").unwrap(), &Value::Bool(true));
+        let tokens: Vec<&str> = m
+            .get("tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens, ["a", "bc"]);
+        assert!(m.tensor_names.contains("output.weight"));
+        let e = m.usize("missing").unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let err = |b: &[u8]| format!("{:#}", read(b).unwrap_err());
+        assert!(err(b"GG").contains("shorter than a GGUF header"));
+        assert!(err(b"GGML\x03\0\0\0").contains("not a GGUF file"));
+        let mut v1 = b"GGUF".to_vec();
+        v1.extend(1u32.to_le_bytes());
+        assert!(err(&v1).contains("version 1"));
+        // Every byte count is checked against what the file has left.
+        let good = file(&[("k", 8, string("value"))], &[]);
+        for cut in 1..good.len() {
+            assert!(read(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut huge = file(&[], &[]);
+        huge[16..24].copy_from_slice(&1u64.to_le_bytes());
+        huge.extend(u64::MAX.to_le_bytes());
+        assert!(err(&huge).contains("runs past the end"), "{}", err(&huge));
+        let mut arr = 0u32.to_le_bytes().to_vec();
+        arr.extend(u64::MAX.to_le_bytes());
+        let b = file(&[("a", 9, arr)], &[]);
+        assert!(err(&b).contains("array of"), "{}", err(&b));
+        let b = file(&[("t", 13, vec![])], &[]);
+        assert!(
+            err(&b).contains("unknown GGUF value type 13"),
+            "{}",
+            err(&b)
+        );
     }
 }

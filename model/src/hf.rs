@@ -127,4 +127,3 @@ pub fn ensure_hf_dir(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

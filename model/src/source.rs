@@ -146,7 +146,6 @@ pub fn load_model_info(spec: &str, cache_dir: &Path) -> anyhow::Result<ModelInfo
     ModelSource::resolve(spec, cache_dir)?.info()
 }
 
-
 /// Loads only the tokenizer (GGUF metadata or a checkpoint's tokenizer files; no tensor data).
 pub fn load_tokenizer(spec: &str, cache_dir: &Path) -> anyhow::Result<ChatTokenizer> {
     Ok(load_model_info(spec, cache_dir)?.tokenizer)
@@ -407,4 +406,3 @@ pub fn tiny_tokenizer(kind: TinyKind) -> anyhow::Result<ChatTokenizer> {
         ),
     }
 }
-

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{Device, Tensor};
 use hindsight_model::hf::read_json_opt;
 use hindsight_model::{ChatTokenizer, ModelConfig, SpecialTokenIds};

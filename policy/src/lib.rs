@@ -22,15 +22,18 @@ mod tests;
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use device::parse_device;
 pub use engine::Precision;
-pub use hf::{save_hf_checkpoint, save_hf_checkpoint_with, save_tensors, weights_from_hf_dir, SaveDtype, SaveOptions};
+pub use hf::{
+    save_hf_checkpoint, save_hf_checkpoint_with, save_tensors, weights_from_hf_dir, SaveDtype,
+    SaveOptions,
+};
+pub use hindsight_model::fingerprint;
 pub use hindsight_model::{
-    config_from_gguf, config_from_hf_dir, default_cache_dir, fetch_smollm2,
-    is_hf_dir, load_model_info, load_tokenizer, tiny_config, tiny_config_for, tiny_tokenizer,
+    config_from_gguf, config_from_hf_dir, default_cache_dir, fetch_smollm2, is_hf_dir,
+    load_model_info, load_tokenizer, tiny_config, tiny_config_for, tiny_tokenizer,
     tokenizer_from_gguf, tokenizer_from_hf_dir, Architecture, ChatTemplate, ChatTokenizer,
     ModelConfig, ModelDescription, ModelInfo, ModelSource, RopeScaling, SpecialTokenIds,
     SpecialTokens, TinyKind,
 };
-pub use hindsight_model::fingerprint;
 pub use load::{load, random_weights, tiny, tiny_kind, weights_from_gguf, LoadedModel};
 pub use sampler::{Generation, PreparedWeights, Sampler, SamplingParams};
 pub use weights::Weights;

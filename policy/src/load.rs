@@ -106,7 +106,9 @@ pub fn load(spec: &str, cache_dir: &Path, device: &Device) -> anyhow::Result<Loa
             let weights = hf::weights_from_hf_dir(dir, &info.config, device)?;
             (info, weights)
         }
-        ModelSource::Gguf { path, .. } => (source.info()?, weights_from_gguf(path, device, true)?.1),
+        ModelSource::Gguf { path, .. } => {
+            (source.info()?, weights_from_gguf(path, device, true)?.1)
+        }
     };
     Ok(LoadedModel {
         config: info.config,

@@ -1,7 +1,7 @@
 //! Tensor helpers shared by the sampler and the trainer: rotary tables, the padded causal
 //! mask, and GGUF q/k (un)permutation.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 /// cos/sin tables for the given absolute positions: two tensors `[N, head_dim/2]`,
 /// computed in f64 then cast to `dtype` (identical for sampler and trainer).

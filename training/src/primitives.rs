@@ -47,4 +47,3 @@ pub fn rope_half_diff(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Re
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
 }
-

@@ -105,7 +105,10 @@ fn tiny_llama_checkpoint_round_trip_is_exact() {
     )
     .unwrap();
     assert_eq!(tc["eos_token"], "<|im_end|>");
-    assert_eq!(tc["chat_template"], tokenizer::SMOLLM2_CHAT_TEMPLATE);
+    assert_eq!(
+        tc["chat_template"],
+        hindsight_model::tokenizer::SMOLLM2_CHAT_TEMPLATE
+    );
     let m = check_loaded(tmp.path(), &want, |x| x);
     // Bit-identical logits to the in-memory model.
     let dev = Device::Cpu;
