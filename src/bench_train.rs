@@ -16,7 +16,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_policy::{AdamW, Tensor, TrainableModel};
+use hindsight_policy::Tensor;
+use hindsight_training::{AdamW, TrainableModel};
 use serde_json::{json, Value};
 
 #[derive(clap::Args, Debug)]
@@ -75,8 +76,8 @@ pub struct BenchTrainArgs {
     #[arg(long, env = "HINDSIGHT_BENCH_NO_PEER")]
     pub no_peer: bool,
     /// Our training pass: "whole" (the hand-written whole-model pass, the learner's
-    /// default on the CPU), "fused" (candle autograd over the fused CPU ops) or
-    /// "primitive" (candle autograd over candle primitives only).
+    /// default on the CPU) or "primitive" (candle autograd over candle primitives only, what
+    /// the learner runs off the CPU).
     #[arg(long, env = "HINDSIGHT_BENCH_OPS", default_value = "whole")]
     pub ops: String,
     /// Output directory: the converted checkpoint, the jobs and `train.json`.
@@ -161,10 +162,9 @@ fn worker(job_path: &Path) -> Result<()> {
     let mut model = TrainableModel::new(&m.config, &m.weights, &dev)?;
     drop(m);
     match job["ops"].as_str() {
-        Some("primitive") => model.set_fused(false),
-        Some("fused") => model.set_whole(false),
+        Some("primitive") => model.set_whole(false),
         Some("whole") | None => {}
-        Some(o) => bail!("unknown ops {o:?} (whole, fused, primitive)"),
+        Some(o) => bail!("unknown ops {o:?} (whole, primitive)"),
     }
     let ids: Vec<Vec<u32>> = serde_json::from_value(job["ids"].clone())?;
     let adv: Vec<Vec<f32>> = serde_json::from_value(job["advantages"].clone())?;
@@ -215,7 +215,7 @@ fn worker(job_path: &Path) -> Result<()> {
     }
     let out = json!({
         "side": "ours",
-        "ops": if model.is_whole() { "whole" } else if model.is_fused() { "fused" } else { "primitive" },
+        "ops": if model.is_whole() { "whole" } else { "primitive" },
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
         "step_s": step_s,
         "fwd_s": fwd_s,

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use hindsight_policy::{Device, Sampler, SaveDtype, SaveOptions, Tensor, TrainableModel};
+use hindsight_policy::{Device, Sampler, SaveDtype, SaveOptions, Tensor};
+use hindsight_training::TrainableModel;
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {

@@ -11,10 +11,9 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use hindsight_collective::{Collective, Single};
-use hindsight_policy::{
-    AdamW, GradSums, HostGrads, LoadedModel, ModelConfig, TrainableModel, Weights,
-};
+use hindsight_policy::{LoadedModel, ModelConfig, Weights};
 use hindsight_proto::v1::{Sample, TrainingBatch};
+use hindsight_training::{AdamW, GradSums, HostGrads, TrainableModel};
 use serde::Serialize;
 
 use crate::advantage::{self, AdvantageKind};
@@ -460,7 +459,7 @@ impl Trainer {
         let LocalGradients { grads, mut sums } = local;
         let (grads, norm) = if collective.world_size() == 1 {
             let grads = grads.into_grad_store(&self.model)?;
-            let norm = hindsight_policy::grad_norm(&grads, self.model.vars())?;
+            let norm = hindsight_training::grad_norm(&grads, self.model.vars())?;
             (grads, norm)
         } else {
             let mut host = grads.into_host(&self.model)?;

@@ -16,11 +16,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
 use crate::kernels::{matmul_t, Mat};
 use crate::sampler::{sample_row, Generation, SamplingParams};
 use crate::weights::Weights;
 use anyhow::Context as _;
+use hindsight_model::ModelConfig;
 
 /// Storage precision of the projection weights used for generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -1,21 +1,17 @@
-//! Hugging Face checkpoints: loading a directory with `config.json`,
-//! `*.safetensors` (single file or sharded via `model.safetensors.index.json`;
-//! f32/bf16/f16/f64, converted to f32), `tokenizer.json`, `tokenizer_config.json`
-//! (chat template, special tokens), `chat_template.jinja` and
-//! `generation_config.json`, for the Llama and Qwen2 architectures; and writing
-//! one ([`save_hf_checkpoint`]) that transformers and other tools load as is.
+//! Hugging Face checkpoints' tensors: loading `*.safetensors` (single file or sharded via
+//! `model.safetensors.index.json`; f32/bf16/f16/f64, converted to f32), and writing a whole
+//! checkpoint ([`save_hf_checkpoint`]) that transformers and other tools load as is. The
+//! description files (config, tokenizer, template) are read by [`hindsight_model::hf`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{Device, Tensor};
+use hindsight_model::hf::read_json_opt;
+use hindsight_model::{ChatTokenizer, ModelConfig, SpecialTokenIds};
 use serde_json::{json, Value};
-use tokenizers::Tokenizer;
 
-use crate::config::{ModelConfig, SpecialTokenIds};
-use crate::template::SpecialTokens;
-use crate::tokenizer::ChatTokenizer;
 use crate::weights::{safetensors_to_file, view_to_f32, SaveView, Weights};
 
 /// Storage dtype of the written safetensors.
@@ -33,30 +29,6 @@ pub struct SaveOptions {
     pub dtype: SaveDtype,
     /// Number of safetensors shards (0 or 1 = a single `model.safetensors`).
     pub shards: usize,
-}
-
-/// True if `dir` looks like a Hugging Face checkpoint (has `config.json`).
-pub fn is_hf_dir(dir: &Path) -> bool {
-    dir.is_dir() && dir.join("config.json").is_file()
-}
-
-fn read_json(path: &Path) -> anyhow::Result<Value> {
-    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))
-}
-
-fn read_json_opt(path: &Path) -> anyhow::Result<Option<Value>> {
-    if path.is_file() {
-        read_json(path).map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
-/// The model config of a checkpoint directory.
-pub fn config_from_hf_dir(dir: &Path) -> anyhow::Result<ModelConfig> {
-    let v = read_json(&dir.join("config.json"))?;
-    ModelConfig::from_hf_config(&v).with_context(|| format!("{}/config.json", dir.display()))
 }
 
 /// The safetensors files of a checkpoint: the shards named by
@@ -120,84 +92,6 @@ pub fn weights_from_hf_dir(
         .validate(config)
         .with_context(|| format!("weights in {}", dir.display()))?;
     Ok(weights)
-}
-
-/// A `tokenizer_config.json` special token: a string or `{"content": ...}`.
-fn token_str(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
-        _ => None,
-    }
-}
-
-/// `eos_token_id` as a number or a list.
-fn id_list(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|x| x as u32)
-            .collect(),
-        _ => vec![],
-    }
-}
-
-/// The chat tokenizer of a checkpoint directory: `tokenizer.json`, the chat
-/// template (`tokenizer_config.json`'s `chat_template`, else `chat_template.jinja`
-/// / `chat_template.json`), special tokens, and stop ids (eos plus the eos ids of
-/// `generation_config.json` and `config.json`).
-pub fn tokenizer_from_hf_dir(dir: &Path) -> anyhow::Result<ChatTokenizer> {
-    let tj = dir.join("tokenizer.json");
-    let s = std::fs::read_to_string(&tj).with_context(|| format!("reading {}", tj.display()))?;
-    let tok: Tokenizer = s
-        .parse()
-        .map_err(|e| anyhow::anyhow!("parsing {}: {e}", tj.display()))?;
-    let tc = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(json!({}));
-    let mut template = match tc.get("chat_template") {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(list)) => {
-            let pick = list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .or_else(|| list.first());
-            pick.and_then(|t| t.get("template"))
-                .and_then(Value::as_str)
-                .map(String::from)
-        }
-        _ => None,
-    };
-    if template.is_none() {
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            template = Some(std::fs::read_to_string(&jinja)?);
-        } else if let Some(v) = read_json_opt(&dir.join("chat_template.json"))? {
-            template = v
-                .get("chat_template")
-                .and_then(Value::as_str)
-                .map(String::from);
-        }
-    }
-    let special = SpecialTokens {
-        bos: token_str(tc.get("bos_token")),
-        eos: token_str(tc.get("eos_token")),
-        pad: token_str(tc.get("pad_token")),
-        unk: token_str(tc.get("unk_token")),
-    };
-    let model_max_length = tc
-        .get("model_max_length")
-        .and_then(Value::as_f64)
-        .filter(|x| *x >= 1.0 && *x < 1e15)
-        .map(|x| x as usize);
-    let mut extra = vec![];
-    if let Some(g) = read_json_opt(&dir.join("generation_config.json"))? {
-        extra.extend(id_list(g.get("eos_token_id")));
-    }
-    if let Some(c) = read_json_opt(&dir.join("config.json"))? {
-        extra.extend(id_list(c.get("eos_token_id")));
-    }
-    ChatTokenizer::with_special_tokens(tok, template, special, &extra, model_max_length)
 }
 
 /// The temporary name `path` is written under before it is renamed into place.
@@ -352,17 +246,6 @@ pub fn save_hf_checkpoint_with(
         &dir.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&tc)?.as_bytes(),
     )?;
-    Ok(())
-}
-
-/// Checks that `dir` is a loadable checkpoint (config and tokenizer present).
-pub(crate) fn ensure_hf_dir(dir: &Path) -> anyhow::Result<()> {
-    if !dir.join("config.json").is_file() {
-        bail!("{} has no config.json", dir.display());
-    }
-    if !dir.join("tokenizer.json").is_file() {
-        bail!("{} has no tokenizer.json", dir.display());
-    }
     Ok(())
 }
 

@@ -18,10 +18,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
 use crate::engine::{CpuEngine, Precision};
 use crate::ops::{padded_causal_mask, rope_cos_sin_inv};
 use crate::weights::Weights;
+use hindsight_model::ModelConfig;
 
 /// Sampling parameters. `temperature == 0` => greedy; `top_p >= 1` => no truncation.
 #[derive(Clone, Debug)]

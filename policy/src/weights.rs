@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::ModelConfig;
+use hindsight_model::ModelConfig;
 
 /// Model parameters, f32, HF names (`model.layers.{i}.self_attn.q_proj.weight`, ...).
 /// With tied embeddings there is no `lm_head.weight` entry.
@@ -19,7 +19,7 @@ pub struct Weights {
 /// it: an f32 slice is written as is (no copy), a tensor is converted to the stored dtype
 /// then. Writing a whole model this way holds at most one tensor's bytes beside the output,
 /// not a second copy of the model.
-pub(crate) enum SaveView<'a> {
+pub enum SaveView<'a> {
     /// f32 values, stored as f32.
     Slice(Vec<usize>, &'a [f32]),
     /// A tensor, stored as the given dtype (F32, BF16 or F16).
@@ -28,7 +28,7 @@ pub(crate) enum SaveView<'a> {
 
 impl SaveView<'_> {
     /// `t` as f32 bytes.
-    pub(crate) fn f32(t: &Tensor) -> SaveView<'static> {
+    pub fn f32(t: &Tensor) -> SaveView<'static> {
         SaveView::Tensor(t.clone(), safetensors::Dtype::F32)
     }
 }
@@ -99,7 +99,7 @@ impl safetensors::View for SaveView<'_> {
 }
 
 /// Serialises named tensors into one safetensors buffer (the only full-size allocation).
-pub(crate) fn safetensors_bytes<'a>(
+pub fn safetensors_bytes<'a>(
     items: impl IntoIterator<Item = (String, SaveView<'a>)>,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> anyhow::Result<Vec<u8>> {
@@ -108,7 +108,7 @@ pub(crate) fn safetensors_bytes<'a>(
 }
 
 /// Streams named tensors into a safetensors file at `path` (one tensor in memory at a time).
-pub(crate) fn safetensors_to_file<'a>(
+pub fn safetensors_to_file<'a>(
     items: impl IntoIterator<Item = (String, SaveView<'a>)>,
     metadata: Option<std::collections::HashMap<String, String>>,
     path: &std::path::Path,
@@ -121,7 +121,7 @@ pub(crate) fn safetensors_to_file<'a>(
 pub type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Reads every tensor of a safetensors buffer as `(shape, f32 data)`; f16/bf16/f64 are converted.
-pub(crate) fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
+pub fn f32_from_safetensors(bytes: &[u8]) -> anyhow::Result<F32Tensors> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
     let mut out = BTreeMap::new();

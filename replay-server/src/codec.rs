@@ -2,7 +2,7 @@
 //!
 //! The server tokenizes every prompt it leases (and every rewritten HiR instruction) so
 //! actors and learner see exactly the same prompt tokens. [`PromptCodec`] hides the real
-//! tokenizer ([`hindsight_policy::ChatTokenizer`]) so the batch logic can be unit-tested
+//! tokenizer ([`hindsight_model::ChatTokenizer`]) so the batch logic can be unit-tested
 //! with a trivial codec.
 
 use std::path::Path;
@@ -20,7 +20,7 @@ pub trait PromptCodec: Send + Sync {
     /// The text of a response's token ids, special tokens skipped (what the actor's user
     /// would read, and what the verifiers judge). Never fails: undecodable ids become U+FFFD.
     fn decode(&self, ids: &[u32]) -> String;
-    /// The model fingerprint (`hindsight_policy::fingerprint`) clients must match; empty
+    /// The model fingerprint (`hindsight_model::fingerprint`) clients must match; empty
     /// for a codec that stands for no model (tests), which turns the check off.
     fn model_fingerprint(&self) -> &str {
         ""
@@ -29,17 +29,17 @@ pub trait PromptCodec: Send + Sync {
 
 /// A real model's tokenizer with the model's fingerprint.
 pub struct ModelCodec {
-    tokenizer: hindsight_policy::ChatTokenizer,
+    tokenizer: hindsight_model::ChatTokenizer,
     fingerprint: String,
 }
 
 impl ModelCodec {
     /// The codec of a model whose config and tokenizer are given.
     pub fn new(
-        config: &hindsight_policy::ModelConfig,
-        tokenizer: hindsight_policy::ChatTokenizer,
+        config: &hindsight_model::ModelConfig,
+        tokenizer: hindsight_model::ChatTokenizer,
     ) -> anyhow::Result<Self> {
-        let fingerprint = hindsight_policy::fingerprint(config, &tokenizer)?;
+        let fingerprint = hindsight_model::fingerprint(config, &tokenizer)?;
         Ok(Self {
             tokenizer,
             fingerprint,
@@ -65,19 +65,19 @@ impl PromptCodec for ModelCodec {
     }
 }
 
-impl PromptCodec for hindsight_policy::ChatTokenizer {
+impl PromptCodec for hindsight_model::ChatTokenizer {
     fn encode_chat(&self, instruction: &str) -> anyhow::Result<Vec<u32>> {
-        hindsight_policy::ChatTokenizer::encode_chat(self, instruction)
+        hindsight_model::ChatTokenizer::encode_chat(self, instruction)
     }
 
     fn vocab_size(&self) -> usize {
-        hindsight_policy::ChatTokenizer::vocab_size(self)
+        hindsight_model::ChatTokenizer::vocab_size(self)
     }
 
     fn decode(&self, ids: &[u32]) -> String {
         // Ids are checked against the vocabulary before this runs; an error here would be a
         // tokenizer bug, and an empty text fails every constraint (never a false reward).
-        hindsight_policy::ChatTokenizer::decode(self, ids, true).unwrap_or_default()
+        hindsight_model::ChatTokenizer::decode(self, ids, true).unwrap_or_default()
     }
 }
 
@@ -89,11 +89,11 @@ pub fn load_codec(model: &str, cache_dir: Option<&Path>) -> anyhow::Result<Arc<d
     let dir = match cache_dir {
         Some(dir) => dir,
         None => {
-            default_dir = hindsight_policy::default_cache_dir();
+            default_dir = hindsight_model::default_cache_dir();
             default_dir.as_path()
         }
     };
-    let info = hindsight_policy::load_model_info(model, dir)
+    let info = hindsight_model::load_model_info(model, dir)
         .with_context(|| format!("loading the tokenizer of model {model:?}"))?;
     let codec = ModelCodec::new(&info.config, info.tokenizer)?;
     tracing::info!(model = %info.name, fingerprint = %codec.fingerprint, "model fingerprint");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hindsight_constraints::{CompiledRecord, PromptRecord};
-use hindsight_policy::ChatTokenizer;
+use hindsight_model::ChatTokenizer;
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::{
     AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, LeaseRequest, LeaseResponse,
@@ -50,7 +50,7 @@ fn write_prompts(dir: &Path) -> PathBuf {
 }
 
 fn tokenizer() -> ChatTokenizer {
-    hindsight_policy::load_tokenizer("tiny", &std::env::temp_dir()).unwrap()
+    hindsight_model::load_tokenizer("tiny", &std::env::temp_dir()).unwrap()
 }
 
 struct Server {

@@ -1,5 +1,6 @@
-//! Unit tests: tiny-model gradients/consistency, sampling, serialisation,
-//! AdamW, Hugging Face checkpoints and chat templates, and the real SmolLM2 checks.
+//! Unit tests of the sampler and the continuous-batching engine. The tests that check the
+//! sampler against the trainable model (tiny models, SmolLM2, Hugging Face checkpoints) are
+//! in `hindsight-training`.
 
 use candle_core::Tensor;
 
@@ -16,7 +17,3 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 mod engine;
-mod fused;
-mod hf;
-mod smollm2;
-mod tiny;

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use hindsight_policy::ChatTokenizer;
+use hindsight_model::ChatTokenizer;
 use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::{
     AckBatchRequest, BatchStreamRequest, CommitBatchesRequest, LeaseRequest,
@@ -185,7 +185,7 @@ fn harness() -> &'static Harness {
             ..ReplayArgs::default()
         };
         let tokenizer =
-            hindsight_policy::load_tokenizer("tiny", &dir.path().join("cache")).unwrap();
+            hindsight_model::load_tokenizer("tiny", &dir.path().join("cache")).unwrap();
         let answers = [
             "the sea is calm.",
             "",

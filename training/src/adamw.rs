@@ -11,7 +11,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::weights::{f32_from_safetensors, safetensors_bytes, safetensors_to_file, SaveView};
+use hindsight_policy::weights::{
+    f32_from_safetensors, safetensors_bytes, safetensors_to_file, SaveView,
+};
 
 const CHUNK: usize = 1 << 14;
 

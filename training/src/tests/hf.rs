@@ -6,7 +6,9 @@
 use candle_core::{Device, Tensor};
 
 use super::max_abs_diff;
-use crate::tokenizer::{LLAMA3_STYLE_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE};
+use hindsight_model::tokenizer::{LLAMA3_STYLE_CHAT_TEMPLATE, QWEN25_CHAT_TEMPLATE};
+use hindsight_policy::*;
+
 use crate::*;
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -103,7 +105,10 @@ fn tiny_llama_checkpoint_round_trip_is_exact() {
     )
     .unwrap();
     assert_eq!(tc["eos_token"], "<|im_end|>");
-    assert_eq!(tc["chat_template"], tokenizer::SMOLLM2_CHAT_TEMPLATE);
+    assert_eq!(
+        tc["chat_template"],
+        hindsight_model::tokenizer::SMOLLM2_CHAT_TEMPLATE
+    );
     let m = check_loaded(tmp.path(), &want, |x| x);
     // Bit-identical logits to the in-memory model.
     let dev = Device::Cpu;

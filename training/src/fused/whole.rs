@@ -37,7 +37,7 @@ use super::{
     rms_bwd_acc, rms_bwd_acc_rows, rms_fwd_rows, rope_bwd_row, rope_fwd_block_ld, rows_per_task,
     swiglu_bwd_chunk, swiglu_fwd_chunk, vdot, vocab_chunk, Real, KEEP_LOGITS_MAX_ELEMS,
 };
-use crate::config::ModelConfig;
+use hindsight_model::ModelConfig;
 
 /// Query rows per attention block.
 const BQ: usize = 64;
@@ -530,7 +530,7 @@ pub(crate) fn forward<T: Real + 'static>(
     let w = guards.slices::<T>()?;
     let (cos, sin) = {
         let positions: Vec<usize> = (0..t).collect();
-        let (c, s) = crate::ops::rope_cos_sin_inv(
+        let (c, s) = hindsight_policy::ops::rope_cos_sin_inv(
             &positions,
             &cfg.rope_inv_freqs(),
             T::DTYPE,

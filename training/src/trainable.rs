@@ -1,26 +1,23 @@
-//! The trainable model: every parameter is a candle `Var` and every op of the forward has a
-//! backward. On the CPU (f32/f64) the forward uses the fused ops of [`crate::fused`]
-//! (RMSNorm, rope, flash-style causal attention, SwiGLU, and the target log-prob of the
-//! vocabulary projection computed over vocabulary chunks without materialising
-//! probabilities; logits are kept for the backward only up to 256 MB). Elsewhere (CUDA)
-//! it uses only candle primitives that have a backward in candle 0.11 (matmul, broadcast
-//! arithmetic, exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select,
-//! silu), with response log-probs computed chunk-wise over rows (512 at a time).
-//! [`TrainableModel::set_fused`] switches paths.
-//!
-//! Training goes through [`TrainableModel::forward_train`] and [`TrainForward::param_grads`]
-//! (or [`TrainForward::accumulate`] into [`GradSums`] over micro-batches):
-//! on the CPU that is the hand-written whole-model pass (`fused/whole.rs`, no candle
-//! autograd for the model; [`TrainableModel::set_whole`] turns it off), elsewhere the
-//! graph of the forward above.
+//! The trainable model: every parameter is a candle `Var`. Training goes through
+//! [`TrainableModel::forward_train`] and [`TrainForward::param_grads`] (or
+//! [`TrainForward::accumulate`] into [`GradSums`] over micro-batches): on the CPU (f32/f64)
+//! that is the hand-written whole-model pass (`fused/whole.rs`, no candle autograd for the
+//! model); elsewhere (CUDA), or with [`TrainableModel::set_whole`] turned off, it is candle's
+//! autograd over primitives that have a backward in candle 0.11 (matmul, broadcast
+//! arithmetic, exp/log/sqrt, reductions, narrow/cat/reshape/transpose, index_select, silu),
+//! with response log-probs computed chunk-wise over rows (512 at a time). The inference-side
+//! helpers ([`TrainableModel::logits`], [`TrainableModel::response_logprobs_t`]) always take
+//! the primitive path.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::config::ModelConfig;
+use hindsight_model::ModelConfig;
+use hindsight_policy::ops::rope_cos_sin_inv;
+use hindsight_policy::Weights;
+
 use crate::fused;
-use crate::ops::{logsumexp_diff, rms_norm_diff, rope_cos_sin_inv, rope_half_diff, softmax_diff};
-use crate::weights::Weights;
+use crate::primitives::{logsumexp_diff, rms_norm_diff, rope_half_diff, softmax_diff};
 
 /// Rows of `[rows, vocab]` logits processed per chunk in `response_logprobs`.
 const LOGPROB_CHUNK_ROWS: usize = 512;
@@ -33,9 +30,7 @@ pub struct TrainableModel {
     vars: Vec<(String, Var)>,
     /// Index into `vars` for each HF name used by the forward.
     idx: std::collections::HashMap<String, usize>,
-    /// Use the fused CPU ops (default where supported).
-    fused: bool,
-    /// Train with the hand-written whole-model pass (default where `fused`).
+    /// Train with the hand-written whole-model pass (default where it runs: CPU, f32/f64).
     whole: bool,
     /// Where each parameter of the whole-model pass sits in `vars`.
     pix: fused::whole::ParamIx,
@@ -63,7 +58,7 @@ impl TrainableModel {
             idx.insert(name.clone(), vars.len());
             vars.push((name, Var::from_tensor(&t)?));
         }
-        let fused = fused::supported(device, dtype);
+        let whole = fused::supported(device, dtype);
         let pix = fused::whole::ParamIx::new(config, &idx, vars.len())?;
         Ok(Self {
             config: config.clone(),
@@ -71,22 +66,9 @@ impl TrainableModel {
             dtype,
             vars,
             idx,
-            fused,
-            whole: fused,
+            whole,
             pix,
         })
-    }
-
-    /// Chooses the fused CPU ops (`true`, the default on the CPU in f32/f64; ignored where
-    /// they are not supported) or the primitive ops (`false`) for the forward.
-    pub fn set_fused(&mut self, on: bool) {
-        self.fused = on && fused::supported(&self.device, self.dtype);
-        self.whole = self.fused;
-    }
-
-    /// Whether the forward uses the fused CPU ops.
-    pub fn is_fused(&self) -> bool {
-        self.fused
     }
 
     /// One entry per parameter tensor (tied embedding counted once), HF names.
@@ -178,9 +160,6 @@ impl TrainableModel {
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) =
             rope_cos_sin_inv(&positions, &c.rope_inv_freqs(), self.dtype, &self.device)?;
-        if self.fused {
-            return self.hidden_fused(ids, &cos, &sin);
-        }
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
@@ -232,44 +211,6 @@ impl TrainableModel {
         Ok(rms_norm_diff(&x, self.p("model.norm.weight")?, eps)?)
     }
 
-    /// [`Self::hidden`] with the fused CPU ops; the residual stream stays `[B*T, D]`.
-    fn hidden_fused(&self, ids: &Tensor, cos: &Tensor, sin: &Tensor) -> anyhow::Result<Tensor> {
-        let c = &self.config;
-        let (b, t) = ids.dims2()?;
-        let d = c.hidden_size;
-        let (h, kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let eps = c.rms_norm_eps;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self
-            .p("model.embed_tokens.weight")?
-            .index_select(&ids.flatten_all()?, 0)?;
-        for l in 0..c.num_hidden_layers {
-            let pf = format!("model.layers.{l}");
-            let w = |n: &str| self.p(&format!("{pf}.{n}"));
-            let xn = fused::rms_norm(&x, w("input_layernorm.weight")?, eps)?;
-            let mut q = fused::linear(&xn, w("self_attn.q_proj.weight")?)?;
-            let mut k = fused::linear(&xn, w("self_attn.k_proj.weight")?)?;
-            let mut v = fused::linear(&xn, w("self_attn.v_proj.weight")?)?;
-            if c.qkv_bias {
-                q = q.broadcast_add(w("self_attn.q_proj.bias")?)?;
-                k = k.broadcast_add(w("self_attn.k_proj.bias")?)?;
-                v = v.broadcast_add(w("self_attn.v_proj.bias")?)?;
-            }
-            let q = fused::rope(&q, cos, sin, b, h)?;
-            let k = fused::rope(&k, cos, sin, b, kv)?;
-            let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-            let y = fused::causal_attention(&q, &k, &v, scale)?;
-            x = (x + fused::linear(&y, w("self_attn.o_proj.weight")?)?)?;
-            let xn = fused::rms_norm(&x, w("post_attention_layernorm.weight")?, eps)?;
-            let g = fused::linear(&xn, w("mlp.gate_proj.weight")?)?;
-            let u = fused::linear(&xn, w("mlp.up_proj.weight")?)?;
-            let m = fused::linear(&fused::swiglu(&g, &u)?, w("mlp.down_proj.weight")?)?;
-            x = (x + m)?;
-        }
-        let x = fused::rms_norm(&x, self.p("model.norm.weight")?, eps)?;
-        Ok(x.reshape((b, t, d))?)
-    }
-
     /// Full-sequence logits `[T, vocab]` (model dtype), same math as `response_logprobs`.
     pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Tensor> {
         anyhow::ensure!(!tokens.is_empty(), "logits: empty token sequence");
@@ -317,16 +258,11 @@ impl TrainableModel {
         let h = self.hidden(&ids)?.reshape((b * t, d))?;
         let n = b * tmax;
         let rows = Tensor::from_vec(rows, n, &self.device)?;
-        let target_ids = targets.clone();
         let targets = Tensor::from_vec(targets, n, &self.device)?;
         let hs = h.index_select(&rows, 0)?; // [N, D]
         let w = self.lm_head()?;
         let inv_t = 1.0 / temperature;
         let mask = Tensor::from_vec(mask, (b, tmax), &self.device)?.to_dtype(self.dtype)?;
-        if self.fused {
-            let lp = fused::target_logprobs(&hs, w, &target_ids, inv_t)?.reshape((b, tmax))?;
-            return Ok(((lp * &mask)?, mask));
-        }
         let mut chunks = Vec::new();
         let mut start = 0;
         while start < n {
@@ -480,11 +416,11 @@ impl TrainableModel {
         })
     }
 
-    /// Chooses the hand-written whole-model training pass (`true`, the default where the
-    /// fused ops run) or candle's autograd over the per-op fused ops (`false`) in
-    /// [`TrainableModel::forward_train`].
+    /// Chooses the hand-written whole-model training pass (`true`, the default where it
+    /// runs: CPU, f32/f64; ignored elsewhere) or candle's autograd over the primitives
+    /// (`false`) in [`TrainableModel::forward_train`].
     pub fn set_whole(&mut self, on: bool) {
-        self.whole = on && self.fused;
+        self.whole = on && fused::supported(&self.device, self.dtype);
     }
 
     /// Whether [`TrainableModel::forward_train`] uses the whole-model pass.

@@ -8,6 +8,8 @@ use std::time::Instant;
 use candle_core::Device;
 
 use super::max_abs_diff;
+use hindsight_policy::*;
+
 use crate::*;
 
 fn gguf_path() -> std::path::PathBuf {
@@ -281,4 +283,63 @@ fn smollm2_hf_checkpoint_round_trip_gives_identical_logits() {
         .logits(&toks)
         .unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+/// Actor-vs-learner log-prob mismatch on SmolLM2: responses sampled by the engine (f32 and
+/// bf16 weights), log-probs recomputed by the learner's f32 trainable forward.
+#[test]
+fn smollm2_actor_vs_learner_logprob_mismatch() {
+    let m = model();
+    let prompts: Vec<Vec<u32>> = [
+        "Write a haiku about rain. Do not use any commas.",
+        "List three fruits in all capital letters.",
+        "Explain gravity in two sentences.",
+        "Say hello in French, then in German.",
+    ]
+    .iter()
+    .map(|p| m.tokenizer.encode(&m.tokenizer.chat_prompt(p)).unwrap())
+    .collect();
+    let trainer = TrainableModel::new(&m.config, &m.weights, &Device::Cpu).unwrap();
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: 24,
+        seed: 5,
+    };
+    for (precision, mean_bound, max_bound) in
+        [(Precision::F32, 1e-4, 1e-3), (Precision::Bf16, 0.05, 0.5)]
+    {
+        let mut s = Sampler::with_precision(
+            &m.config,
+            &m.weights,
+            m.tokenizer.stop_token_ids(),
+            &Device::Cpu,
+            precision,
+        )
+        .unwrap();
+        let gens = s.generate(&prompts, &params).unwrap();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = prompts
+            .iter()
+            .cloned()
+            .zip(gens.iter().map(|g| g.token_ids.clone()))
+            .collect();
+        let lp = trainer.forward_train(&pairs, 1.0).unwrap().logp;
+        let lp = lp.to_vec2::<f32>().unwrap();
+        let (mut sum, mut max, mut n) = (0f64, 0f64, 0usize);
+        for (bi, g) in gens.iter().enumerate() {
+            for (j, &a) in g.logprobs.iter().enumerate() {
+                let d = (a as f64 - lp[bi][j] as f64).abs();
+                sum += d;
+                max = max.max(d);
+                n += 1;
+            }
+        }
+        let mean = sum / n as f64;
+        eprintln!("{precision}: |log p_actor - log p_learner| over {n} tokens: mean {mean:.2e}, max {max:.2e}");
+        assert!(n > 0);
+        assert!(
+            mean < mean_bound && max < max_bound,
+            "{precision}: mean {mean}, max {max}"
+        );
+    }
 }

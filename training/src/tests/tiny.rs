@@ -5,6 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use hindsight_policy::*;
+
 use crate::*;
 
 fn pairs() -> Vec<(Vec<u32>, Vec<u32>)> {
@@ -763,7 +765,15 @@ fn adamw_tensor_op_path_tracks_the_kernel_and_resumes_on_it() {
                 .max_all()
                 .unwrap();
             let d = d.to_scalar::<f32>().unwrap();
-            assert!(d < 1e-6, "{what} {n}: {d}");
+            // f32 rounding of the two paths, relative to the tensor's own size.
+            let size = t
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6 + 1e-5 * size, "{what} {n}: {d} (max |x| {size})");
         }
     };
     for step in 0..3 {

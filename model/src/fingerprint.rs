@@ -175,7 +175,7 @@ fn hex_lower(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::{tiny_config_for, tiny_tokenizer, TinyKind};
+    use crate::source::{tiny_config_for, tiny_tokenizer, TinyKind};
 
     fn describe(kind: TinyKind) -> ModelDescription {
         ModelDescription::new(&tiny_config_for(kind), &tiny_tokenizer(kind).unwrap()).unwrap()
@@ -247,18 +247,6 @@ mod tests {
         v["identity"]["tokenizer"] = "not a tokenizer".into();
         let d = ModelDescription::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap();
         assert!(d.into_parts().is_err());
-    }
-
-    #[test]
-    fn a_saved_checkpoint_has_the_same_fingerprint() {
-        let m = crate::load::tiny(3).unwrap();
-        let fp = fingerprint(&m.config, &m.tokenizer).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        crate::hf::save_hf_checkpoint(dir.path(), &m.config, &m.weights, &m.tokenizer).unwrap();
-        let (cfg, tok) = crate::load::load_model_info(dir.path().to_str().unwrap(), dir.path())
-            .map(|i| (i.config, i.tokenizer))
-            .unwrap();
-        assert_eq!(fingerprint(&cfg, &tok).unwrap(), fp);
     }
 
     #[test]
