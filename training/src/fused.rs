@@ -1,4 +1,4 @@
-//! The CPU row kernels the whole-model training pass ([`whole`]) is made of, each with its
+//! The CPU row kernels the whole-model training pass (`whole.rs`) is made of, each with its
 //! backward: RMSNorm, half-rotation rope (which also moves `[B, T, H*hd]` projections to
 //! the `[B, H, T, hd]` attention layout), causal GQA attention (flash-style: only q, k, v
 //! and one log-sum-exp per query row are kept; probabilities are recomputed in the

@@ -347,7 +347,7 @@ impl TrainableModel {
     /// [`TrainableModel::response_logprobs_t`]) to build a loss from, and what
     /// [`TrainForward::param_grads`] needs to turn that loss's backward into the
     /// parameters' gradients. On the CPU (f32/f64, unless [`TrainableModel::set_whole`]
-    /// or [`TrainableModel::set_fused`] turned it off) this is the hand-written
+    /// turned it off) this is the hand-written
     /// whole-model pass of [`crate::fused`]; `logp` is then a leaf and the model's
     /// backward runs inside `param_grads`. Elsewhere `logp` carries candle's graph.
     pub fn forward_train(

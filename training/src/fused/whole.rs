@@ -2,10 +2,10 @@
 //! exactly the activations its backward needs, and one backward that writes every
 //! parameter's gradient straight into its own buffer.
 //!
-//! The per-op custom ops of the parent module still go through candle's autograd, which
-//! adds a zero-filled gradient and an add for every node, a zeroed output for every
-//! matmul and a copy for every layout change. Here the same row kernels and the same
-//! `gemm` products run on plain buffers instead:
+//! candle's autograd (which the per-op custom ops this pass replaced went through) adds a
+//! zero-filled gradient and an add for every node, a zeroed output for every matmul and a
+//! copy for every layout change. Here the row kernels of the parent module and the `gemm`
+//! products run on plain buffers instead:
 //!
 //! - every product is one `gemm` call whose strides absorb the transposes, and the
 //!   residual adds and the k/v gradients of a query-head group are the `gemm`'s own
