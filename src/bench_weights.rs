@@ -158,9 +158,13 @@ async fn run_one(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (_health, server) =
-        hindsight_learner::publish::serve(&security, store.clone(), listener, stop_rx.clone())
-            .await?;
+    let (_health, server) = hindsight_learner::publish::serve(
+        &security,
+        Some(store.clone()),
+        listener,
+        stop_rx.clone(),
+    )
+    .await?;
 
     // N actors: a follower each (on this runtime) and a generation thread each.
     let client_security = hindsight_service::ClientSecurity::from_args(

@@ -404,8 +404,13 @@ pub async fn run(
         .with_context(|| format!("binding the learner to --listen {}", args.listen))
         .config_err()?;
     info!(addr = %listener.local_addr()?, "learner serving Weights and Health");
-    let (health, server) =
-        publish::serve(&server_security, store.clone(), listener, stop_rx.clone()).await?;
+    let (health, server) = publish::serve(
+        &server_security,
+        Some(store.clone()),
+        listener,
+        stop_rx.clone(),
+    )
+    .await?;
     let shutdown_task = {
         let stop_tx = stop_tx.clone();
         let health = health.clone();
@@ -475,25 +480,14 @@ async fn run_follower(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let rank = settings.rendezvous.rank;
-    let (health, health_server) = hindsight_service::GrpcHealth::new(&[]).await;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding learner rank {rank} to --listen {}", args.listen))
         .config_err()?;
     info!(rank, addr = %listener.local_addr()?, "learner rank serving health");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(
-        server_security
-            .server()?
-            .add_service(health_server)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = server_stop.wait_for(|s| *s).await;
-                },
-            ),
-    );
+    let (health, server) =
+        publish::serve(&server_security, None, listener, stop_rx.clone()).await?;
     tokio::task::block_in_place(|| ranks::synchronise(&mut *collective, &mut trainer, None))?;
     health.serving().await;
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -29,25 +29,29 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 /// The learner's gRPC server on `listener` until `stop` turns true: `Weights` over `store`
-/// and the standard health service (every entry `NOT_SERVING` until the returned
-/// [`GrpcHealth`] says otherwise), behind `security`'s TLS and tokens.
+/// (rank 0; the other ranks have none) and the standard health service (every entry
+/// `NOT_SERVING` until the returned [`GrpcHealth`] says otherwise), behind `security`'s TLS
+/// and tokens.
 pub async fn serve(
     security: &ServerSecurity,
-    store: WeightStore,
+    store: Option<WeightStore>,
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(GrpcHealth, JoinHandle<Result<(), tonic::transport::Error>>)> {
-    let (health, health_server) =
-        GrpcHealth::new(&[<WeightsServer<WeightStore> as NamedService>::NAME]).await;
+    let names: &[&str] = match store {
+        Some(_) => &[<WeightsServer<WeightStore> as NamedService>::NAME],
+        None => &[],
+    };
+    let (health, health_server) = GrpcHealth::new(names).await;
     let router = security
         .server()?
         // Weight chunks are large: big HTTP/2 windows keep the transfer from waiting on flow
         // control (the receiver's windows matter most; see the follower's client).
         .initial_connection_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
         .initial_stream_window_size(hindsight_proto::WEIGHTS_WINDOW_BYTES)
-        .add_service(
-            WeightsServer::new(store).max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES),
-        )
+        .add_optional_service(store.map(|store| {
+            WeightsServer::new(store).max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES)
+        }))
         .add_service(health_server);
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
         tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -277,6 +277,17 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+/// The figures each rank process writes per step (the spelled-out step's sums).
+const FIGURES: [&str; 7] = [
+    "loss",
+    "clipped",
+    "ratio",
+    "mismatch_sum",
+    "mismatch_n",
+    "mismatch_max",
+    "norm",
+];
+
 /// Compares a `world`-rank run with the single-rank run.
 fn compare(single: &Path, multi: &Path, world: u32, w0: &[f32]) {
     for step in 1..=STEPS {
@@ -292,15 +303,7 @@ fn compare(single: &Path, multi: &Path, world: u32, w0: &[f32]) {
                 serde_json::from_slice(&read(multi, 0, step, "json")).unwrap();
             let b: serde_json::Value =
                 serde_json::from_slice(&read(multi, r, step, "json")).unwrap();
-            for k in [
-                "loss",
-                "clipped",
-                "ratio",
-                "mismatch_sum",
-                "mismatch_n",
-                "mismatch_max",
-                "norm",
-            ] {
+            for k in FIGURES {
                 assert_eq!(a[k], b[k], "step {step}: {k} of rank {r} vs rank 0");
             }
         }
@@ -314,15 +317,7 @@ fn compare(single: &Path, multi: &Path, world: u32, w0: &[f32]) {
         );
         let s1: serde_json::Value = serde_json::from_slice(&read(single, 0, step, "json")).unwrap();
         let sn: serde_json::Value = serde_json::from_slice(&read(multi, 0, step, "json")).unwrap();
-        for k in [
-            "loss",
-            "clipped",
-            "ratio",
-            "mismatch_sum",
-            "mismatch_n",
-            "mismatch_max",
-            "norm",
-        ] {
+        for k in FIGURES {
             let (x, y) = (s1[k].as_f64().unwrap(), sn[k].as_f64().unwrap());
             // Relative, plus an absolute floor: the loss is a sum of f32 terms of order one
             // that nearly cancel, so its own size says nothing about its rounding.
