@@ -446,8 +446,13 @@ fn an_actor_that_cannot_finish_gives_its_leases_back() {
             &learner_url,
             "--actor-id",
             "actor-long",
+            // Enough work that the generation outlasts the bound even on an idle machine
+            // (the tiny model stops early at random: 4 prompts at batch 32 once took only
+            // 1.3 s, under the 1.5 s generation bound).
             "--prompts-per-lease",
-            "4",
+            "16",
+            "--max-batch",
+            "2",
         ],
         actor_bound,
     );
