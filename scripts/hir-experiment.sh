@@ -6,7 +6,8 @@
 #   scripts/hir-experiment.sh [--model smollm2] [--budget 3840] [--rounds 4] [--out DIR]
 #                             [--seed 0] [--actors 2] [--lr 5e-6] [--max-new-tokens 128]
 #                             [--prompts-per-batch 4] [--group-size 8] [--responses-per-prompt 6]
-#                             [--num-prompts 256] [--eval-limit 100] [--no-eval] [--arms "hir binary cla"]
+#                             [--num-prompts 256] [--eval-limit 100] [--eval-max-new-tokens 1280]
+#                             [--no-eval] [--arms "hir binary cla"] [--deadline +MINUTES|EPOCH]
 #
 # Budget: every arm stops once its actors have generated about --budget responses (the
 # `generated_responses` of steps.jsonl). A HiR step generates m (--responses-per-prompt) of
@@ -18,6 +19,11 @@
 # 1/rounds of its steps, `hindsight up --resume`, in an order rotated each round), so a slow
 # period of the shared machine falls on every arm alike. The wall time of an arm is the sum of
 # its rounds.
+#
+# Time box: with --deadline (minutes from now as +N, or a Unix time), a round after the first
+# starts only if it would end by then, judged by the previous round's duration. Rounds end on
+# equal budgets, so a boxed run still compares the arms at equal generated responses (k/rounds
+# of --budget each); table.md says how many rounds ran. Evaluation comes after the box.
 #
 # Output (--out, default runs/hir-experiment-<time>): one run directory per arm (hir, binary,
 # cla: steps.jsonl, summary.json, checkpoints/, plot.png ...), prompts.jsonl, figure.png and
@@ -43,7 +49,9 @@ GROUP_SIZE=8
 RESPONSES_PER_PROMPT=6
 NUM_PROMPTS=256
 EVAL_LIMIT=100
+EVAL_MAX_NEW_TOKENS=1280
 EVAL=1
+DEADLINE=""
 ARMS="hir binary cla"
 
 die() { echo "hir-experiment: $*" >&2; exit 2; }
@@ -62,17 +70,25 @@ while [ $# -gt 0 ]; do
         --responses-per-prompt) RESPONSES_PER_PROMPT=$2; shift 2 ;;
         --num-prompts) NUM_PROMPTS=$2; shift 2 ;;
         --eval-limit) EVAL_LIMIT=$2; shift 2 ;;
+        --eval-max-new-tokens) EVAL_MAX_NEW_TOKENS=$2; shift 2 ;;
         --no-eval) EVAL=0; shift ;;
+        --deadline) DEADLINE=$2; shift 2 ;;
         --arms) ARMS=$2; shift 2 ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
 [ -x "$BIN" ] || die "no hindsight binary at $BIN (cargo build --release --bin hindsight, or set HINDSIGHT_BIN)"
-for n in "$BUDGET" "$ROUNDS" "$ACTORS" "$PROMPTS_PER_BATCH" "$GROUP_SIZE" "$RESPONSES_PER_PROMPT" "$NUM_PROMPTS" "$EVAL_LIMIT"; do
+for n in "$BUDGET" "$ROUNDS" "$ACTORS" "$PROMPTS_PER_BATCH" "$GROUP_SIZE" "$RESPONSES_PER_PROMPT" "$NUM_PROMPTS" "$EVAL_LIMIT" "$EVAL_MAX_NEW_TOKENS"; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "expected a positive integer, got '$n'"
 done
 [ "$RESPONSES_PER_PROMPT" -le "$GROUP_SIZE" ] || die "--responses-per-prompt must be at most --group-size"
+case "$DEADLINE" in
+    "") ;;
+    +*) [[ "${DEADLINE#+}" =~ ^[0-9]+$ ]] || die "--deadline takes +MINUTES or a Unix time, got '$DEADLINE'"
+        DEADLINE=$(($(date +%s) + 60 * ${DEADLINE#+})) ;;
+    *) [[ "$DEADLINE" =~ ^[0-9]+$ ]] || die "--deadline takes +MINUTES or a Unix time, got '$DEADLINE'" ;;
+esac
 # Fail now, not after hours of training, when the evaluation cannot run.
 if [ "$EVAL" = 1 ] && ! "$BIN" eval --help >/dev/null 2>&1; then
     die "this build of hindsight has no 'eval' subcommand (hindsight eval --model CHECKPOINT --bench ifeval ...); build one that has it, or pass --no-eval to train and plot only"
@@ -148,7 +164,14 @@ read -r -a arms <<<"$ARMS"
 for arm in "${arms[@]}"; do arm_flags "$arm" >/dev/null; rm -f "$OUT/$arm/wall-seconds.txt"; done
 
 echo "hir-experiment: arms ${arms[*]}, budget $BUDGET generated responses each, $ROUNDS rounds, out $OUT"
+rounds_run=0
+last_round_seconds=0
 for ((round = 1; round <= ROUNDS; round++)); do
+    now=$(date +%s)
+    if [ -n "$DEADLINE" ] && [ "$round" -gt 1 ] && [ $((now + last_round_seconds)) -gt "$DEADLINE" ]; then
+        echo "== deadline: round $round would end at $(date -d @$((now + last_round_seconds)) +%H:%M:%S), after $(date -d @"$DEADLINE" +%H:%M:%S); stopping after $rounds_run of $ROUNDS rounds"
+        break
+    fi
     for ((k = 0; k < ${#arms[@]}; k++)); do
         arm=${arms[$(((k + round - 1) % ${#arms[@]}))]}
         total=$(arm_steps "$arm")
@@ -166,7 +189,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
             --checkpoint-every 1000000 --insecure $(arm_flags "$arm") "${resume[@]}"
         echo "$(date +%s.%N) $started" | awk '{printf "%.1f\n", $1 - $2}' >>"$OUT/$arm/wall-seconds.txt"
     done
+    last_round_seconds=$(($(date +%s) - now))
+    rounds_run=$round
 done
+echo "$rounds_run $ROUNDS" >"$OUT/rounds.txt"
 
 dirs=()
 for arm in "${arms[@]}"; do dirs+=("$OUT/$arm"); done
@@ -181,7 +207,7 @@ if [ "$EVAL" = 1 ]; then
             model="$OUT/$arm/checkpoints/$(cat "$OUT/$arm/checkpoints/latest")"
         fi
         echo "== eval $arm: $model"
-        "$BIN" eval --model "$model" --bench ifeval --limit "$EVAL_LIMIT" \
+        "$BIN" eval --model "$model" --bench ifeval --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_MAX_NEW_TOKENS" \
             --output "$OUT/eval-$arm.jsonl" --summary "$OUT/eval-$arm.json"
     done
 fi
@@ -237,17 +263,25 @@ def reach(arm):
             return g
     return None
 names = {"hir": "HiR", "binary": "binary", "cla": "CLA"}
-print(f"| arm | steps | generated responses | final training success (mean of last {data[arms[0]]['w']} steps) | responses to reach binary's final success{'' if target is None else f' ({target:.3f})'} | IFEval prompt strict | IFEval instruction strict | wall time |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+try:
+    with open(os.path.join(out, "rounds.txt")) as f:
+        done, planned = (int(x) for x in f.read().split())
+    if done < planned:
+        print(f"Time-boxed: {done} of {planned} rounds ran, so every arm trained on {done}/{planned} of its budget.\n")
+except (OSError, ValueError):
+    pass
+print(f"| arm | steps | generated responses | first training success (mean of first {data[arms[0]]['w']} steps) | final training success (mean of last {data[arms[0]]['w']} steps) | responses to reach binary's final success{'' if target is None else f' ({target:.3f})'} | IFEval prompt strict | IFEval instruction strict | wall time |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 base = scores("base")
 if base:
-    print(f"| base model | 0 | 0 | | | {fmt(base[0])} | {fmt(base[1])} | |")
+    print(f"| base model | 0 | 0 | | | | {fmt(base[0])} | {fmt(base[1])} | |")
 for arm in arms:
     d = data[arm]
     sc = scores(arm) or (None, None)
     r = reach(arm)
     ratio = "" if (r is None or not ref or not ref["gen"][-1]) else f" ({r / ref['gen'][-1]:.2f}x)"
-    print(f"| {names.get(arm, arm)} | {d['rows'][-1]['step']} | {d['gen'][-1]} | {d['sm'][-1]:.3f} | {'not reached' if r is None else r}{ratio} | {fmt(sc[0])} | {fmt(sc[1])} | {d['wall'] / 60:.1f} min |")
+    first = [r["success_rate"] for r in d["rows"][:d["w"]]]
+    print(f"| {names.get(arm, arm)} | {d['rows'][-1]['step']} | {d['gen'][-1]} | {sum(first) / len(first):.3f} | {d['sm'][-1]:.3f} | {'not reached' if r is None else r}{ratio} | {fmt(sc[0])} | {fmt(sc[1])} | {d['wall'] / 60:.1f} min |")
 PY
 cat "$OUT/table.md"
 echo "hir-experiment: figure $OUT/figure.png, table $OUT/table.md"

@@ -127,3 +127,81 @@ fn the_experiment_script_runs_three_arms_evaluates_and_tabulates() {
     assert_eq!(table.matches("n/a").count(), 0, "{table}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `--deadline` boxes the run in time: after the first round, a round starts only if it would
+/// end by the deadline, so with the deadline already past only round 1 runs. Rounds end on equal
+/// budgets, so the arms still compare at equal generated responses (half the budget each here),
+/// and the table says that the run was cut.
+#[test]
+fn a_deadline_stops_the_experiment_between_rounds_at_equal_budgets() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hir-experiment.sh");
+    let bad = Command::new("bash")
+        .arg(&script)
+        .args(["--deadline", "soon", "--no-eval"])
+        .env("HINDSIGHT_BIN", env!("CARGO_BIN_EXE_hindsight"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--deadline takes +MINUTES or a Unix time"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let root = std::env::temp_dir().join(format!("hindsight-hir-deadline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let out = root.join("exp");
+    let output = Command::new("bash")
+        .arg(&script)
+        .args(["--model", "tiny", "--arms", "binary cla", "--budget", "16"])
+        .args([
+            "--rounds",
+            "2",
+            "--deadline",
+            "+0",
+            "--no-eval",
+            "--actors",
+            "1",
+        ])
+        .args(["--prompts-per-batch", "2", "--group-size", "4"])
+        .args(["--responses-per-prompt", "3", "--num-prompts", "8"])
+        .args(["--max-new-tokens", "8", "--out"])
+        .arg(&out)
+        .env("HINDSIGHT_BIN", env!("CARGO_BIN_EXE_hindsight"))
+        .output()
+        .expect("running scripts/hir-experiment.sh");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "the experiment failed:\n{log}");
+    assert!(log.contains("stopping after 1 of 2 rounds"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("rounds.txt"))
+            .unwrap()
+            .trim(),
+        "1 2"
+    );
+    for arm in ["binary", "cla"] {
+        let rows = read_jsonl(&out.join(arm).join("steps.jsonl"));
+        // 16 responses at 8 a step is 2 steps; one round of two is 1 step, 8 responses.
+        let last = rows
+            .last()
+            .unwrap_or_else(|| panic!("{arm}: no steps\n{log}"));
+        assert_eq!(last["step"].as_u64(), Some(1), "{arm}\n{log}");
+        assert_eq!(
+            last["generated_responses"].as_u64(),
+            Some(8),
+            "{arm}\n{log}"
+        );
+    }
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(table.contains("Time-boxed: 1 of 2 rounds ran"), "{table}");
+    assert!(
+        table.contains("| binary | 1 | 8 |") && table.contains("| CLA | 1 | 8 |"),
+        "{table}"
+    );
+    assert!(std::fs::metadata(out.join("figure.png")).unwrap().len() > 1000);
+    let _ = std::fs::remove_dir_all(&root);
+}
