@@ -16,8 +16,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::generator::Generator;
 use crate::kernels::{matmul_t, Mat};
-use crate::sampler::{sample_row, Generation, SamplingParams};
+use crate::sampling::{sample_row, Generation, SamplingParams};
 use crate::weights::Weights;
 use anyhow::Context as _;
 use hindsight_model::ModelConfig;
@@ -158,7 +159,7 @@ pub(crate) struct Row {
 }
 
 /// The CPU engine: weights laid out for [`matmul_t`].
-pub(crate) struct CpuEngine {
+pub struct CpuEngine {
     cfg: ModelConfig,
     precision: Precision,
     /// `[vocab, D]` f32, for the embedding lookup.
@@ -306,12 +307,7 @@ impl CpuEngine {
         })
     }
 
-    /// Test hook: q/k weights in the GGUF (interleaved) layout.
-    pub fn set_interleaved_rope(&mut self, interleaved: bool) {
-        self.interleaved = interleaved;
-    }
-
-    pub fn new_slot(&self, cap: usize) -> KvSlot {
+    pub(crate) fn new_slot(&self, cap: usize) -> KvSlot {
         KvSlot::new(&self.cfg, cap, self.precision)
     }
 
@@ -346,7 +342,11 @@ impl CpuEngine {
     /// position (all rows' K/V are written before any attention, so prefill rows of one
     /// sequence attend to each other causally). Returns the logits `[n, vocab]` of the
     /// rows with `logits == true`, in row order.
-    pub fn forward(&self, rows: &[Row], slots: &mut [&mut KvSlot]) -> anyhow::Result<Vec<f32>> {
+    pub(crate) fn forward(
+        &self,
+        rows: &[Row],
+        slots: &mut [&mut KvSlot],
+    ) -> anyhow::Result<Vec<f32>> {
         let c = &self.cfg;
         let m = rows.len();
         let (d, hd) = (c.hidden_size, c.head_dim());
@@ -491,9 +491,14 @@ impl CpuEngine {
         let xs = self.rms_norm(&xs, &self.norm);
         Ok(self.linear(&xs, want.len(), &self.lm_head))
     }
+}
 
-    /// Logits `[T, vocab]` of a whole sequence (no sampling).
-    pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+impl Generator for CpuEngine {
+    fn set_interleaved_rope(&mut self, interleaved: bool) {
+        self.interleaved = interleaved;
+    }
+
+    fn logits(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
         let mut slot = self.new_slot(tokens.len());
         let rows: Vec<Row> = tokens
             .iter()
@@ -509,11 +514,10 @@ impl CpuEngine {
     }
 
     /// Continuous batching: keeps up to `max_batch` sequences in flight, pulling prompts
-    /// from `next` (`(key, prompt)`; `key` also picks the sequence's random stream) as
-    /// slots free up, and hands each finished sequence to `done`. A step's forward holds
-    /// the decode rows of the running sequences and the prompt rows of newly admitted
-    /// ones (at most `max_prefill_tokens` prompt tokens per step, at least one prompt).
-    pub fn generate_stream(
+    /// as slots free up. A step's forward holds the decode rows of the running sequences
+    /// and the prompt rows of newly admitted ones (at most `max_prefill_tokens` prompt
+    /// tokens per step, at least one prompt).
+    fn generate_stream(
         &self,
         params: &SamplingParams,
         stops: &[u32],

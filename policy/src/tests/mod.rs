@@ -3,3 +3,4 @@
 //! in `hindsight-training`.
 
 mod engine;
+mod tensor_engine;
