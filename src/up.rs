@@ -355,16 +355,20 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
         if args.resume { &[] } else { &["--resume"] },
     )?);
     for i in 0..args.actors {
+        let base: hindsight_actor::ActorArgs = hindsight_service::from_env()?;
         let actor = hindsight_actor::ActorArgs {
             replay: replay_url.clone(),
             learner: learner_url.clone(),
             // No --model: actors take the model and its weights from the learner.
-            model: None,
-            cache_dir: Some(cache.clone()),
+            follow: hindsight_follower::FollowerArgs {
+                model: None,
+                cache_dir: Some(cache.clone()),
+                ..base.follow
+            },
             actor_id: Some(format!("actor-{i}")),
             seed: args.seed + i as u64,
             security: security.client_args("actor"),
-            ..hindsight_service::from_env()?
+            ..base
         };
         let mut actor_args = vec!["actor".to_string()];
         actor_args.extend(actor.to_argv());
@@ -373,17 +377,21 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let eval_path = run_dir.join("eval.jsonl");
     if args.eval_every > 0 {
         // It reads weights as an actor may (the actor's token).
+        let base: hindsight_evaluator::EvaluatorArgs = hindsight_service::from_env()?;
         let evaluator = hindsight_evaluator::EvaluatorArgs {
             learner: learner_url.clone(),
             // No --model: like the actors, it takes the model from the learner.
-            model: None,
-            cache_dir: Some(cache.clone()),
+            follow: hindsight_follower::FollowerArgs {
+                model: None,
+                cache_dir: Some(cache.clone()),
+                ..base.follow
+            },
             eval_every: args.eval_every,
             eval_limit: args.eval_limit,
             eval_log: Some(eval_path.clone()),
             max_new_tokens: args.max_new_tokens as usize,
             security: security.client_args("actor"),
-            ..hindsight_service::from_env()?
+            ..base
         };
         let mut evaluator_args = vec!["evaluator".to_string()];
         evaluator_args.extend(evaluator.to_argv());

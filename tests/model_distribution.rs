@@ -219,7 +219,7 @@ async fn an_actor_without_model_files_generates_with_the_learners_model() {
             dir.path().join("empty-cache").to_str().unwrap(),
         ],
     );
-    assert!(args.model.is_none());
+    assert!(args.follow.model.is_none());
     run_actor(args).await.expect("the actor ran");
     let status = ReplayClient::connect(format!("http://{}", replay.addr))
         .await

@@ -16,7 +16,6 @@ pub mod metrics;
 pub mod weights;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +26,6 @@ use hindsight_proto::v1::replay_client::ReplayClient;
 use hindsight_proto::v1::{
     LeaseRequest, ReleaseLeasesRequest, Response as RolloutResponse, RolloutAck, RolloutGroup,
 };
-use hindsight_service::ConfigResultExt as _;
 use tokio::sync::{mpsc, watch};
 
 use tracing::{info, warn};
@@ -49,14 +47,10 @@ pub struct ActorArgs {
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
-    /// Model to generate with, for local runs: "tiny", "smollm2", a .gguf path or a
-    /// checkpoint directory; its fingerprint must match the learner's. Without it the actor
-    /// takes the model (architecture, tokenizer, chat template, weights) from the learner.
-    #[arg(long, env = "HINDSIGHT_MODEL")]
-    pub model: Option<String>,
-    /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
-    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    /// The model and how to generate (`--model`, `--cache-dir`, `--precision`, `--device`,
+    /// `--max-batch`).
+    #[command(flatten)]
+    pub follow: hindsight_follower::FollowerArgs,
     /// This actor's id (default: actor-<hostname>-<pid>).
     #[arg(long, env = "HINDSIGHT_ACTOR_ID")]
     pub actor_id: Option<String>,
@@ -66,18 +60,6 @@ pub struct ActorArgs {
     /// Base seed of the sampler (mixed with the actor id and the batch number).
     #[arg(long, env = "HINDSIGHT_SEED", default_value_t = 0)]
     pub seed: u64,
-    /// Precision of the generation weights: `f32` (log-probs match the learner's to ~1e-5)
-    /// or `bf16` (bf16 weights and inputs, f32 sums: faster, see README for the mismatch).
-    #[arg(long, env = "HINDSIGHT_PRECISION", default_value = "f32")]
-    pub precision: hindsight_policy::Precision,
-    /// Device to generate on: `cpu` (the continuous-batching engine) or `cuda` / `cuda:N`
-    /// (candle's CUDA forward; needs a `--features cuda` build).
-    #[arg(long, env = "HINDSIGHT_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// Sequences generated at once; as one finishes, the next response of the lease takes
-    /// its slot (continuous batching).
-    #[arg(long, env = "HINDSIGHT_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
-    pub max_batch: usize,
     /// How this actor proves itself to the replay server and the learner (`--tls-ca`,
     /// `--token-file`; `hindsight certs` makes them).
     #[command(flatten)]
@@ -96,14 +78,10 @@ impl Default for ActorArgs {
         ActorArgs {
             replay: "http://127.0.0.1:50051".into(),
             learner: "http://127.0.0.1:50052".into(),
-            model: None,
-            cache_dir: None,
+            follow: Default::default(),
             actor_id: None,
             prompts_per_lease: 2,
             seed: 0,
-            precision: hindsight_policy::Precision::F32,
-            device: "cpu".into(),
-            max_batch: hindsight_policy::sampler::DEFAULT_MAX_BATCH,
             security: Default::default(),
             max_groups: 0,
             shutdown: Default::default(),
@@ -117,14 +95,10 @@ impl hindsight_service::ToArgv for ActorArgs {
         let mut a = hindsight_service::Argv::new();
         a.opt("--replay", &self.replay)
             .opt("--learner", &self.learner)
-            .opt_some("--model", &self.model)
-            .path_some("--cache-dir", &self.cache_dir)
+            .extend(&self.follow)
             .opt_some("--actor-id", &self.actor_id)
             .opt("--prompts-per-lease", self.prompts_per_lease)
             .opt("--seed", self.seed)
-            .opt("--precision", self.precision)
-            .opt("--device", &self.device)
-            .opt("--max-batch", self.max_batch)
             .extend(&self.security)
             .opt("--max-groups", self.max_groups)
             .extend(&self.shutdown);
@@ -219,12 +193,7 @@ async fn run_actor(
     actor_id: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    if args.max_batch == 0 {
-        return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
-            "--max-batch must be at least 1"
-        )));
-    }
-    let device = hindsight_policy::parse_device(&args.device).config_err()?;
+    let generation = args.follow.generation()?;
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     let version = Arc::new(AtomicU64::new(0));
     metrics::init();
@@ -251,18 +220,7 @@ async fn run_actor(
 
     // The model: local files (`--model`) or the learner's description; either way its
     // fingerprint is checked against the learner's and stated with every lease and group.
-    let local = args.model.as_ref().map(|spec| weights::LocalModel {
-        spec: spec.clone(),
-        cache_dir: args
-            .cache_dir
-            .clone()
-            .unwrap_or_else(hindsight_policy::default_cache_dir),
-    });
-    let generation = weights::Generation {
-        device,
-        precision: args.precision,
-        max_batch: args.max_batch,
-    };
+    let local = args.follow.local_model();
     let started = weights::start_model(
         &mut weights_client,
         local.as_ref(),
@@ -281,8 +239,8 @@ async fn run_actor(
         ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
     }
     info!(model = %model.name, fingerprint = %hindsight_policy::fingerprint::short(&fingerprint),
-        policy_version = version.load(Ordering::Relaxed), precision = %args.precision,
-        max_batch = args.max_batch, device = %args.device, "actor ready");
+        policy_version = version.load(Ordering::Relaxed), precision = %args.follow.precision,
+        max_batch = args.follow.max_batch, device = %args.follow.device, "actor ready");
     let mut stream: Option<RolloutStream> = None;
     let mut accepted_groups = 0u64;
     let mut batch_no = 0u64;
@@ -637,14 +595,16 @@ mod args_tests {
         hindsight_service::assert_round_trip(&ActorArgs {
             replay: "https://replay:50051".into(),
             learner: "https://learner:50052".into(),
-            model: Some("smollm2".into()),
-            cache_dir: Some("/c".into()),
+            follow: hindsight_follower::FollowerArgs {
+                model: Some("smollm2".into()),
+                cache_dir: Some("/c".into()),
+                precision: hindsight_policy::Precision::Bf16,
+                device: "cuda:0".into(),
+                max_batch: 5,
+            },
             actor_id: Some("actor-7".into()),
             prompts_per_lease: 3,
             seed: 42,
-            precision: hindsight_policy::Precision::Bf16,
-            device: "cuda:0".into(),
-            max_batch: 5,
             security: hindsight_service::ClientSecurityArgs {
                 tls_ca: Some("/s/ca.pem".into()),
                 token_file: Some("/s/actor.token".into()),

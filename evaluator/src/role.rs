@@ -23,9 +23,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use hindsight_follower::{Generation, LocalModel, Started};
-use hindsight_policy::Precision;
-use hindsight_service::{ConfigError, ConfigResultExt as _};
+use hindsight_follower::Started;
+use hindsight_service::ConfigError;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::info;
@@ -45,14 +44,10 @@ pub struct EvaluatorArgs {
         default_value = "http://127.0.0.1:50052"
     )]
     pub learner: String,
-    /// Model to evaluate, for local runs: "tiny", "smollm2", a .gguf path or a checkpoint
-    /// directory; its fingerprint must match the learner's. Without it the evaluator takes
-    /// the model (architecture, tokenizer, chat template, weights) from the learner.
-    #[arg(long, env = "HINDSIGHT_MODEL")]
-    pub model: Option<String>,
-    /// Where downloaded models are cached (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
-    #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    /// The model and how to generate (`--model`, `--cache-dir`, `--precision`, `--device`,
+    /// `--max-batch`); without `--model` the evaluator takes the model from the learner.
+    #[command(flatten)]
+    pub follow: hindsight_follower::FollowerArgs,
     /// The held-out set: `ifeval`, `ifbench` (shipped with the binary) or a .jsonl file of
     /// {key, prompt, instruction_id_list, kwargs}.
     #[arg(long, env = "HINDSIGHT_BENCH", default_value = "ifeval")]
@@ -75,15 +70,6 @@ pub struct EvaluatorArgs {
     /// Append one JSON line per evaluated version here (e.g. RUN_DIR/eval.jsonl).
     #[arg(long, env = "HINDSIGHT_EVAL_LOG")]
     pub eval_log: Option<PathBuf>,
-    /// Precision of the generation weights (`f32`, `bf16`).
-    #[arg(long, env = "HINDSIGHT_PRECISION", default_value = "f32")]
-    pub precision: Precision,
-    /// Device to generate on: `cpu` or `cuda` / `cuda:N` (a `--features cuda` build).
-    #[arg(long, env = "HINDSIGHT_DEVICE", default_value = "cpu")]
-    pub device: String,
-    /// Sequences generated at once (continuous batching).
-    #[arg(long, env = "HINDSIGHT_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
-    pub max_batch: usize,
     /// How the evaluator proves itself to the learner (`--tls-ca`, `--token-file`: an
     /// actor's or the status token will do, both may read weights).
     #[command(flatten)]
@@ -98,8 +84,7 @@ impl Default for EvaluatorArgs {
     fn default() -> Self {
         EvaluatorArgs {
             learner: "http://127.0.0.1:50052".into(),
-            model: None,
-            cache_dir: None,
+            follow: Default::default(),
             bench: "ifeval".into(),
             eval_limit: 64,
             eval_every: 1,
@@ -107,9 +92,6 @@ impl Default for EvaluatorArgs {
             temperature: 0.0,
             seed: 0,
             eval_log: None,
-            precision: Precision::F32,
-            device: "cpu".into(),
-            max_batch: hindsight_policy::sampler::DEFAULT_MAX_BATCH,
             security: Default::default(),
             shutdown: Default::default(),
         }
@@ -121,8 +103,7 @@ impl hindsight_service::ToArgv for EvaluatorArgs {
     fn to_argv(&self) -> Vec<String> {
         let mut a = hindsight_service::Argv::new();
         a.opt("--learner", &self.learner)
-            .opt_some("--model", &self.model)
-            .path_some("--cache-dir", &self.cache_dir)
+            .extend(&self.follow)
             .opt("--bench", &self.bench)
             .opt("--eval-limit", self.eval_limit)
             .opt("--eval-every", self.eval_every)
@@ -130,9 +111,6 @@ impl hindsight_service::ToArgv for EvaluatorArgs {
             .opt("--temperature", self.temperature)
             .opt("--seed", self.seed)
             .path_some("--eval-log", &self.eval_log)
-            .opt("--precision", self.precision)
-            .opt("--device", &self.device)
-            .opt("--max-batch", self.max_batch)
             .extend(&self.security)
             .extend(&self.shutdown);
         a.into_vec()
@@ -171,11 +149,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     metrics::describe();
-    if args.eval_every == 0 || args.max_batch == 0 {
+    if args.eval_every == 0 {
         return Err(ConfigError::wrap(anyhow::anyhow!(
-            "--eval-every and --max-batch must be at least 1"
+            "--eval-every must be at least 1"
         )));
     }
+    let generation = args.follow.generation()?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(ConfigError::wrap(anyhow::anyhow!(
             "--temperature must be a finite number >= 0"
@@ -190,7 +169,6 @@ pub async fn run(
             .with_context(|| format!("opening --eval-log {}", log.display()))
             .map_err(ConfigError::wrap)?;
     }
-    let device = hindsight_policy::parse_device(&args.device).config_err()?;
     let security = hindsight_service::ClientSecurity::from_args(&args.security)?;
     metrics::init();
     let (stop_tx, mut stop) = watch::channel(false);
@@ -200,18 +178,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let mut client = hindsight_follower::connect(&security, &args.learner).await?;
-    let generation = Generation {
-        device,
-        precision: args.precision,
-        max_batch: args.max_batch,
-    };
-    let local = args.model.as_ref().map(|spec| LocalModel {
-        spec: spec.clone(),
-        cache_dir: args
-            .cache_dir
-            .clone()
-            .unwrap_or_else(hindsight_policy::default_cache_dir),
-    });
+    let local = args.follow.local_model();
     let started = hindsight_follower::start_model(
         &mut client,
         local.as_ref(),
@@ -343,8 +310,11 @@ mod tests {
             eval_every: 3,
             eval_log: Some("/tmp/run/eval.jsonl".into()),
             bench: "ifbench".into(),
-            model: Some("tiny".into()),
-            cache_dir: Some("/tmp/cache".into()),
+            follow: hindsight_follower::FollowerArgs {
+                model: Some("tiny".into()),
+                cache_dir: Some("/tmp/cache".into()),
+                ..Default::default()
+            },
             security: hindsight_service::ClientSecurityArgs {
                 tls_ca: Some("/s/ca.pem".into()),
                 token_file: Some("/s/actor.token".into()),

@@ -14,13 +14,15 @@
 //!
 //! - [`start_model`]: how such a role starts (connect, the learner's model or a local `--model`
 //!   checked against it, the first weights, the follower), shared by the actor and the
-//!   evaluator.
+//!   evaluator, from the flags both take ([`FollowerArgs`]).
 //!
 //! The roles record their own metrics about it through an [`Observer`] (the actor's
 //! `hindsight_actor_*` series, the evaluator's `hindsight_evaluator_*` ones).
 
+mod args;
 mod start;
 
+pub use args::FollowerArgs;
 pub use start::{connect, learner_model_when_up, start_model, Generation, LocalModel, Started};
 
 use std::sync::{Arc, Mutex};
