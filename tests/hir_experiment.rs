@@ -16,38 +16,19 @@ fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn the_experiment_script_runs_three_arms_evaluates_and_tabulates() {
-    let root =
-        std::env::temp_dir().join(format!("hindsight-hir-experiment-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let out = root.join("exp");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hir-experiment.sh");
-    // Budget 48 responses: HiR generates 3 of each prompt's 4 samples (2 prompts a step: 6 a
-    // step, 8 steps), the baselines all 4 (8 a step, 6 steps).
+fn script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hir-experiment.sh")
+}
+
+/// Runs the script with `flags` (split at white space), `extra` and `--out out` on the binary
+/// under test; returns its output after checking that it succeeded.
+fn run_experiment(flags: &str, extra: &[&str], out: &Path) -> String {
     let output = Command::new("bash")
-        .arg(&script)
-        .args([
-            "--model", "tiny", "--budget", "48", "--rounds", "2", "--actors", "1",
-        ])
-        .args([
-            "--prompts-per-batch",
-            "2",
-            "--group-size",
-            "4",
-            "--responses-per-prompt",
-            "3",
-        ])
-        .args([
-            "--num-prompts",
-            "16",
-            "--max-new-tokens",
-            "16",
-            "--eval-limit",
-            "4",
-        ])
+        .arg(script())
+        .args(flags.split_whitespace())
+        .args(extra)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .env("HINDSIGHT_BIN", env!("CARGO_BIN_EXE_hindsight"))
         .output()
         .expect("running scripts/hir-experiment.sh");
@@ -57,6 +38,23 @@ fn the_experiment_script_runs_three_arms_evaluates_and_tabulates() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "the experiment failed:\n{log}");
+    log
+}
+
+#[test]
+fn the_experiment_script_runs_three_arms_evaluates_and_tabulates() {
+    let root =
+        std::env::temp_dir().join(format!("hindsight-hir-experiment-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let out = root.join("exp");
+    // Budget 48 responses: HiR generates 3 of each prompt's 4 samples (2 prompts a step: 6 a
+    // step, 8 steps), the baselines all 4 (8 a step, 6 steps).
+    let log = run_experiment(
+        "--model tiny --budget 48 --rounds 2 --actors 1 --prompts-per-batch 2 --group-size 4 \
+         --responses-per-prompt 3 --num-prompts 16 --max-new-tokens 16 --eval-limit 4",
+        &[],
+        &out,
+    );
 
     let expected_steps = [("hir", 8u64), ("binary", 6), ("cla", 6)];
     for (arm, steps) in expected_steps {
@@ -134,9 +132,8 @@ fn the_experiment_script_runs_three_arms_evaluates_and_tabulates() {
 /// and the table says that the run was cut.
 #[test]
 fn a_deadline_stops_the_experiment_between_rounds_at_equal_budgets() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hir-experiment.sh");
     let bad = Command::new("bash")
-        .arg(&script)
+        .arg(script())
         .args(["--deadline", "soon", "--no-eval"])
         .env("HINDSIGHT_BIN", env!("CARGO_BIN_EXE_hindsight"))
         .output()
@@ -151,31 +148,13 @@ fn a_deadline_stops_the_experiment_between_rounds_at_equal_budgets() {
     let root = std::env::temp_dir().join(format!("hindsight-hir-deadline-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let out = root.join("exp");
-    let output = Command::new("bash")
-        .arg(&script)
-        .args(["--model", "tiny", "--arms", "binary cla", "--budget", "16"])
-        .args([
-            "--rounds",
-            "2",
-            "--deadline",
-            "+0",
-            "--no-eval",
-            "--actors",
-            "1",
-        ])
-        .args(["--prompts-per-batch", "2", "--group-size", "4"])
-        .args(["--responses-per-prompt", "3", "--num-prompts", "8"])
-        .args(["--max-new-tokens", "8", "--out"])
-        .arg(&out)
-        .env("HINDSIGHT_BIN", env!("CARGO_BIN_EXE_hindsight"))
-        .output()
-        .expect("running scripts/hir-experiment.sh");
-    let log = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let log = run_experiment(
+        "--model tiny --budget 16 --rounds 2 --deadline +0 --no-eval --actors 1 \
+         --prompts-per-batch 2 --group-size 4 --responses-per-prompt 3 --num-prompts 8 \
+         --max-new-tokens 8",
+        &["--arms", "binary cla"],
+        &out,
     );
-    assert!(output.status.success(), "the experiment failed:\n{log}");
     assert!(log.contains("stopping after 1 of 2 rounds"), "{log}");
     assert_eq!(
         std::fs::read_to_string(out.join("rounds.txt"))
