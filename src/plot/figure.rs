@@ -264,7 +264,10 @@ where
         })
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| {
-            if y_max > 1.0 {
+            // Counts: whole numbers as such, and a tick between two of them (a panel of
+            // 0 to 4 replays has ticks every 0.5) with its decimal, not rounded onto its
+            // neighbour's label.
+            if y_max > 1.0 && (y - y.round()).abs() < 1e-9 {
                 format!("{y:.0}")
             } else {
                 format!("{y:.1}")
