@@ -229,7 +229,9 @@ impl Sampler {
     }
 
     /// Swaps in a new weight version (same config), freeing the old one first so that two
-    /// full weight sets never coexist.
+    /// full weight sets never coexist. The weights are checked before anything is freed (the
+    /// generators check again: they are built on their own elsewhere), so a mismatch leaves
+    /// the current version in place.
     pub fn load_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
         weights.validate(&self.config)?;
         self.generator = None;
@@ -254,7 +256,8 @@ impl Sampler {
             .ok_or_else(|| anyhow::anyhow!("{NO_WEIGHTS}"))
     }
 
-    /// Full-sequence forward without cache: logits `[T, vocab]` (f32).
+    /// Full-sequence forward without cache: logits `[T, vocab]` (f32, on the CPU whatever
+    /// the sampler's device).
     pub fn logits(&self, tokens: &[u32]) -> anyhow::Result<Tensor> {
         anyhow::ensure!(!tokens.is_empty(), "logits: empty token sequence");
         let values = self.generator()?.logits(tokens)?;
