@@ -10,6 +10,12 @@
 //! the N actors holds the version and can generate with it, and the longest pause in an
 //! actor's generation caused by a swap (the install between two batches).
 //!
+//! Each count of actors runs once per `--transport`: `grpc` (every actor fetches the chunks
+//! and builds its engine from them) and `shared` (the learner also writes each version into
+//! a shared directory and every actor maps that file, as co-located actors do with
+//! `--shared-weights-dir`; the learner's publication then includes writing the file, shown
+//! in the "learner publish" column).
+//!
 //! The first version of each run is a warm-up and not counted. `--idle` runs the actors
 //! without generating, which separates the transfer itself from the competition for CPU.
 
@@ -41,6 +47,14 @@ pub struct BenchWeightsArgs {
     /// Actors do not generate (measures the transfer alone).
     #[arg(long)]
     pub idle: bool,
+    /// How versions reach the actors, one run each: `grpc`, `shared` (mapped from the
+    /// learner's shared directory, see `--shared-dir`).
+    #[arg(long, value_delimiter = ',', default_value = "grpc,shared")]
+    pub transport: Vec<Transport>,
+    /// The shared directory of `--transport shared` (created, and emptied of weight files;
+    /// default: a new directory under the system's temporary directory, removed after).
+    #[arg(long)]
+    pub shared_dir: Option<std::path::PathBuf>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -49,10 +63,31 @@ pub struct BenchWeightsArgs {
     pub cache_dir: Option<std::path::PathBuf>,
 }
 
+/// How a version reaches the actors.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Chunks over gRPC, checksummed, each actor building its own engine.
+    Grpc,
+    /// A file in the learner's shared directory, mapped by every actor.
+    Shared,
+}
+
+impl Transport {
+    /// The name `--transport` takes.
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Shared => "shared",
+        }
+    }
+}
+
 /// One run's figures (seconds unless named otherwise).
 #[derive(Debug, Serialize)]
 pub struct Outcome {
     pub actors: usize,
+    pub transport: Transport,
     pub generating: bool,
     pub payload_mb: f64,
     /// Learner side: checksumming and publishing one version (before it is visible).
@@ -79,6 +114,7 @@ struct Ready {
     install: Duration,
     fetch_secs: f64,
     prepare_secs: f64,
+    shared: bool,
 }
 
 /// Runs the benchmark and prints the table (or JSON).
@@ -92,17 +128,36 @@ pub fn run(args: BenchWeightsArgs) -> Result<()> {
     let payload = model.weights.to_safetensors_bytes()?;
     // Called from the binary's runtime (2 workers): run on it.
     let rt = tokio::runtime::Handle::current();
+    anyhow::ensure!(
+        args.actors.iter().all(|&n| n > 0),
+        "--actors: every count must be at least 1"
+    );
+    anyhow::ensure!(!args.transport.is_empty(), "--transport: name at least one");
+    let temp_dir =
+        std::env::temp_dir().join(format!("hindsight-bench-weights-{}", std::process::id()));
+    let shared_dir = args.shared_dir.clone().unwrap_or_else(|| temp_dir.clone());
     let mut outcomes = Vec::new();
     for &n in &args.actors {
-        anyhow::ensure!(n > 0, "--actors: every count must be at least 1");
-        let o = tokio::task::block_in_place(|| rt.block_on(run_one(&model, &payload, n, &args)))?;
-        if !args.json {
-            eprintln!(
-                "{} actor(s): last ready {:.3} s (median), pause {:.1} ms",
-                n, o.median_last_ready_secs, o.max_pause_ms
-            );
+        for &transport in &args.transport {
+            let dir = (transport == Transport::Shared).then_some(shared_dir.as_path());
+            let o = tokio::task::block_in_place(|| {
+                rt.block_on(run_one(&model, &payload, n, dir, &args))
+            });
+            if args.shared_dir.is_none() {
+                let _ = std::fs::remove_dir_all(&temp_dir);
+            }
+            let o = o?;
+            if !args.json {
+                eprintln!(
+                    "{} actor(s), {}: last ready {:.3} s (median), pause {:.1} ms",
+                    n,
+                    transport.name(),
+                    o.median_last_ready_secs,
+                    o.max_pause_ms
+                );
+            }
+            outcomes.push(o);
         }
-        outcomes.push(o);
     }
     if args.json {
         println!(
@@ -124,13 +179,14 @@ pub fn run(args: BenchWeightsArgs) -> Result<()> {
     );
     println!("{GOAL}");
     println!(
-        "| actors | publication -> last actor ready (median) | mean per actor | aggregate MB/s | longest generation pause | fetch (mean) | prepare (mean) | learner publish | load avg |"
+        "| actors | transport | publication -> last actor ready (median) | mean per actor | aggregate MB/s | longest generation pause | fetch (mean) | prepare (mean) | learner publish | load avg |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in &outcomes {
         println!(
-            "| {} | {:.3} s | {:.3} s | {:.0} | {:.1} ms | {:.3} s | {:.3} s | {:.3} s | {} |",
+            "| {} | {} | {:.3} s | {:.3} s | {:.0} | {:.1} ms | {:.3} s | {:.3} s | {:.3} s | {} |",
             o.actors,
+            o.transport.name(),
             o.median_last_ready_secs,
             o.mean_ready_secs,
             o.aggregate_mb_per_s,
@@ -148,10 +204,14 @@ async fn run_one(
     model: &hindsight_policy::LoadedModel,
     payload: &[u8],
     n: usize,
+    shared_dir: Option<&std::path::Path>,
     args: &BenchWeightsArgs,
 ) -> Result<Outcome> {
     // The learner's store and server, built by the learner's own code (insecure here).
-    let store = WeightStore::for_model(&model.name, &model.config, &model.tokenizer, 2)?;
+    let mut store = WeightStore::for_model(&model.name, &model.config, &model.tokenizer, 2)?;
+    if let Some(dir) = shared_dir {
+        store = store.with_shared_dir(dir)?;
+    }
     let fingerprint = store.model_fingerprint().to_owned();
     store.publish(0, 0, payload.to_vec());
     let security = hindsight_service::ServerSecurity::insecure();
@@ -187,6 +247,7 @@ async fn run_one(
                 config: model.config.clone(),
                 device: Device::Cpu,
                 precision: Precision::F32,
+                shared_dir: shared_dir.map(|d| d.to_path_buf()),
             },
             Some(0),
             stop_rx.clone(),
@@ -217,6 +278,7 @@ async fn run_one(
                         install,
                         fetch_secs: u.fetch_secs,
                         prepare_secs: u.prepare_secs,
+                        shared: u.shared,
                     });
                 }
                 if generate {
@@ -257,6 +319,17 @@ async fn run_one(
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
+        // A run of the shared transport that fell back to gRPC would measure the wrong thing.
+        if let Some(r) = ready.iter().find(|r| r.shared != shared_dir.is_some()) {
+            anyhow::bail!(
+                "version {v} reached an actor {} (see its warning)",
+                if r.shared {
+                    "from the shared file in a gRPC run"
+                } else {
+                    "over gRPC, not from the shared file"
+                }
+            );
+        }
         if v == 1 {
             continue; // warm-up
         }
@@ -288,6 +361,11 @@ async fn run_one(
     let payload_mb = payload.len() as f64 / 1e6;
     Ok(Outcome {
         actors: n,
+        transport: if shared_dir.is_some() {
+            Transport::Shared
+        } else {
+            Transport::Grpc
+        },
         generating: !args.idle,
         payload_mb,
         publish_secs,

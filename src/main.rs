@@ -79,7 +79,7 @@ enum Command {
     /// Run the replay server: prompt leases, verification, HiR replays, training batches.
     ReplayServer(hindsight_replay_server::ReplayArgs),
     /// Run the learner: policy-gradient steps, weight publishing, checkpoints.
-    Learner(hindsight_learner::LearnerArgs),
+    Learner(Box<hindsight_learner::LearnerArgs>),
     /// Run one actor: generate rollouts with the current policy.
     Actor(hindsight_actor::ActorArgs),
     /// Run a local cluster (replay server, learner, N actors) as separate processes.
@@ -301,7 +301,7 @@ fn main() -> ExitCode {
                     hindsight_replay_server::run(args, shutdown_signal(bound)).await
                 }
                 Command::Learner(args) => {
-                    hindsight_learner::run(args, shutdown_signal(bound)).await
+                    hindsight_learner::run(*args, shutdown_signal(bound)).await
                 }
                 Command::Actor(args) => hindsight_actor::run(args, shutdown_signal(bound)).await,
                 Command::Evaluator(args) => {

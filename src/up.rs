@@ -128,6 +128,11 @@ pub struct UpArgs {
     /// Prompts of the evaluator's held-out set (with --eval-every).
     #[arg(long, env = "HINDSIGHT_EVAL_LIMIT", default_value_t = 64)]
     pub eval_limit: usize,
+    /// Send every weight version over gRPC. By default the learner also writes each version
+    /// into RUN_DIR/weights and the actors and the evaluator, all on this host, map it from
+    /// there (one copy in memory for all of them, nothing copied per process).
+    #[arg(long, env = "HINDSIGHT_NO_SHARED_WEIGHTS", default_value_t = false)]
+    pub no_shared_weights: bool,
 }
 
 fn free_port() -> Result<SocketAddr> {
@@ -298,8 +303,10 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
     };
     let mut replay_args = vec!["replay-server".to_string()];
     replay_args.extend(replay.to_argv());
+    let shared_weights_dir = (!args.no_shared_weights).then(|| run_dir.join("weights"));
     let mut learner: hindsight_learner::LearnerArgs = hindsight_learner::LearnerArgs {
         replay: replay_url.clone(),
+        shared_weights_dir: shared_weights_dir.clone(),
         listen: learner_addr,
         model: args.model.clone(),
         cache_dir: Some(cache.clone()),
@@ -363,6 +370,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             follow: hindsight_follower::FollowerArgs {
                 model: None,
                 cache_dir: Some(cache.clone()),
+                shared_weights_dir: shared_weights_dir.clone(),
                 ..base.follow
             },
             actor_id: Some(format!("actor-{i}")),
@@ -384,6 +392,7 @@ fn run_blocking(args: UpArgs, log_format: LogFormat) -> Result<()> {
             follow: hindsight_follower::FollowerArgs {
                 model: None,
                 cache_dir: Some(cache.clone()),
+                shared_weights_dir: shared_weights_dir.clone(),
                 ..base.follow
             },
             eval_every: args.eval_every,

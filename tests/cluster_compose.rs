@@ -403,6 +403,19 @@ fn compose_cluster_scales_survives_kills_and_is_observable() {
             (v as u64 > at_kill).then_some(())
         },
     );
+    // On one host the actors map the learner's weight files from the shared volume rather
+    // than fetching them over gRPC.
+    cluster.wait(
+        "actors taking weight versions from the shared volume",
+        Duration::from_secs(60),
+        || {
+            let v = cluster
+                .query("sum(hindsight_actor_weight_updates_total{via=\"shared\"})")
+                .ok()?;
+            let v: f64 = v.first()?["value"][1].as_str()?.parse().ok()?;
+            (v > 0.0).then_some(())
+        },
+    );
 
     // Prometheus sees every target up, and every dashboard panel returns data.
     cluster.wait(

@@ -34,13 +34,22 @@ struct Learner {
 }
 
 async fn learner(model: &str) -> Learner {
+    learner_sharing(model, None).await
+}
+
+/// As [`learner`], also writing every version into `shared_dir` when given.
+async fn learner_sharing(model: &str, shared_dir: Option<&Path>) -> Learner {
     let m = hindsight_policy::load(model, &std::env::temp_dir(), &Device::Cpu).unwrap();
     let d = hindsight_policy::ModelDescription::new(&m.config, &m.tokenizer).unwrap();
-    let store = WeightStore::new(2, 64 * 1024).with_model(hindsight_proto::v1::ModelDescription {
-        fingerprint: d.fingerprint(),
-        name: m.name.clone(),
-        description: d.to_bytes(),
-    });
+    let mut store =
+        WeightStore::new(2, 64 * 1024).with_model(hindsight_proto::v1::ModelDescription {
+            fingerprint: d.fingerprint(),
+            name: m.name.clone(),
+            description: d.to_bytes(),
+        });
+    if let Some(dir) = shared_dir {
+        store = store.with_shared_dir(dir).unwrap();
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -139,6 +148,124 @@ async fn run_actor(args: ActorArgs) -> anyhow::Result<()> {
     .expect("the actor finished in time")
 }
 
+async fn next_update(f: &weights::Follower) -> weights::Update {
+    tokio::time::timeout(TIMEOUT, f.next())
+        .await
+        .expect("a version in time")
+        .expect("a usable version")
+}
+
+/// Co-located followers: one that mounts the learner's shared directory maps each version's
+/// file (and generates exactly what the same weights loaded locally generate, also after
+/// the learner removed the file of the version it holds); one whose directory lacks the
+/// file takes the same versions over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_co_located_follower_maps_the_learners_shared_weights_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("weights");
+    let learner = learner_sharing("tiny:7", Some(&shared)).await;
+    learner.store.publish(0, 0, tiny_payload(7));
+    let sec = hindsight_service::ClientSecurity::from_args(&Default::default()).unwrap();
+    let client = WeightsClient::new(sec.connect_authed(&learner.url, 3).await.unwrap())
+        .max_decoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES);
+    let model = weights::learner_model(&mut client.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let follow = |shared_dir: &Path| {
+        weights::Follower::start(
+            client.clone(),
+            weights::FollowSpec {
+                fingerprint: model.fingerprint.clone(),
+                config: model.config.clone(),
+                device: Device::Cpu,
+                precision: Precision::F32,
+                shared_dir: Some(shared_dir.to_path_buf()),
+            },
+            None,
+            stop.clone(),
+        )
+    };
+    let prompt = model.tokenizer.encode_chat("Say hello.").unwrap();
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: 24,
+        seed: 5,
+    };
+    let generate = |s: &mut Sampler| s.generate(std::slice::from_ref(&prompt), &params).unwrap();
+    let local = |seed: u64| {
+        let m = hindsight_policy::tiny(seed).unwrap();
+        let mut s = Sampler::new(
+            &m.config,
+            &m.weights,
+            m.tokenizer.stop_token_ids(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        generate(&mut s)
+    };
+    let sampler_for = |u: weights::Update| {
+        Sampler::from_prepared(
+            &model.config,
+            model.tokenizer.stop_token_ids(),
+            &Device::Cpu,
+            Precision::F32,
+            u.weights,
+        )
+        .unwrap()
+    };
+
+    let mapping = follow(&shared);
+    let first = next_update(&mapping).await;
+    assert!(first.shared, "version 0 was mapped from the shared file");
+    assert_eq!(first.version, 0);
+    assert_eq!(
+        first.weights.mapped_bytes().map(|(m, t)| m == t),
+        Some(true)
+    );
+    let mut on_v0 = sampler_for(first);
+    assert_eq!(generate(&mut on_v0), local(7));
+
+    learner.store.publish(1, 1, tiny_payload(8));
+    let second = next_update(&mapping).await;
+    assert!(second.shared);
+    assert_eq!(second.version, 1);
+    let mut on_v1 = sampler_for(second);
+    assert_eq!(generate(&mut on_v1), local(8));
+
+    // A follower whose directory does not hold the file takes the version over gRPC.
+    let elsewhere = dir.path().join("not-the-learners");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let fetching = follow(&elsewhere);
+    let fetched = next_update(&fetching).await;
+    assert!(!fetched.shared, "no file there: fetched over gRPC");
+    assert_eq!(fetched.version, 1);
+    assert_eq!(generate(&mut sampler_for(fetched)), local(8));
+
+    // Versions 0 and 1 leave the store and their files go; the samplers mapping them keep
+    // generating the same.
+    learner.store.publish(2, 2, tiny_payload(9));
+    learner.store.publish(3, 3, tiny_payload(10));
+    let names: Vec<String> = std::fs::read_dir(&shared)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "only the kept versions' files stay: {names:?}"
+    );
+    assert!(
+        names.iter().all(|n| n.starts_with("weights-v0000000")),
+        "{names:?}"
+    );
+    assert_eq!(generate(&mut on_v0), local(7));
+    assert_eq!(generate(&mut on_v1), local(8));
+    let _ = stop_tx.send(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_without_model_files_generates_with_the_learners_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,6 +291,7 @@ async fn an_actor_without_model_files_generates_with_the_learners_model() {
             config: model.config.clone(),
             device: Device::Cpu,
             precision: Precision::F32,
+            shared_dir: None,
         },
         None,
         stop,

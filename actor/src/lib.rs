@@ -162,7 +162,8 @@ fn install(sampler: &mut Sampler, update: weights::Update, version: &AtomicU64) 
     let pause = started.elapsed().as_secs_f64();
     version.store(update.version, Ordering::Relaxed);
     metrics::record_versions(update.version, update.version);
-    ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
+    let via = if update.shared { "shared" } else { "grpc" };
+    ::metrics::counter!(metrics::WEIGHT_UPDATES, "via" => via).increment(1);
     ::metrics::histogram!(metrics::WEIGHT_FETCH_SECONDS)
         .record(update.seen.elapsed().as_secs_f64());
     info!(
@@ -171,6 +172,7 @@ fn install(sampler: &mut Sampler, update: weights::Update, version: &AtomicU64) 
         fetch_secs = format!("{:.2}", update.fetch_secs),
         prepare_secs = format!("{:.2}", update.prepare_secs),
         install_ms = format!("{:.1}", pause * 1000.0),
+        via,
         "weights updated"
     );
     Ok(())
@@ -236,7 +238,8 @@ async fn run_actor(
     if let Some(v) = model.version {
         version.store(v, Ordering::Relaxed);
         ::metrics::gauge!(metrics::POLICY_VERSION).set(v as f64);
-        ::metrics::counter!(metrics::WEIGHT_UPDATES).increment(1);
+        let via = if model.shared { "shared" } else { "grpc" };
+        ::metrics::counter!(metrics::WEIGHT_UPDATES, "via" => via).increment(1);
     }
     info!(model = %model.name, fingerprint = %hindsight_policy::fingerprint::short(&fingerprint),
         policy_version = version.load(Ordering::Relaxed), precision = %args.follow.precision,
@@ -601,6 +604,7 @@ mod args_tests {
                 precision: hindsight_policy::Precision::Bf16,
                 device: "cuda:0".into(),
                 max_batch: 5,
+                shared_weights_dir: Some("/w".into()),
             },
             actor_id: Some("actor-7".into()),
             prompts_per_lease: 3,

@@ -87,7 +87,10 @@ pub fn describe() {
         POLICY_VERSION_LAG,
         "Weight versions this actor is behind the newest the learner reported"
     );
-    describe_counter!(WEIGHT_UPDATES, "Weight versions swapped in");
+    describe_counter!(
+        WEIGHT_UPDATES,
+        "Weight versions swapped in, by how they came (via: grpc, or shared: mapped from the learner's shared directory)"
+    );
     describe_histogram!(
         WEIGHT_FETCH_SECONDS,
         Unit::Seconds,
@@ -128,10 +131,12 @@ pub fn init() {
         PROMPTS_LEASED,
         RESPONSES,
         GENERATED_TOKENS,
-        WEIGHT_UPDATES,
         WEIGHT_FETCH_BYTES,
     ] {
         counter!(name).absolute(0);
+    }
+    for via in ["grpc", "shared"] {
+        counter!(WEIGHT_UPDATES, "via" => via).absolute(0);
     }
     gauge!(LEASE_BACKOFF).set(0.0);
     // Histograms too: their buckets read zero until the first observation.

@@ -61,7 +61,7 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 fs=$ctx/rootfs
 mkdir -p "$fs/usr/local/bin" "$fs/etc" "$ctx/data/cache" "$ctx/data/wal" "$ctx/data/checkpoints" \
-    "$ctx/data/secrets" "$ctx/data/run" "$ctx/tmp"
+    "$ctx/data/secrets" "$ctx/data/run" "$ctx/data/weights" "$ctx/tmp"
 cp -L "$binary" "$fs/usr/local/bin/hindsight"
 strip "$fs/usr/local/bin/hindsight" 2>/dev/null || true
 copy_with_libs "$binary" "$fs"

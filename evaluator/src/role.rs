@@ -313,6 +313,7 @@ mod tests {
             follow: hindsight_follower::FollowerArgs {
                 model: Some("tiny".into()),
                 cache_dir: Some("/tmp/cache".into()),
+                shared_weights_dir: Some("/w".into()),
                 ..Default::default()
             },
             security: hindsight_service::ClientSecurityArgs {

@@ -1,5 +1,5 @@
 //! The flags every role that follows the learner and generates takes (the actor, the
-//! evaluator): an optional local model and how to generate. One definition, so the two roles
+//! evaluator): an optional local model, how to generate, and where co-located weights are. One definition, so the two roles
 //! document, default, validate and render them alike.
 
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use hindsight_service::{ConfigError, ConfigResultExt as _, ToArgv};
 
 use crate::{Generation, LocalModel};
 
-/// `--model`, `--cache-dir`, `--precision`, `--device`, `--max-batch`.
+/// `--model`, `--cache-dir`, `--precision`, `--device`, `--max-batch`, `--shared-weights-dir`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct FollowerArgs {
     /// Model to generate with, for local runs: "tiny", "smollm2", a .gguf path or a
@@ -33,6 +33,12 @@ pub struct FollowerArgs {
     /// (continuous batching, CPU).
     #[arg(long, env = "HINDSIGHT_MAX_BATCH", default_value_t = hindsight_policy::sampler::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+    /// The learner's shared weights directory as mounted here (the learner's
+    /// `--shared-weights-dir`, for processes on its host): versions are mapped from the file
+    /// the learner writes there instead of fetched over gRPC, every process on the host
+    /// sharing one copy. A version whose file is not there or unusable is fetched over gRPC.
+    #[arg(long, env = "HINDSIGHT_SHARED_WEIGHTS_DIR")]
+    pub shared_weights_dir: Option<PathBuf>,
 }
 
 impl Default for FollowerArgs {
@@ -44,6 +50,7 @@ impl Default for FollowerArgs {
             precision: Precision::F32,
             device: "cpu".into(),
             max_batch: hindsight_policy::sampler::DEFAULT_MAX_BATCH,
+            shared_weights_dir: None,
         }
     }
 }
@@ -62,6 +69,7 @@ impl FollowerArgs {
             device,
             precision: self.precision,
             max_batch: self.max_batch,
+            shared_weights_dir: self.shared_weights_dir.clone(),
         })
     }
 
@@ -85,7 +93,8 @@ impl ToArgv for FollowerArgs {
             .path_some("--cache-dir", &self.cache_dir)
             .opt("--precision", self.precision)
             .opt("--device", &self.device)
-            .opt("--max-batch", self.max_batch);
+            .opt("--max-batch", self.max_batch)
+            .path_some("--shared-weights-dir", &self.shared_weights_dir);
         a.into_vec()
     }
 }
@@ -114,6 +123,7 @@ mod tests {
             precision: Precision::Bf16,
             device: "cpu".into(),
             max_batch: 3,
+            shared_weights_dir: Some("/dev/shm/weights".into()),
         });
         let local = FollowerArgs {
             model: Some("smollm2".into()),

@@ -11,6 +11,9 @@
 //! - [`Follower`]: a background task doing all of the above and building the new weights
 //!   ([`Sampler::prepare_safetensors_chunks`]) while the actor keeps generating with the old ones;
 //!   the actor installs the newest prepared version between two generation batches.
+//! - [`open_shared`]: on the learner's host, a version's file in the learner's shared
+//!   directory, mapped instead of fetched ([`Sampler::prepare_safetensors_file`]); the follower
+//!   falls back to [`fetch`] when the file is not there or not usable.
 //!
 //! - [`start_model`]: how such a role starts (connect, the learner's model or a local `--model`
 //!   checked against it, the first weights, the follower), shared by the actor and the
@@ -220,6 +223,8 @@ pub struct Update {
     pub fetch_secs: f64,
     pub prepare_secs: f64,
     pub bytes: u64,
+    /// Mapped from the learner's shared directory (not fetched over gRPC).
+    pub shared: bool,
 }
 
 /// What the follower can tell the actor.
@@ -237,6 +242,34 @@ pub struct FollowSpec {
     pub config: ModelConfig,
     pub device: Device,
     pub precision: Precision,
+    /// Where the learner's shared weight files are mounted, if they are.
+    pub shared_dir: Option<std::path::PathBuf>,
+}
+
+/// Prepares `manifest`'s version from its file in the learner's shared directory `dir` as
+/// mounted here: the name must be a bare file name and the file exactly the manifest's size
+/// (the learner writes it whole, then renames it into place). Its content is not hashed: the
+/// directory is trusted like a local model directory (whoever can write it chooses the
+/// weights), which is what makes taking a version nearly free.
+pub fn open_shared(
+    dir: &std::path::Path,
+    manifest: &WeightsManifest,
+    spec: &FollowSpec,
+) -> Result<PreparedWeights> {
+    let name = manifest.shared_file.as_str();
+    ensure!(
+        !name.is_empty()
+            && !name.starts_with('.')
+            && std::path::Path::new(name).file_name() == Some(std::ffi::OsStr::new(name)),
+        "the learner names shared weights file {name:?}, not a bare file name"
+    );
+    Sampler::prepare_safetensors_file(
+        &spec.config,
+        &spec.device,
+        spec.precision,
+        &dir.join(name),
+        Some(manifest.total_bytes),
+    )
 }
 
 /// The background task that follows the learner's versions (see the module docs).
@@ -324,6 +357,17 @@ async fn follow(
         *slot.lock().expect("follower slot") = Slot::Failed(why);
         ready.notify_waiters();
     };
+    let offer = |update: Update| {
+        info!(
+            policy_version = update.version,
+            fetch_secs = format!("{:.3}", update.fetch_secs),
+            prepare_secs = format!("{:.3}", update.prepare_secs),
+            via = if update.shared { "shared" } else { "grpc" },
+            "new weights ready"
+        );
+        *slot.lock().expect("follower slot") = Slot::Ready(Box::new(update));
+        ready.notify_waiters();
+    };
     let mut failures = 0u32;
     while !*stop.borrow() {
         let polled = tokio::select! {
@@ -358,6 +402,40 @@ async fn follow(
             return;
         }
         let seen = Instant::now();
+        if let Some(dir) = spec
+            .shared_dir
+            .clone()
+            .filter(|_| !manifest.shared_file.is_empty())
+        {
+            let (m, s) = (manifest.clone(), spec.clone());
+            match tokio::task::spawn_blocking(move || open_shared(&dir, &m, &s)).await {
+                Ok(Ok(weights)) => {
+                    failures = 0;
+                    have = Some(manifest.version);
+                    offer(Update {
+                        version: manifest.version,
+                        learner_step: manifest.learner_step,
+                        weights,
+                        published_unix_ms: manifest.published_unix_ms,
+                        seen,
+                        fetch_secs: 0.0,
+                        prepare_secs: seen.elapsed().as_secs_f64(),
+                        bytes: manifest.total_bytes,
+                        shared: true,
+                    });
+                    continue;
+                }
+                Ok(Err(e)) => warn!(
+                    error = format!("{e:#}"),
+                    version = manifest.version,
+                    "shared weights file not usable; fetching over gRPC"
+                ),
+                Err(e) => {
+                    fail(format!("preparing weights failed: {e}"));
+                    return;
+                }
+            }
+        }
         let fetched = tokio::select! {
             f = fetch(&mut client, &manifest, &observer) => f,
             _ = stop.wait_for(|s| *s) => return,
@@ -399,7 +477,7 @@ async fn follow(
         };
         failures = 0;
         have = Some(manifest.version);
-        *slot.lock().expect("follower slot") = Slot::Ready(Box::new(Update {
+        offer(Update {
             version: manifest.version,
             learner_step: manifest.learner_step,
             weights,
@@ -408,13 +486,7 @@ async fn follow(
             fetch_secs,
             prepare_secs: started.elapsed().as_secs_f64(),
             bytes: manifest.total_bytes,
-        }));
-        ready.notify_waiters();
-        info!(
-            policy_version = manifest.version,
-            fetch_secs = format!("{fetch_secs:.2}"),
-            prepare_secs = format!("{:.2}", started.elapsed().as_secs_f64()),
-            "new weights ready"
-        );
+            shared: false,
+        });
     }
 }

@@ -53,12 +53,14 @@ pub struct LocalModel {
     pub cache_dir: PathBuf,
 }
 
-/// How a role generates: where, at what precision, how many sequences at once.
+/// How a role generates: where, at what precision, how many sequences at once, and where
+/// the learner's shared weight files are mounted (if they are).
 #[derive(Clone, Debug)]
 pub struct Generation {
     pub device: Device,
     pub precision: Precision,
     pub max_batch: usize,
+    pub shared_weights_dir: Option<PathBuf>,
 }
 
 /// A role's model, started: the sampler holding its first weights and the follower that
@@ -75,6 +77,8 @@ pub struct Started {
     pub version: Option<u64>,
     /// The learner step that produced it (0 for local weights).
     pub learner_step: u64,
+    /// Those weights were mapped from the learner's shared directory.
+    pub shared: bool,
 }
 
 /// Loads `local` or receives the learner's model, builds the sampler and starts the
@@ -92,6 +96,7 @@ pub async fn start_model(
         device,
         precision,
         max_batch,
+        shared_weights_dir,
     } = generation;
     let Some(local) = local else {
         let m = learner_model_when_up(client).await?.context(
@@ -104,6 +109,7 @@ pub async fn start_model(
             config: m.config.clone(),
             device: device.clone(),
             precision: *precision,
+            shared_dir: shared_weights_dir.clone(),
         };
         let follower = Follower::start_observed(client.clone(), spec, None, stop, observer);
         let first = follower.next().await?;
@@ -124,6 +130,7 @@ pub async fn start_model(
             follower,
             version: Some(first.version),
             learner_step: first.learner_step,
+            shared: first.shared,
         });
     };
     // A local model works without the learner's description.
@@ -159,6 +166,7 @@ pub async fn start_model(
         config: loaded.config.clone(),
         device: device.clone(),
         precision: *precision,
+        shared_dir: shared_weights_dir.clone(),
     };
     // Local weights stand for version 0 (the learner's base model).
     let follower = Follower::start_observed(client.clone(), spec, Some(0), stop, observer);
@@ -171,5 +179,6 @@ pub async fn start_model(
         follower,
         version: None,
         learner_step: 0,
+        shared: false,
     })
 }

@@ -122,6 +122,12 @@ pub struct LearnerArgs {
     /// written, so that peak never meets this many payloads).
     #[arg(long, env = "HINDSIGHT_KEEP_VERSIONS", default_value_t = 2)]
     pub keep_versions: usize,
+    /// Also write every weight version into this directory, for actors on this host that
+    /// mount it (their `--shared-weights-dir`): they map the file instead of fetching it
+    /// over gRPC, and share one copy in the page cache. Weight files an earlier learner left
+    /// there are removed at start: one learner per directory.
+    #[arg(long, env = "HINDSIGHT_SHARED_WEIGHTS_DIR")]
+    pub shared_weights_dir: Option<PathBuf>,
     /// This learner's id (logs, replay bookkeeping).
     #[arg(long, env = "HINDSIGHT_LEARNER_ID", default_value = "learner-0")]
     pub learner_id: String,
@@ -187,6 +193,7 @@ impl Default for LearnerArgs {
             resume: false,
             step_log: None,
             keep_versions: 2,
+            shared_weights_dir: None,
             learner_id: "learner-0".into(),
             rank: None,
             linger: false,
@@ -228,6 +235,7 @@ impl hindsight_service::ToArgv for LearnerArgs {
             .switch("--resume", self.resume)
             .path_some("--step-log", &self.step_log)
             .opt("--keep-versions", self.keep_versions)
+            .path_some("--shared-weights-dir", &self.shared_weights_dir)
             .opt("--learner-id", &self.learner_id)
             .opt_some("--rank", &self.rank)
             .switch("--linger", self.linger)
@@ -308,7 +316,7 @@ pub async fn run(
         mini_batches: args.mini_batches as usize,
     };
     let mut trainer = Trainer::new(&loaded, args.reference_model, config, &device)?;
-    let store = WeightStore::for_model(
+    let mut store = WeightStore::for_model(
         &loaded.name,
         &loaded.config,
         &loaded.tokenizer,
@@ -348,6 +356,10 @@ pub async fn run(
     }
     let tokenizer = loaded.tokenizer;
     drop(loaded.weights);
+    // Rank 0 alone publishes, so it alone owns the shared directory.
+    if let Some(dir) = &args.shared_weights_dir {
+        store = store.with_shared_dir(dir).config_err()?;
+    }
 
     let mut state = TrainerState {
         base_model: args.model.clone(),
@@ -948,6 +960,7 @@ mod args_tests {
             resume: true,
             step_log: p("/s.jsonl"),
             keep_versions: 4,
+            shared_weights_dir: p("/dev/shm/weights"),
             learner_id: "learner-x".into(),
             rank: Some(1),
             linger: true,

@@ -7,6 +7,13 @@
 //! Chunks are slices of the one payload buffer (`Bytes`), never copies. `Model` answers the
 //! model's description (architecture, tokenizer, chat template) so that an actor needs no
 //! model files, and every manifest names the model's fingerprint.
+//!
+//! With a shared directory ([`WeightStore::with_shared_dir`]) every version is also written
+//! there once, as a file named in its manifest; actors on the same host that mount the
+//! directory map that file instead of fetching the chunks (one copy in the page cache for
+//! all of them, nothing copied per actor). A file is written under a temporary name and
+//! renamed into place before its manifest is announced, never written again, and removed
+//! (unlinked: mappings stay valid) when its version leaves the store.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -66,6 +73,35 @@ pub async fn serve(
 pub struct Published {
     pub manifest: WeightsManifest,
     pub payload: Bytes,
+    /// Its file in the shared directory, removed when the version is dropped.
+    _shared: Option<SharedFile>,
+}
+
+/// A version's file in the shared directory; dropping it removes the file.
+struct SharedFile(std::path::PathBuf);
+
+impl Drop for SharedFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %self.0.display(), error = %e, "could not remove a shared weights file");
+            }
+        }
+    }
+}
+
+/// The name of `version`'s file in the shared directory (with a digest prefix, so that a
+/// version republished with other weights after a restart never takes an old file's name).
+fn shared_file_name(version: u64, sha256: &str) -> String {
+    format!(
+        "weights-v{version:08}-{}.safetensors",
+        &sha256[..sha256.len().min(16)]
+    )
+}
+
+/// Whether `name` is a file [`shared_file_name`] makes.
+fn is_shared_file_name(name: &str) -> bool {
+    name.starts_with("weights-v") && name.ends_with(".safetensors")
 }
 
 /// The newest published versions, shared between the trainer and the gRPC service.
@@ -77,6 +113,8 @@ pub struct WeightStore {
     keep: usize,
     chunk_bytes: usize,
     model: Option<Arc<ModelDescription>>,
+    /// Where every version is also written for co-located actors.
+    shared_dir: Option<std::path::PathBuf>,
 }
 
 fn now_ms() -> u64 {
@@ -96,7 +134,31 @@ impl WeightStore {
             keep: keep.max(1),
             chunk_bytes: chunk_bytes.max(1),
             model: None,
+            shared_dir: None,
         }
+    }
+
+    /// Also writes every version into `dir` for actors on this host (see the module docs),
+    /// creating `dir` and removing the weight files an earlier learner left there (one
+    /// learner per directory).
+    pub fn with_shared_dir(mut self, dir: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the shared weights directory {}", dir.display()))?;
+        for entry in std::fs::read_dir(dir)
+            .with_context(|| format!("reading the shared weights directory {}", dir.display()))?
+        {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale_tmp = name.starts_with(".weights-v") && name.ends_with(".tmp");
+            if is_shared_file_name(&name) || stale_tmp {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
+        self.shared_dir = Some(dir.to_path_buf());
+        Ok(self)
     }
 
     /// The model these weights belong to: answered by `Model`, its fingerprint named by
@@ -128,13 +190,28 @@ impl WeightStore {
     /// Publishes `payload` (safetensors bytes) as `version`; returns its manifest.
     pub fn publish(&self, version: u64, learner_step: u64, payload: Vec<u8>) -> WeightsManifest {
         let chunk_sha256 = chunk_digests(&payload, self.chunk_bytes);
+        let sha256 = sha256_hex(&payload);
+        let shared = self.shared_dir.as_ref().and_then(|dir| {
+            let name = shared_file_name(version, &sha256);
+            match write_shared(dir, &name, &payload) {
+                Ok(()) => Some((name.clone(), SharedFile(dir.join(name)))),
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        version,
+                        "could not write the shared weights file; actors fetch this version over gRPC"
+                    );
+                    None
+                }
+            }
+        });
         let manifest = WeightsManifest {
             version,
             format: "safetensors".into(),
             total_bytes: payload.len() as u64,
             chunk_bytes: self.chunk_bytes as u32,
             chunk_sha256,
-            sha256: sha256_hex(&payload),
+            sha256,
             learner_step,
             published_unix_ms: now_ms(),
             model_fingerprint: self
@@ -142,10 +219,15 @@ impl WeightStore {
                 .as_ref()
                 .map(|m| m.fingerprint.clone())
                 .unwrap_or_default(),
+            shared_file: shared
+                .as_ref()
+                .map(|(name, _)| name.clone())
+                .unwrap_or_default(),
         };
         let published = Arc::new(Published {
             manifest: manifest.clone(),
             payload: Bytes::from(payload),
+            _shared: shared.map(|(_, file)| file),
         });
         {
             let mut inner = self.inner.lock().expect("weight store lock");
@@ -285,6 +367,17 @@ impl Weights for WeightStore {
     }
 }
 
+/// Writes `payload` as `dir/name`: to a temporary name first, then renamed into place, so
+/// that a reader never sees a partial file.
+fn write_shared(dir: &std::path::Path, name: &str, payload: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, payload).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(name))
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    Ok(())
+}
+
 /// SHA-256 of every `chunk_bytes` piece of `payload`, the pieces hashed on all cores.
 fn chunk_digests(payload: &[u8], chunk_bytes: usize) -> Vec<String> {
     let pieces: Vec<&[u8]> = payload.chunks(chunk_bytes).collect();
@@ -373,5 +466,66 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         store.publish(2, 2, vec![4]);
         assert_eq!(waiter.await.unwrap(), 2);
+    }
+
+    #[test]
+    fn a_shared_directory_holds_the_kept_versions_as_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Left by an earlier learner: its weight files go, anything else stays.
+        std::fs::write(
+            d.join("weights-v00000009-0123456789abcdef.safetensors"),
+            b"old",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join(".weights-v00000009-0123456789abcdef.safetensors.tmp"),
+            b"o",
+        )
+        .unwrap();
+        std::fs::write(d.join("notes.txt"), b"mine").unwrap();
+        let store = WeightStore::new(2, 4).with_shared_dir(d).unwrap();
+        let files = || {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(files(), vec!["notes.txt"]);
+        let m1 = store.publish(1, 1, b"0123456789".to_vec());
+        assert_eq!(m1.shared_file, shared_file_name(1, &m1.sha256));
+        assert_eq!(
+            std::fs::read(d.join(&m1.shared_file)).unwrap(),
+            b"0123456789"
+        );
+        let m2 = store.publish(2, 2, b"abc".to_vec());
+        assert_ne!(m1.shared_file, m2.shared_file);
+        store.make_room();
+        let m3 = store.publish(3, 3, b"def".to_vec());
+        // Version 1 left the store, and with it its file; no temporary file stays behind.
+        assert_eq!(
+            files(),
+            vec![
+                "notes.txt".to_string(),
+                m2.shared_file.clone(),
+                m3.shared_file
+            ]
+        );
+        // A learner without a directory names no file.
+        assert!(WeightStore::new(2, 4)
+            .publish(1, 1, vec![1])
+            .shared_file
+            .is_empty());
+        // A directory that cannot be created is an error that names it.
+        let err = WeightStore::new(2, 4)
+            .with_shared_dir(&d.join("notes.txt").join("sub"))
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err:#}").contains("shared weights directory"),
+            "{err:#}"
+        );
     }
 }

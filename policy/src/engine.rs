@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::generator::Generator;
 use crate::kernels::{matmul_t, Mat};
 use crate::sampling::{sample_row, Generation, SamplingParams};
+use crate::storage::F32Buf;
 use crate::weights::Weights;
 use anyhow::Context as _;
 use hindsight_model::ModelConfig;
@@ -162,14 +163,32 @@ pub(crate) struct Row {
 pub struct CpuEngine {
     cfg: ModelConfig,
     precision: Precision,
-    /// `[vocab, D]` f32, for the embedding lookup.
-    embed: Vec<f32>,
+    /// `[vocab, D]` f32, for the embedding lookup (shared with `lm_head` when tied).
+    embed: F32Buf,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Linear,
     inv_freqs: Vec<f32>,
     /// GGUF-permuted q/k: rotate adjacent pairs (`rope_i`) instead of halves.
     interleaved: bool,
+}
+
+/// Checks that `have` (name, shape) holds every tensor `cfg` needs with its shape.
+fn check_shapes<'a>(
+    cfg: &ModelConfig,
+    have: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+) -> anyhow::Result<()> {
+    let have: std::collections::BTreeMap<&str, &[usize]> = have.into_iter().collect();
+    for (name, shape) in cfg.parameter_shapes() {
+        let got = have
+            .get(name.as_str())
+            .with_context(|| format!("missing weight tensor {name}"))?;
+        anyhow::ensure!(
+            *got == shape.as_slice(),
+            "tensor {name}: shape {got:?}, expected {shape:?}"
+        );
+    }
+    Ok(())
 }
 
 fn to_vec(weights: &Weights, name: &str) -> anyhow::Result<Vec<f32>> {
@@ -180,17 +199,21 @@ fn to_vec(weights: &Weights, name: &str) -> anyhow::Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-fn mat(data: Vec<f32>, n: usize, k: usize, p: Precision) -> Mat {
+/// A `[n, k]` matrix of the rows of `parts` in order: in f32 the parts are kept where they
+/// are (no copy), in bf16 rounded into one buffer.
+fn mat(parts: Vec<F32Buf>, n: usize, k: usize, p: Precision) -> Mat {
     match p {
-        Precision::F32 => Mat::f32(data, n, k),
-        Precision::Bf16 => Mat::bf16_from_f32(&data, n, k),
+        Precision::F32 => Mat::f32_parts(parts, n, k),
+        Precision::Bf16 => {
+            Mat::bf16_from_parts(&parts.iter().map(|b| &b[..]).collect::<Vec<_>>(), n, k)
+        }
     }
 }
 
 impl CpuEngine {
     pub fn new(cfg: &ModelConfig, weights: &Weights, precision: Precision) -> anyhow::Result<Self> {
         weights.validate(cfg)?;
-        Self::from_source(cfg, precision, |name| to_vec(weights, name))
+        Self::from_source(cfg, precision, |name| Ok(to_vec(weights, name)?.into()))
     }
 
     /// Builds the engine straight from a safetensors buffer (each tensor converted once into
@@ -208,7 +231,7 @@ impl CpuEngine {
             let view = st
                 .tensor(name)
                 .map_err(|_| anyhow::anyhow!("missing weight tensor {name}"))?;
-            crate::weights::view_to_f32(name, &view)
+            Ok(crate::weights::view_to_f32(name, &view)?.into())
         })
     }
 
@@ -219,28 +242,58 @@ impl CpuEngine {
         mut tensors: crate::weights::F32Tensors,
         precision: Precision,
     ) -> anyhow::Result<Self> {
-        for (name, shape) in cfg.parameter_shapes() {
-            let (have, _) = tensors
-                .get(&name)
-                .with_context(|| format!("missing weight tensor {name}"))?;
-            anyhow::ensure!(
-                *have == shape,
-                "tensor {name}: shape {have:?}, expected {shape:?}"
-            );
-        }
+        check_shapes(
+            cfg,
+            tensors.iter().map(|(n, (s, _))| (n.as_str(), s.as_slice())),
+        )?;
         Self::from_source(cfg, precision, |name| {
             tensors
                 .remove(name)
-                .map(|(_, v)| v)
+                .map(|(_, v)| v.into())
                 .with_context(|| format!("missing weight tensor {name}"))
         })
+    }
+
+    /// Builds the engine from a mapped safetensors file: in f32 the engine reads its
+    /// matrices and the embedding where they lie in the mapping (no copy; the processes
+    /// mapping the same file share one copy in the page cache); in bf16 they are rounded
+    /// once. Every tensor `cfg` needs must be there with its shape.
+    pub fn from_mapped(
+        cfg: &ModelConfig,
+        file: &crate::storage::MappedSafetensors,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        check_shapes(cfg, file.shapes())?;
+        Self::from_source(cfg, precision, |name| file.f32(name))
+    }
+
+    /// Bytes of this engine's weight matrices and embedding that lie in a mapped file, and
+    /// of all of them (a tied output projection shares the embedding's storage in f32).
+    pub fn mapped_bytes(&self) -> (usize, usize) {
+        let (mut mapped, mut total) = (0, 0);
+        let mut add = |bytes: usize, is_mapped: bool| {
+            total += bytes;
+            if is_mapped {
+                mapped += bytes;
+            }
+        };
+        add(self.lm_head.w.bytes(), self.lm_head.w.is_mapped());
+        for l in &self.layers {
+            for m in [&l.qkv.w, &l.wo.w, &l.gu.w, &l.down.w] {
+                add(m.bytes(), m.is_mapped());
+            }
+        }
+        if !(self.cfg.tie_word_embeddings && self.precision == Precision::F32) {
+            add(self.embed.len() * 4, self.embed.is_mapped());
+        }
+        (mapped, total)
     }
 
     /// Builds the engine from `get(name)`: every tensor `cfg` needs as flat f32 values.
     fn from_source(
         cfg: &ModelConfig,
         precision: Precision,
-        mut get: impl FnMut(&str) -> anyhow::Result<Vec<f32>>,
+        mut get: impl FnMut(&str) -> anyhow::Result<F32Buf>,
     ) -> anyhow::Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim());
         let (h, kv, i) = (
@@ -252,36 +305,37 @@ impl CpuEngine {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mut g = |n: &str| get(&format!("{p}.{n}"));
-            let mut qkv = g("self_attn.q_proj.weight")?;
-            qkv.extend(g("self_attn.k_proj.weight")?);
-            qkv.extend(g("self_attn.v_proj.weight")?);
+            let qkv = vec![
+                g("self_attn.q_proj.weight")?,
+                g("self_attn.k_proj.weight")?,
+                g("self_attn.v_proj.weight")?,
+            ];
             let bias = if cfg.qkv_bias {
-                let mut b = g("self_attn.q_proj.bias")?;
-                b.extend(g("self_attn.k_proj.bias")?);
-                b.extend(g("self_attn.v_proj.bias")?);
+                let mut b = g("self_attn.q_proj.bias")?.to_vec();
+                b.extend_from_slice(&g("self_attn.k_proj.bias")?);
+                b.extend_from_slice(&g("self_attn.v_proj.bias")?);
                 Some(b)
             } else {
                 None
             };
-            let mut gu = g("mlp.gate_proj.weight")?;
-            gu.extend(g("mlp.up_proj.weight")?);
+            let gu = vec![g("mlp.gate_proj.weight")?, g("mlp.up_proj.weight")?];
             layers.push(Layer {
-                ln1: g("input_layernorm.weight")?,
+                ln1: g("input_layernorm.weight")?.to_vec(),
                 qkv: Linear {
                     w: mat(qkv, (h + 2 * kv) * hd, d, precision),
                     bias,
                 },
                 wo: Linear {
-                    w: mat(g("self_attn.o_proj.weight")?, d, h * hd, precision),
+                    w: mat(vec![g("self_attn.o_proj.weight")?], d, h * hd, precision),
                     bias: None,
                 },
-                ln2: g("post_attention_layernorm.weight")?,
+                ln2: g("post_attention_layernorm.weight")?.to_vec(),
                 gu: Linear {
                     w: mat(gu, 2 * i, d, precision),
                     bias: None,
                 },
                 down: Linear {
-                    w: mat(g("mlp.down_proj.weight")?, d, i, precision),
+                    w: mat(vec![g("mlp.down_proj.weight")?], d, i, precision),
                     bias: None,
                 },
             });
@@ -297,9 +351,9 @@ impl CpuEngine {
             precision,
             embed,
             layers,
-            norm: get("model.norm.weight")?,
+            norm: get("model.norm.weight")?.to_vec(),
             lm_head: Linear {
-                w: mat(head, cfg.vocab_size, d, precision),
+                w: mat(vec![head], cfg.vocab_size, d, precision),
                 bias: None,
             },
             inv_freqs: cfg.rope_inv_freqs(),

@@ -8,9 +8,14 @@
 
 use rayon::prelude::*;
 
+use crate::storage::F32Buf;
+
 /// Weight storage of a `[n, k]` row-major matrix used by [`matmul_t`].
 pub enum MatData {
-    F32(Vec<f32>),
+    /// f32 rows in one or more parts of whole rows, in order: a fused projection (q/k/v,
+    /// gate/up) is kept as the separate tensors it was given as, wherever they lie (a mapped
+    /// file, see [`crate::storage`]), instead of being copied into one buffer.
+    F32(Vec<F32Buf>),
     /// bf16 bit patterns (upper 16 bits of the f32), rounded to nearest even.
     Bf16(Vec<u16>),
 }
@@ -20,6 +25,8 @@ pub struct Mat {
     data: MatData,
     n: usize,
     k: usize,
+    /// The first row of every part of `MatData::F32` after the first (empty for bf16).
+    part_starts: Vec<usize>,
 }
 
 /// f32 -> bf16 with round-to-nearest-even (NaN kept quiet).
@@ -29,20 +36,55 @@ pub fn f32_to_bf16(v: f32) -> u16 {
 
 impl Mat {
     pub fn f32(data: Vec<f32>, n: usize, k: usize) -> Self {
-        assert_eq!(data.len(), n * k, "Mat::f32: data is not [n, k]");
+        Self::f32_parts(vec![F32Buf::from(data)], n, k)
+    }
+
+    /// The rows of `parts` one after the other, without copying them; every part holds
+    /// whole rows of `k` values.
+    pub fn f32_parts(parts: Vec<F32Buf>, n: usize, k: usize) -> Self {
+        let mut part_starts = Vec::with_capacity(parts.len().saturating_sub(1));
+        let mut rows = 0;
+        for (i, p) in parts.iter().enumerate() {
+            assert!(
+                k > 0 && p.len() % k == 0,
+                "Mat::f32_parts: part {i} ({} values) is not whole rows of {k}",
+                p.len()
+            );
+            if i > 0 {
+                part_starts.push(rows);
+            }
+            rows += p.len() / k.max(1);
+        }
+        assert_eq!(rows, n, "Mat::f32_parts: parts hold {rows} rows, not {n}");
         Self {
-            data: MatData::F32(data),
+            data: MatData::F32(parts),
             n,
             k,
+            part_starts,
         }
     }
 
     pub fn bf16_from_f32(data: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(data.len(), n * k, "Mat::bf16_from_f32: data is not [n, k]");
+        Self::bf16_from_parts(&[data], n, k)
+    }
+
+    /// The rows of `parts` one after the other, rounded to bf16 (one copy).
+    pub fn bf16_from_parts(parts: &[&[f32]], n: usize, k: usize) -> Self {
+        let data: Vec<u16> = parts
+            .iter()
+            .flat_map(|p| p.iter().map(|&v| f32_to_bf16(v)))
+            .collect();
+        assert_eq!(
+            data.len(),
+            n * k,
+            "Mat::bf16_from_parts: data is not [n, k]"
+        );
         Self {
-            data: MatData::Bf16(data.iter().map(|&v| f32_to_bf16(v)).collect()),
+            data: MatData::Bf16(data),
             n,
             k,
+            part_starts: Vec::new(),
         }
     }
 
@@ -56,11 +98,43 @@ impl Mat {
         self.k
     }
 
-    /// Bytes of weight storage.
+    /// Bytes of weight storage (mapped parts included).
     pub fn bytes(&self) -> usize {
         match &self.data {
-            MatData::F32(v) => v.len() * 4,
+            MatData::F32(parts) => parts.iter().map(|p| p.len() * 4).sum(),
             MatData::Bf16(v) => v.len() * 2,
+        }
+    }
+
+    /// Whether every part of the weights lies in a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.data, MatData::F32(parts) if parts.iter().all(F32Buf::is_mapped))
+    }
+
+    /// Row `j` of f32 weights: its part and the row within it.
+    #[inline(always)]
+    fn f32_row_of(&self, j: usize) -> (usize, usize) {
+        let mut part = 0;
+        let mut first = 0;
+        for (i, &s) in self.part_starts.iter().enumerate() {
+            if j < s {
+                break;
+            }
+            part = i + 1;
+            first = s;
+        }
+        (part, j - first)
+    }
+
+    /// Where row `j` starts (`j < n`).
+    #[inline(always)]
+    fn row_ptr(&self, j: usize) -> *const u8 {
+        match &self.data {
+            MatData::F32(parts) => {
+                let (p, r) = self.f32_row_of(j);
+                parts[p][r * self.k..].as_ptr().cast()
+            }
+            MatData::Bf16(v) => v[j * self.k..].as_ptr().cast(),
         }
     }
 
@@ -68,7 +142,10 @@ impl Mat {
     fn row_f32(&self, j: usize, out: &mut [f32]) {
         let k = self.k;
         match &self.data {
-            MatData::F32(v) => out.copy_from_slice(&v[j * k..(j + 1) * k]),
+            MatData::F32(parts) => {
+                let (p, r) = self.f32_row_of(j);
+                out.copy_from_slice(&parts[p][r * k..(r + 1) * k])
+            }
             MatData::Bf16(v) => {
                 for (o, &b) in out.iter_mut().zip(&v[j * k..(j + 1) * k]) {
                     *o = f32::from_bits((b as u32) << 16);
@@ -317,21 +394,20 @@ mod tiles {
         }
     }
 
-    /// Columns `j0..j1` of `y`, `RW` weight rows at a time (then one by one); weights of
-    /// `elem` bytes each (4: f32, 2: bf16 with `BF`).
+    /// Columns `j0..j1` of `y`, `RW` weight rows at a time (then one by one), each row read
+    /// where it lies ([`super::Mat::row_ptr`]); bf16 weights with `BF`.
     #[inline(always)]
     pub(super) unsafe fn block_body<L: Lanes, const RW: usize, const BF: bool>(
         x: &[f32],
         m: usize,
-        base: *const u8,
-        elem: usize,
-        k: usize,
+        w: &super::Mat,
         j0: usize,
         j1: usize,
         out: *mut f32,
         n: usize,
     ) {
-        let wr = |j: usize| base.add(j * k * elem);
+        let k = w.k;
+        let wr = |j: usize| w.row_ptr(j);
         let mut j = j0;
         while j + RW <= j1 {
             rows_block::<L, RW, BF>(x, m, k, std::array::from_fn(|r| wr(j + r)), out, j, n);
@@ -355,12 +431,8 @@ mod tiles {
         n: usize,
     ) {
         match &w.data {
-            super::MatData::F32(v) => {
-                block_body::<L, RW, false>(x, m, v.as_ptr() as *const u8, 4, w.k, j0, j1, out, n)
-            }
-            super::MatData::Bf16(v) => {
-                block_body::<L, RW, true>(x, m, v.as_ptr() as *const u8, 2, w.k, j0, j1, out, n)
-            }
+            super::MatData::F32(_) => block_body::<L, RW, false>(x, m, w, j0, j1, out, n),
+            super::MatData::Bf16(_) => block_body::<L, RW, true>(x, m, w, j0, j1, out, n),
         }
     }
 }
@@ -695,6 +767,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A matrix given in parts (as a fused projection from a mapped file is) multiplies
+    /// bit for bit like the same rows in one buffer, on every path, part boundaries falling
+    /// inside and between register tiles and task blocks.
+    #[test]
+    fn rows_in_parts_multiply_like_one_buffer() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        for (m, k, split) in [
+            (5, 64, vec![3, 14, 2]),
+            (9, 37, vec![1, 1, 20]),
+            (4, 48, vec![33]),
+        ] {
+            let n: usize = split.iter().sum();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let wd: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for rows in &split {
+                parts.push(F32Buf::from(wd[at * k..(at + rows) * k].to_vec()));
+                at += rows;
+            }
+            let (whole, pieces) = (Mat::f32(wd.clone(), n, k), Mat::f32_parts(parts, n, k));
+            assert_eq!(pieces.bytes(), whole.bytes());
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul_t(&x, m, &whole, &mut a);
+            matmul_t(&x, m, &pieces, &mut b);
+            assert_eq!(a, b, "({m},{k},{split:?})");
+            matmul_t_f32_paths(&x, m, &whole, OutPtr(a.as_mut_ptr()), false);
+            matmul_t_f32_paths(&x, m, &pieces, OutPtr(b.as_mut_ptr()), false);
+            assert_eq!(a, b, "({m},{k},{split:?}) without AVX-512");
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                pieces.row_f32(j, &mut row);
+                assert_eq!(&row[..], &wd[j * k..(j + 1) * k], "row {j}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "not whole rows")]
+    fn parts_must_hold_whole_rows() {
+        Mat::f32_parts(vec![F32Buf::from(vec![0.0; 5])], 1, 4);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod load;
 pub mod ops;
 pub mod sampler;
 pub mod sampling;
+pub mod storage;
 pub mod tensor_engine;
 pub mod weights;
 
@@ -42,5 +43,6 @@ pub use hindsight_model::{
 pub use load::{load, random_weights, tiny, tiny_kind, weights_from_gguf, LoadedModel};
 pub use sampler::{PreparedWeights, Sampler};
 pub use sampling::{Generation, SamplingParams};
+pub use storage::{F32Buf, MappedSafetensors};
 pub use tensor_engine::TensorEngine;
 pub use weights::Weights;

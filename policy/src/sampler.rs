@@ -41,6 +41,17 @@ enum Prepared {
     Other(Weights),
 }
 
+impl PreparedWeights {
+    /// For the CPU engine: bytes of its weights that lie in a mapped file, and of all of them
+    /// ([`CpuEngine::mapped_bytes`]); `None` on other devices.
+    pub fn mapped_bytes(&self) -> Option<(usize, usize)> {
+        match &self.0 {
+            Prepared::Cpu(engine) => Some(engine.mapped_bytes()),
+            Prepared::Other(_) => None,
+        }
+    }
+}
+
 const NO_WEIGHTS: &str = "the sampler holds no weights: the last weight swap failed part-way";
 
 /// Default number of sequences generated at once.
@@ -195,6 +206,25 @@ impl Sampler {
         let weights = Weights { tensors: map };
         weights.validate(config)?;
         Ok(PreparedWeights(Prepared::Other(weights)))
+    }
+
+    /// As [`Sampler::prepare_safetensors`], for a version in a file this process maps
+    /// ([`crate::storage::MappedSafetensors`]; `expected_len` its size when known): on the
+    /// CPU in f32 the engine reads the weights where they lie in the mapping, so preparing
+    /// copies nothing and every process mapping the file shares one copy.
+    pub fn prepare_safetensors_file(
+        config: &ModelConfig,
+        device: &Device,
+        precision: Precision,
+        path: &std::path::Path,
+        expected_len: Option<u64>,
+    ) -> anyhow::Result<PreparedWeights> {
+        let file = crate::storage::MappedSafetensors::open(path, expected_len)?;
+        if device.is_cpu() {
+            let engine = CpuEngine::from_mapped(config, &file, precision)?;
+            return Ok(PreparedWeights(Prepared::Cpu(Box::new(engine))));
+        }
+        Self::prepare_safetensors(config, device, precision, file.bytes())
     }
 
     /// A sampler generating with prepared weights (see [`Sampler::prepare_safetensors`]).

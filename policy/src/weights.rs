@@ -156,7 +156,7 @@ fn f32_from_le(data: &[u8]) -> Vec<f32> {
 }
 
 /// Refuses a tensor whose dtype [`view_to_f32`] cannot read (f32, f64, f16 and bf16 only).
-fn ensure_readable(name: &str, dtype: safetensors::Dtype) -> anyhow::Result<()> {
+pub(crate) fn ensure_readable(name: &str, dtype: safetensors::Dtype) -> anyhow::Result<()> {
     use safetensors::Dtype::{BF16, F16, F32, F64};
     ensure!(
         matches!(dtype, F32 | F64 | F16 | BF16),

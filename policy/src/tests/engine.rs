@@ -166,3 +166,85 @@ fn bf16_logits_stay_close_to_f32() {
     // (the tiny model's logits are of magnitude ~10).
     assert!(d > 0.0 && d < 0.2, "max |f32 - bf16| logit difference {d}");
 }
+
+/// Weights mapped from a file (as co-located actors take the learner's versions) generate
+/// exactly what the same weights sent as bytes generate, for every tiny architecture and
+/// both precisions; in f32 the engine holds none of them in its own memory, in bf16 all but
+/// the embedding table.
+#[test]
+fn an_engine_on_mapped_weights_generates_what_one_on_copied_weights_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [TinyKind::Llama, TinyKind::Qwen2, TinyKind::Llama3] {
+        let tm = tiny_kind(kind, 31).unwrap();
+        let bytes = tm.weights.to_safetensors_bytes().unwrap();
+        let path = dir.path().join(format!("{kind:?}.safetensors"));
+        std::fs::write(&path, &bytes).unwrap();
+        let ps = tiny_prompts(&tm);
+        let stops = tm.tokenizer.stop_token_ids();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let generate = |prepared: PreparedWeights| {
+                let mut s =
+                    Sampler::from_prepared(&tm.config, stops, &Device::Cpu, precision, prepared)
+                        .unwrap();
+                s.set_max_batch(3);
+                s.generate(&ps, &params(12)).unwrap()
+            };
+            let copied =
+                Sampler::prepare_safetensors(&tm.config, &Device::Cpu, precision, &bytes).unwrap();
+            let mapped = Sampler::prepare_safetensors_file(
+                &tm.config,
+                &Device::Cpu,
+                precision,
+                &path,
+                Some(bytes.len() as u64),
+            )
+            .unwrap();
+            let (in_file, total) = mapped.mapped_bytes().unwrap();
+            assert!(total > 0);
+            match precision {
+                Precision::F32 => assert_eq!(in_file, total, "{kind:?}: f32 copies nothing"),
+                // The matrices are rounded into memory; the f32 embedding table (the token
+                // lookup) stays where it is.
+                Precision::Bf16 => assert_eq!(
+                    in_file,
+                    tm.config.vocab_size * tm.config.hidden_size * 4,
+                    "{kind:?}: bf16 keeps only the embedding mapped"
+                ),
+            }
+            assert_eq!(copied.mapped_bytes().unwrap(), (0, total), "{kind:?}");
+            assert_eq!(
+                generate(copied),
+                generate(mapped),
+                "{kind:?} {precision}: mapped vs copied"
+            );
+        }
+        // A file of another size than the manifest says, or without a tensor the model
+        // needs, is refused before anything is built.
+        let err = Sampler::prepare_safetensors_file(
+            &tm.config,
+            &Device::Cpu,
+            Precision::F32,
+            &path,
+            Some(bytes.len() as u64 + 1),
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{err:#}").contains("the manifest says"), "{err:#}");
+        let mut fewer = tm.weights.clone();
+        fewer.tensors.remove("model.norm.weight");
+        std::fs::write(&path, fewer.to_safetensors_bytes().unwrap()).unwrap();
+        let err = Sampler::prepare_safetensors_file(
+            &tm.config,
+            &Device::Cpu,
+            Precision::F32,
+            &path,
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("missing weight tensor model.norm.weight"),
+            "{err:#}"
+        );
+    }
+}
