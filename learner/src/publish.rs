@@ -189,22 +189,43 @@ impl WeightStore {
 
     /// Publishes `payload` (safetensors bytes) as `version`; returns its manifest.
     pub fn publish(&self, version: u64, learner_step: u64, payload: Vec<u8>) -> WeightsManifest {
-        let chunk_sha256 = chunk_digests(&payload, self.chunk_bytes);
-        let sha256 = sha256_hex(&payload);
-        let shared = self.shared_dir.as_ref().and_then(|dir| {
-            let name = shared_file_name(version, &sha256);
-            match write_shared(dir, &name, &payload) {
-                Ok(()) => Some((name.clone(), SharedFile(dir.join(name)))),
-                Err(e) => {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        version,
-                        "could not write the shared weights file; actors fetch this version over gRPC"
-                    );
-                    None
+        // The shared file is written (under a temporary name: its final name holds the digest)
+        // while the digests are computed, so that the disk's wait overlaps the hashing.
+        let (chunk_sha256, sha256, written) = std::thread::scope(|scope| {
+            let writer = self.shared_dir.as_ref().map(|dir| {
+                let payload = &payload;
+                scope.spawn(move || write_shared_tmp(dir, version, payload))
+            });
+            let chunk_sha256 = chunk_digests(&payload, self.chunk_bytes);
+            let sha256 = sha256_hex(&payload);
+            let written = writer.map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the writing thread panicked")))
+            });
+            (chunk_sha256, sha256, written)
+        });
+        let shared = match (self.shared_dir.as_ref(), written) {
+            (Some(dir), Some(written)) => {
+                let name = shared_file_name(version, &sha256);
+                let placed = written.and_then(|tmp| {
+                    use anyhow::Context as _;
+                    std::fs::rename(&tmp, dir.join(&name))
+                        .with_context(|| format!("renaming {} into place", tmp.display()))
+                });
+                match placed {
+                    Ok(()) => Some((name.clone(), SharedFile(dir.join(name)))),
+                    Err(e) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            version,
+                            "could not write the shared weights file; actors fetch this version over gRPC"
+                        );
+                        None
+                    }
                 }
             }
-        });
+            _ => None,
+        };
         let manifest = WeightsManifest {
             version,
             format: "safetensors".into(),
@@ -367,15 +388,17 @@ impl Weights for WeightStore {
     }
 }
 
-/// Writes `payload` as `dir/name`: to a temporary name first, then renamed into place, so
-/// that a reader never sees a partial file.
-fn write_shared(dir: &std::path::Path, name: &str, payload: &[u8]) -> anyhow::Result<()> {
+/// Writes `payload` into `dir` under a temporary name (a reader never sees a partial file);
+/// [`WeightStore::publish`] renames it into place once its digest is known.
+fn write_shared_tmp(
+    dir: &std::path::Path,
+    version: u64,
+    payload: &[u8],
+) -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context as _;
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".weights-v{version:08}.safetensors.tmp"));
     std::fs::write(&tmp, payload).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(name))
-        .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// SHA-256 of every `chunk_bytes` piece of `payload`, the pieces hashed on all cores.
