@@ -357,15 +357,31 @@ async fn follow(
         *slot.lock().expect("follower slot") = Slot::Failed(why);
         ready.notify_waiters();
     };
-    let offer = |update: Update| {
+    // Hands a prepared version to the actor (replacing one not yet installed).
+    let offer = |manifest: &WeightsManifest,
+                 weights: PreparedWeights,
+                 seen: Instant,
+                 fetch_secs: f64,
+                 prepare_secs: f64,
+                 shared: bool| {
         info!(
-            policy_version = update.version,
-            fetch_secs = format!("{:.3}", update.fetch_secs),
-            prepare_secs = format!("{:.3}", update.prepare_secs),
-            via = if update.shared { "shared" } else { "grpc" },
+            policy_version = manifest.version,
+            fetch_secs = format!("{fetch_secs:.3}"),
+            prepare_secs = format!("{prepare_secs:.3}"),
+            via = if shared { "shared" } else { "grpc" },
             "new weights ready"
         );
-        *slot.lock().expect("follower slot") = Slot::Ready(Box::new(update));
+        *slot.lock().expect("follower slot") = Slot::Ready(Box::new(Update {
+            version: manifest.version,
+            learner_step: manifest.learner_step,
+            weights,
+            published_unix_ms: manifest.published_unix_ms,
+            seen,
+            fetch_secs,
+            prepare_secs,
+            bytes: manifest.total_bytes,
+            shared,
+        }));
         ready.notify_waiters();
     };
     let mut failures = 0u32;
@@ -412,17 +428,8 @@ async fn follow(
                 Ok(Ok(weights)) => {
                     failures = 0;
                     have = Some(manifest.version);
-                    offer(Update {
-                        version: manifest.version,
-                        learner_step: manifest.learner_step,
-                        weights,
-                        published_unix_ms: manifest.published_unix_ms,
-                        seen,
-                        fetch_secs: 0.0,
-                        prepare_secs: seen.elapsed().as_secs_f64(),
-                        bytes: manifest.total_bytes,
-                        shared: true,
-                    });
+                    let prepare_secs = seen.elapsed().as_secs_f64();
+                    offer(&manifest, weights, seen, 0.0, prepare_secs, true);
                     continue;
                 }
                 Ok(Err(e)) => warn!(
@@ -477,16 +484,7 @@ async fn follow(
         };
         failures = 0;
         have = Some(manifest.version);
-        offer(Update {
-            version: manifest.version,
-            learner_step: manifest.learner_step,
-            weights,
-            published_unix_ms: manifest.published_unix_ms,
-            seen,
-            fetch_secs,
-            prepare_secs: started.elapsed().as_secs_f64(),
-            bytes: manifest.total_bytes,
-            shared: false,
-        });
+        let prepare_secs = started.elapsed().as_secs_f64();
+        offer(&manifest, weights, seen, fetch_secs, prepare_secs, false);
     }
 }
