@@ -4,12 +4,16 @@
 # Installs CUDA 13.0 from PyPI (nvcc, runtime, cuBLAS, cuRAND, NVRTC: about 1.2 GB) into a
 # venv, adds what the PyPI wheels lack for linking (unversioned .so links, a libcuda.so stub;
 # the real libcuda comes with the NVIDIA driver at run time), then runs
-#   cargo build --release --features cuda --bin hindsight
+#   cargo build --release --features cuda --bin hindsight   (cuda,nccl with --nccl)
 # and prints the binary's path last (target/cuda/release/hindsight). Every step is skipped
 # when already done.
 #
-# usage: scripts/cuda-toolchain.sh [--check | --env | --setup] [CARGO ARGS...]
+# With --nccl it also installs NCCL from PyPI (nvidia-nccl-cu13, about 200 MB; the library the
+# learner's NCCL all-reduce links) and builds with `--features cuda,nccl` instead.
+#
+# usage: scripts/cuda-toolchain.sh [--nccl] [--check | --env | --setup] [CARGO ARGS...]
 #   (none)    set up what is missing, build, print the binary's path
+#   --nccl    NCCL too (also HINDSIGHT_NCCL=1): set up, check, print the environment, build
 #   --setup   set up only
 #   --env     print the environment as `export` lines: eval "$(scripts/cuda-toolchain.sh --env)"
 #             (also what running the binary needs: LD_LIBRARY_PATH with the CUDA libraries)
@@ -24,6 +28,9 @@
 set -euo pipefail
 
 SPEC='cuda-toolkit[nvcc,cudart,crt,nvvm,cccl,cublas,curand,nvrtc]==13.0.2'
+# NCCL >= 2.30: cudarc's bindings are 2.30's; 2.30 is also the first to allow two ranks on one
+# GPU (NCCL_MULTI_RANK_GPU_ENABLE=1), which the one-GPU test machine needs.
+NCCL_SPEC='nvidia-nccl-cu13==2.32.6'
 RELEASE=13.0
 LIBS="cudart cublas cublasLt curand nvrtc"
 
@@ -32,11 +39,18 @@ dir=${HINDSIGHT_CUDA_DIR:-$HOME/.cache/hindsight/cuda-$RELEASE}
 target=${CARGO_TARGET_DIR:-$root/target/cuda}
 case $target in /*) ;; *) target=$PWD/$target ;; esac
 cuda=$dir/cuda # -> the wheels' nvidia/cu13 tree: bin/ include/ lib/ nvvm/
+nccl=$dir/nccl # -> the NCCL wheel's nvidia/nccl tree: include/ lib/
 
 say() { echo "cuda-toolchain: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 mode=build
+with_nccl=${HINDSIGHT_NCCL:-0}
+[ "$with_nccl" = 1 ] || with_nccl=0
+if [ "${1:-}" = --nccl ]; then
+    with_nccl=1
+    shift
+fi
 case "${1:-}" in
     --check | --env | --setup) mode=${1#--}; shift ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -75,6 +89,25 @@ install_toolkit() {
     say "linking $cuda -> $tree"
     ln -sfn "$tree" "$cuda"
     nvcc_ok || die "$cuda/bin/nvcc is not release $RELEASE"
+}
+
+install_nccl() {
+    if [ -e "$nccl/lib/libnccl.so" ]; then
+        say "NCCL: present ($(readlink -f "$nccl/lib/libnccl.so"))"
+        return
+    fi
+    [ -x "$dir/bin/pip" ] || die "no venv at $dir (the CUDA toolkit is installed first)"
+    say "pip install '$NCCL_SPEC' (about 200 MB)"
+    "$dir/bin/pip" install --disable-pip-version-check --progress-bar off "$NCCL_SPEC" >&2
+    local tree lib
+    tree=$("$dir/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "nccl"))')
+    [ -d "$tree/lib" ] || die "no nvidia/nccl/lib in the venv after pip install"
+    say "linking $nccl -> $tree"
+    ln -sfn "$tree" "$nccl"
+    lib=$(cd "$nccl/lib" && ls libnccl.so.[0-9]* 2>/dev/null | sort | head -n1)
+    [ -n "$lib" ] || die "no libnccl.so.* in $nccl/lib"
+    say "linking lib/libnccl.so -> $lib"
+    ln -sfn "$lib" "$nccl/lib/libnccl.so"
 }
 
 # The wheels ship only versioned libraries (libcublas.so.13); the linker wants libcublas.so.
@@ -127,8 +160,9 @@ make_stub() {
 }
 
 print_env() {
-    local cap
+    local cap extra=
     cap=$(compute_cap)
+    [ "$with_nccl" = 1 ] && extra=":$nccl/lib"
     cat <<EOF
 export CUDA_ROOT='$cuda'
 export CUDA_PATH='$cuda'
@@ -136,8 +170,8 @@ export CUDA_HOME='$cuda'
 export CUDA_COMPUTE_CAP='$cap'
 export CARGO_TARGET_DIR='$target'
 export PATH='$cuda/bin':"\$PATH"
-export LIBRARY_PATH='$cuda/lib:$cuda/lib/stubs'\${LIBRARY_PATH:+:\$LIBRARY_PATH}
-export LD_LIBRARY_PATH='$cuda/lib'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}
+export LIBRARY_PATH='$cuda/lib:$cuda/lib/stubs$extra'\${LIBRARY_PATH:+:\$LIBRARY_PATH}
+export LD_LIBRARY_PATH='$cuda/lib$extra'\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}
 EOF
 }
 
@@ -158,6 +192,14 @@ check() {
             ready=1
         fi
     done
+    if [ "$with_nccl" = 1 ]; then
+        if [ -e "$nccl/lib/libnccl.so" ]; then
+            say "libnccl.so: $(readlink -f "$nccl/lib/libnccl.so")"
+        else
+            say "libnccl.so: missing (run scripts/cuda-toolchain.sh --nccl --setup)"
+            ready=1
+        fi
+    fi
     if [ -e "$cuda/lib/stubs/libcuda.so" ]; then
         say "libcuda.so stub: $cuda/lib/stubs/libcuda.so"
     else
@@ -181,13 +223,16 @@ esac
 install_toolkit
 link_unversioned
 make_stub
+[ "$with_nccl" = 1 ] && install_nccl
+features=cuda
+[ "$with_nccl" = 1 ] && features=cuda,nccl
 [ "$mode" = setup ] && { say "set up: eval \"\$(scripts/cuda-toolchain.sh --env)\""; exit 0; }
 
 eval "$(print_env)"
 say "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP; CUDA_ROOT=$CUDA_ROOT"
 cd "$root"
-say "cargo build --release --features cuda --bin hindsight $*"
-exe=$(cargo build --release --features cuda --bin hindsight --message-format=json-render-diagnostics "$@" |
+say "cargo build --release --features $features --bin hindsight $*"
+exe=$(cargo build --release --features "$features" --bin hindsight --message-format=json-render-diagnostics "$@" |
     "${PYTHON:-python3}" -c '
 import json, sys
 for line in sys.stdin:

@@ -7,13 +7,18 @@
 //! received per step. Compare `2x1` (two ranks, one thread each) with `1x2` (one rank, two
 //! threads): same cores, different parallelism. No peer: the comparison is between our own
 //! configurations.
+//!
+//! `--device cuda --collective nccl|tcp` runs the ranks on the GPU (every rank on `cuda:0`
+//! unless `--device cuda` is given without an index and the machine has a GPU per rank):
+//! `scripts/gpu-ranks.sh` runs the NCCL path with one rank, the TCP backend with two, and two
+//! NCCL ranks sharing the one GPU. Every configuration ends with the ranks' weight-digest
+//! check, so ranks that disagree fail the run.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use hindsight_collective::{Collective, Single};
 use hindsight_learner::loss::PpoConfig;
 use hindsight_learner::trainer::{shard_indices, TrainConfig, Trainer};
 use hindsight_learner::AdvantageKind;
@@ -54,6 +59,19 @@ pub struct BenchRanksArgs {
     /// Cache directory for "smollm2" (default: $HINDSIGHT_CACHE or ~/.cache/hindsight).
     #[arg(long, env = "HINDSIGHT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Device of every rank: `cpu`, `cuda:N` (all ranks on that GPU) or `cuda` (rank r on
+    /// `cuda:r`).
+    #[arg(long, env = "HINDSIGHT_BENCH_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// The ranks' collective: `tcp`, `nccl` (a `--features cuda,nccl` build; with one rank it
+    /// still runs the NCCL path) or `auto`.
+    #[arg(
+        long,
+        env = "HINDSIGHT_BENCH_COLLECTIVE",
+        value_enum,
+        default_value = "tcp"
+    )]
+    pub collective: hindsight_learner::ranks::Backend,
     /// Internal: run one rank (`RANK,WORLD,ADDR`), print JSON and exit.
     #[arg(long, hide = true)]
     pub worker: Option<String>,
@@ -135,26 +153,28 @@ fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
         micro_batch: args.micro_batch,
         mini_batches: 1,
     };
-    let mut t = Trainer::new(&model, false, config, &hindsight_policy::Device::Cpu)?;
+    let device_name = match args.device.trim() {
+        "cuda" => format!("cuda:{rank}"),
+        d => d.to_string(),
+    };
+    let device = hindsight_policy::parse_device(&device_name)?;
+    let mut t = Trainer::new(&model, false, config, &device)?;
     let b = batch(args, model.config.vocab_size);
     drop(model);
-    let mut c: Box<dyn Collective> = if world == 1 {
-        Box::new(Single)
-    } else {
-        let hello = hindsight_collective::Hello {
+    let backend = args.collective.resolve(&device, world)?;
+    let settings = hindsight_learner::ranks::RankSettings {
+        rendezvous: hindsight_collective::Rendezvous {
             rank,
             world_size: world,
-            version: env!("CARGO_PKG_VERSION").into(),
-            config_digest: hindsight_learner::ranks::config_digest(&t)?,
-            model_fingerprint: String::new(),
-        };
-        Box::new(hindsight_collective::TcpCollective::establish(
-            addr,
-            hello,
-            Vec::new(),
-            Default::default(),
-        )?)
+            addr: Some(addr.to_string()),
+            local_rank: rank,
+        },
+        op_timeout: std::time::Duration::from_secs(120),
+        rendezvous_timeout: std::time::Duration::from_secs(300),
+        digest_every: 0,
+        backend,
     };
+    let mut c = hindsight_learner::ranks::connect(&settings, &t, "bench")?;
     let (mut step_s, mut reduce_s, mut compute_s) = (Vec::new(), Vec::new(), Vec::new());
     let mut bytes = 0u64;
     for i in 0..args.warmup + args.steps {
@@ -177,6 +197,9 @@ fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
             bytes = (after.sent - before.sent) + (after.received - before.received);
         }
     }
+    // Every rank must hold the same weights after the same steps.
+    hindsight_learner::ranks::check_digest(&mut *c, &t, (args.warmup + args.steps) as u64)?;
+    let digest = t.weight_digest()?;
     c.barrier()?;
     println!(
         "{}",
@@ -187,6 +210,9 @@ fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
             "reduce_seconds": median(&mut reduce_s),
             "collective_bytes_per_step": bytes,
             "parameters": t.model.vars().iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+            "device": device_name,
+            "collective": backend.map_or("none", |b| b.name()),
+            "weights_sha256": digest,
         })
     );
     Ok(())
@@ -222,6 +248,10 @@ pub fn run(args: BenchRanksArgs) -> Result<()> {
                     .arg(args.steps.to_string())
                     .arg("--warmup")
                     .arg(args.warmup.to_string())
+                    .arg("--device")
+                    .arg(&args.device)
+                    .arg("--collective")
+                    .arg(args.collective.name())
                     .arg("--worker")
                     .arg(format!("{r},{ranks},127.0.0.1:{port}"))
                     .stdout(std::process::Stdio::piped());
@@ -246,11 +276,15 @@ pub fn run(args: BenchRanksArgs) -> Result<()> {
         v["ranks"] = json!(ranks);
         v["threads_per_rank"] = json!(threads);
         eprintln!(
-            "{cfg:>5}: step {:.3} s (compute {:.3} s, reduce {:.4} s), collective {:.1} MB/step at rank 0",
+            "{cfg:>5}: step {:.3} s (compute {:.3} s, reduce {:.4} s), collective {:.1} MB/step at rank 0, weights {}",
             v["step_seconds"].as_f64().unwrap_or(0.0),
             v["compute_seconds"].as_f64().unwrap_or(0.0),
             v["reduce_seconds"].as_f64().unwrap_or(0.0),
-            v["collective_bytes_per_step"].as_f64().unwrap_or(0.0) / 1e6
+            v["collective_bytes_per_step"].as_f64().unwrap_or(0.0) / 1e6,
+            v["weights_sha256"]
+                .as_str()
+                .map(|d| d.trim_start_matches("sha256:"))
+                .map_or("?", |d| &d[..12.min(d.len())])
         );
         results.push(v);
     }
@@ -259,6 +293,8 @@ pub fn run(args: BenchRanksArgs) -> Result<()> {
         "sequences": args.sequences,
         "prompt_tokens": args.tokens,
         "micro_batch": args.micro_batch,
+        "device": args.device,
+        "collective": args.collective.name(),
         "load_average": crate::bench::load_average(),
         "results": results,
     });

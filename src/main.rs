@@ -20,6 +20,7 @@ mod env;
 mod eval;
 mod health;
 mod jsonl;
+mod launch;
 mod plot;
 mod status;
 mod supervise;
@@ -290,7 +291,21 @@ fn main() -> ExitCode {
                 | Command::Eval(_)
                 | Command::Convert(_)
         );
-        if let (Some(addr), false) = (metrics_addr, tool) {
+        // A launcher of local learner ranks serves nothing itself: each rank serves its own.
+        let launcher = matches!(&cli.command, Command::Learner(a) if a.local_ranks > 1);
+        let globals = launch::Globals {
+            metrics_addr,
+            threads: cli.threads,
+            log_args: vec![
+                "--log-format".into(),
+                clap::ValueEnum::to_possible_value(&cli.log_format)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_else(|| "text".into()),
+                "--log-level".into(),
+                cli.log_level.clone(),
+            ],
+        };
+        if let (Some(addr), false) = (metrics_addr, tool || launcher) {
             telemetry::init_metrics(addr, role).await?;
         }
         let bound = cli.command.shutdown_bound();
@@ -299,6 +314,9 @@ fn main() -> ExitCode {
             let done: Result<()> = match cli.command {
                 Command::ReplayServer(args) => {
                     hindsight_replay_server::run(args, shutdown_signal(bound)).await
+                }
+                Command::Learner(args) if args.local_ranks > 1 => {
+                    launch::run(*args, globals, shutdown_signal(bound)).await
                 }
                 Command::Learner(args) => {
                     hindsight_learner::run(*args, shutdown_signal(bound)).await

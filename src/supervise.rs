@@ -66,7 +66,7 @@ impl Exit {
     }
 
     /// The marker's wording: the status a shell would show (`$?`, 128 + signal) and the signal.
-    fn describe_long(self) -> String {
+    pub fn describe_long(self) -> String {
         match self {
             Exit::Code(c) => format!("exit code {c}"),
             Exit::Signal(s) => format!("exit code {} / signal {s}", 128 + s),
@@ -395,14 +395,14 @@ fn spawn(spec: &Spec, restart: bool, log: File) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// Makes the child get SIGKILL when `up` dies, however it dies.
+/// Makes the child get SIGKILL when `up` (or the local-ranks launcher) dies, however it dies.
 ///
 /// The kernel sends the death signal when the *thread* that forked the child exits, not the
 /// process. `up` starts and restarts every child from the one thread that runs its
 /// supervision loop, and that thread lives until every child has been stopped, so this is
 /// the same as "when `up` exits".
 #[cfg(target_os = "linux")]
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // calls are allowed (other threads' locks, the allocator's included, may be held
@@ -433,7 +433,7 @@ fn die_with_parent(cmd: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_: &mut Command) {}
+pub fn die_with_parent(_: &mut Command) {}
 
 /// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, `12th`, `13th`, `21st`.
 pub fn ordinal(n: u32) -> String {

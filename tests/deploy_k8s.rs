@@ -680,17 +680,13 @@ fn listening(
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.clone())
     };
-    let mut out = vec![];
-    for flag in &help.flags {
-        if !(flag == "listen" || flag.ends_with("-addr") || flag == "rendezvous") {
-            continue;
-        }
+    let value_of = |flag: &str| {
         let from_argv = flags
             .iter()
             .rev()
             .find(|(f, _)| f == flag)
             .and_then(|(_, v)| v.clone());
-        let value = from_argv
+        from_argv
             .map(|v| (v, "command line"))
             .or_else(|| {
                 let env = help.env_of.get(flag)?;
@@ -700,10 +696,29 @@ fn listening(
                 help.default_of
                     .get(flag)
                     .map(|v| (v.clone(), "documented default"))
-            });
-        if let Some((value, source)) = value {
+            })
+    };
+    // `hindsight learner --local-ranks N`: local rank i listens on each port + 100 x i.
+    let local_ranks: u16 = value_of("local-ranks")
+        .and_then(|(v, _)| v.parse().ok())
+        .unwrap_or(1);
+    let mut out = vec![];
+    for flag in &help.flags {
+        if !(flag == "listen" || flag.ends_with("-addr") || flag == "rendezvous") {
+            continue;
+        }
+        if let Some((value, source)) = value_of(flag) {
             if let Some((port, loopback)) = addr_port(&value) {
                 out.push((port, loopback, format!("--{flag} {value} ({source})")));
+                if flag != "rendezvous" {
+                    for i in 1..local_ranks {
+                        out.push((
+                            port + 100 * i,
+                            loopback,
+                            format!("--{flag} {value} + {} ({source}; local rank {i})", 100 * i),
+                        ));
+                    }
+                }
             }
         }
     }

@@ -77,3 +77,52 @@ fn up_with_two_learner_ranks_trains() {
         dump_logs(&run_dir)
     );
 }
+
+/// `hindsight bench ranks` on the tiny model: one rank and two ranks (TCP) train the same
+/// seeded batch; the two ranks pass the weight-digest check at the end (the bench fails
+/// otherwise), move the whole gradient through the collective, and land within rounding of
+/// one rank (different digests are allowed; a failed run is not).
+#[test]
+fn bench_ranks_runs_one_and_two_ranks_and_reports_the_collective() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = hindsight()
+        .args(["--metrics-addr", "off", "bench", "ranks", "--model", "tiny"])
+        .args(["--configs", "1x1,2x1", "--steps", "2", "--warmup", "0"])
+        .args(["--sequences", "6", "--tokens", "8", "--micro-batch", "2"])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ranks.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["collective"], "tcp");
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{report}");
+    let (one, two) = (&results[0], &results[1]);
+    assert_eq!(
+        (one["config"].as_str(), two["config"].as_str()),
+        (Some("1x1"), Some("2x1"))
+    );
+    assert_eq!(one["collective"], "none");
+    assert_eq!(one["collective_bytes_per_step"], 0);
+    assert_eq!(two["collective"], "tcp");
+    // Rank 0 sends and receives at least every f32 gradient once per step.
+    let params = two["parameters"].as_u64().unwrap();
+    let bytes = two["collective_bytes_per_step"].as_u64().unwrap();
+    assert!(
+        bytes >= 2 * 4 * params,
+        "{bytes} bytes for {params} parameters"
+    );
+    for r in results {
+        let digest = r["weights_sha256"].as_str().unwrap();
+        assert!(
+            digest.starts_with("sha256:") && digest.len() == 7 + 64,
+            "{r}"
+        );
+        assert!(r["step_seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}

@@ -1,7 +1,9 @@
 //! `hindsight-collective`: what the learner ranks say to each other. The [`Collective`]
 //! trait (rank, world size, all-reduce sum of f32/f64 buffers, broadcast of bytes from rank 0,
 //! all-gather, barrier) and its backends: [`Single`] (one rank: every call is a no-op, today's
-//! path) and [`tcp::TcpCollective`] (separate processes over real sockets, for CPU ranks).
+//! path), [`tcp::TcpCollective`] (separate processes over real sockets, for CPU ranks) and,
+//! with the `nccl` feature, `nccl::NcclCollective` (GPU ranks: NCCL all-reduce on the compute
+//! stream, the TCP collective as its control plane).
 //! [`rendezvous`] resolves `--rank`/`--world-size`/`--rendezvous` with the torchrun /
 //! PyTorchJob environment fallbacks and carries the handshake in which rank 0 checks every
 //! peer's version, config digest and model fingerprint.
@@ -10,9 +12,11 @@
 //! and an all-reduce sums in rank order (`((b0 + b1) + b2) + ...` element-wise), so N ranks
 //! can be compared bit for bit with each other and, within rounding, with one rank.
 //!
-//! No tensor library here: device tensors are reduced by the caller (the CPU path copies to
-//! the host; a device backend such as NCCL would reduce in place behind this same trait).
+//! No tensor library here: the NCCL backend reduces CUDA buffers (cudarc's `CudaSlice`) in
+//! place; turning a tensor into one is the caller's (the learner's) business.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 
@@ -44,6 +48,13 @@ pub enum CollectiveError {
     OutOfStep(String),
     #[error(transparent)]
     Rendezvous(#[from] RendezvousError),
+    #[error("{op}: {message}")]
+    Device { op: &'static str, message: String },
+    #[error(
+        "{op} on the GPU did not complete within {timeout:?} (a stalled or dead rank); \
+         the NCCL communicator was aborted"
+    )]
+    DeviceTimeout { op: &'static str, timeout: Duration },
 }
 
 pub type Result<T> = std::result::Result<T, CollectiveError>;
@@ -83,6 +94,11 @@ pub trait Collective: Send {
     /// `hindsight bench`).
     fn traffic(&self) -> Traffic {
         Traffic::default()
+    }
+    /// The NCCL backend, which also reduces device buffers in place; `None` for host backends.
+    #[cfg(feature = "nccl")]
+    fn nccl(&mut self) -> Option<&mut nccl::NcclCollective> {
+        None
     }
 }
 

@@ -3,8 +3,8 @@
 //! torchrun and Kubeflow's PyTorchJob set (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`,
 //! `LOCAL_RANK`), so a launcher written for PyTorch starts Hindsight ranks unchanged.
 //! [`Hello`] is what each peer tells rank 0 when it connects; rank 0 refuses the whole group
-//! when any peer's version, world size, config digest or model fingerprint differs from its
-//! own, naming the field and both values.
+//! when any peer's version, world size, config digest, model fingerprint or collective
+//! backend differs from its own, naming the field and both values.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +44,8 @@ pub struct Rendezvous {
     pub world_size: u32,
     /// Rank 0's rendezvous address (`HOST:PORT`); `None` only for one rank.
     pub addr: Option<String>,
-    /// The rank on this node (picks the GPU: `cuda:LOCAL_RANK`); the rank itself if unset.
+    /// The rank on this node (picks the GPU of `--device cuda`: `cuda:LOCAL_RANK`); 0 when
+    /// `LOCAL_RANK` is unset (one rank per node, as in a one-GPU pod).
     pub local_rank: u32,
 }
 
@@ -91,7 +92,7 @@ impl Rendezvous {
         if world_size > 1 && addr.is_none() {
             return Err(RendezvousError::NoAddress(world_size));
         }
-        let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
+        let local_rank = num("LOCAL_RANK")?.unwrap_or(0);
         Ok(Self {
             rank,
             world_size,
@@ -112,6 +113,9 @@ pub struct Hello {
     pub config_digest: String,
     /// The model's fingerprint (`hindsight_policy::fingerprint`).
     pub model_fingerprint: String,
+    /// The collective backend (`tcp`, `nccl`): every rank must run the same one.
+    #[serde(default)]
+    pub backend: String,
 }
 
 impl Hello {
@@ -139,6 +143,7 @@ impl Hello {
             &self.model_fingerprint,
             &peer.model_fingerprint,
         );
+        cmp("collective backend", &self.backend, &peer.backend);
         out
     }
 }
@@ -182,7 +187,8 @@ mod tests {
         assert_eq!(r.rank, 1);
         assert_eq!(r.world_size, 2);
         assert_eq!(r.addr.as_deref(), Some("h:1"));
-        assert_eq!(r.local_rank, 1);
+        // No LOCAL_RANK: one rank on this node, the first GPU.
+        assert_eq!(r.local_rank, 0);
     }
 
     #[test]
@@ -240,6 +246,7 @@ mod tests {
             version: "0.1.0".into(),
             config_digest: "c1".into(),
             model_fingerprint: "f1".into(),
+            backend: "tcp".into(),
         };
         let mut b = a.clone();
         b.rank = 1;
@@ -249,6 +256,12 @@ mod tests {
         assert_eq!(
             d,
             vec!["model fingerprint: rank 0 has \"f1\", rank 1 has \"f2\"".to_string()]
+        );
+        b.model_fingerprint = "f1".into();
+        b.backend = "nccl".into();
+        assert_eq!(
+            a.differences(&b),
+            vec!["collective backend: rank 0 has \"tcp\", rank 1 has \"nccl\"".to_string()]
         );
     }
 }

@@ -18,6 +18,7 @@ fn hello(rank: u32, world_size: u32) -> Hello {
         version: "test".into(),
         config_digest: "cfg".into(),
         model_fingerprint: "fp".into(),
+        backend: "tcp".into(),
     }
 }
 

@@ -7,8 +7,9 @@
 #   --binary     the hindsight binary (default target/release/hindsight)
 #   --tag        image tags (default hindsight:<workspace version> and hindsight:latest)
 #   --print-dockerfile  print the Dockerfile this script builds with, build nothing
-#   --cuda-libs  also copy every lib*.so* under DIR (the CUDA runtime of a CUDA build; see
-#                build-cuda-image.sh) and set LD_LIBRARY_PATH to it
+#   --cuda-libs  also copy every lib*.so* under DIR (the CUDA runtime of a CUDA build, NCCL; see
+#                build-cuda-image.sh) into /usr/local/cuda/lib and set LD_LIBRARY_PATH to it;
+#                repeatable
 # Prints the image id last. Environment: DOCKER (default docker).
 set -euo pipefail
 
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --binary) binary=$2; shift 2 ;;
         --tag) tags+=("$2"); shift 2 ;;
-        --cuda-libs) cuda_libs=$2; shift 2 ;;
+        --cuda-libs) cuda_libs="$cuda_libs${cuda_libs:+:}$2"; shift 2 ;;
         --print-dockerfile) print_only=1; shift ;;
         -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "build-image: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -68,7 +69,10 @@ copy_with_libs "$binary" "$fs"
 if [ -n "$cuda_libs" ]; then
     mkdir -p "$fs/usr/local/cuda/lib"
     # Not lib/stubs: the driver's libcuda comes from the host.
-    find -L "$cuda_libs" -maxdepth 1 -name 'lib*.so*' -exec cp -L {} "$fs/usr/local/cuda/lib/" \;
+    IFS=: read -r -a dirs <<<"$cuda_libs"
+    for dir in "${dirs[@]}"; do
+        find -L "$dir" -maxdepth 1 -name 'lib*.so*' -exec cp -L {} "$fs/usr/local/cuda/lib/" \;
+    done
 fi
 printf 'root:x:0:0:root:/root:/sbin/nologin\nhindsight:x:10001:10001:hindsight:/data:/sbin/nologin\n' >"$fs/etc/passwd"
 printf 'root:x:0:\nhindsight:x:10001:\n' >"$fs/etc/group"

@@ -15,6 +15,8 @@ pub mod advantage;
 pub mod checkpoint;
 pub mod loss;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod publish;
 pub mod ranks;
 pub mod trainer;
@@ -100,7 +102,8 @@ pub struct LearnerArgs {
     pub mini_batches: u32,
     /// Device to train on: `cpu` (the hand-written whole-model pass) or `cuda` / `cuda:N`
     /// (candle's CUDA backend with differentiable primitives; needs a `--features cuda`
-    /// build).
+    /// build). `cuda` without an index is the GPU of this rank's `LOCAL_RANK` (one rank per
+    /// GPU), `cuda:0` for a single rank.
     #[arg(long, env = "HINDSIGHT_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Stop after this many optimizer steps in total (0 = run until stopped).
@@ -163,6 +166,20 @@ pub struct LearnerArgs {
     /// Ranks compare weight digests every this many steps (and at start; 0 = only at start).
     #[arg(long, env = "HINDSIGHT_DIGEST_EVERY", default_value_t = 50)]
     pub digest_every: u64,
+    /// How the ranks sum gradients: `nccl` (GPU ranks, a `--features cuda,nccl` build),
+    /// `tcp` (any device) or `auto` (NCCL where it can run, else TCP).
+    #[arg(long, env = "HINDSIGHT_COLLECTIVE", value_enum, default_value = "auto")]
+    pub collective: ranks::Backend,
+    /// Learner ranks this process starts as child processes, one per GPU (torchrun's
+    /// `--nproc-per-node`): local rank i is rank `node-rank x local-ranks + i`, takes
+    /// `cuda:i` with `--device cuda`, and listens and serves metrics on the base ports + i.
+    #[arg(long, env = "HINDSIGHT_LOCAL_RANKS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub local_ranks: u32,
+    /// This node's index among the learner nodes (else `NODE_RANK`, else `GROUP_RANK`);
+    /// with it, ranks are numbered from `node-rank x local-ranks`. A Kubernetes StatefulSet
+    /// passes its pod index.
+    #[arg(long, env = "HINDSIGHT_NODE_RANK")]
+    pub node_rank: Option<u32>,
     /// The drain bound after SIGTERM.
     #[command(flatten)]
     pub shutdown: hindsight_service::ShutdownArgs,
@@ -205,6 +222,9 @@ impl Default for LearnerArgs {
             collective_timeout_secs: 120,
             rendezvous_timeout_secs: 300,
             digest_every: 50,
+            collective: ranks::Backend::Auto,
+            local_ranks: 1,
+            node_rank: None,
             shutdown: Default::default(),
         }
     }
@@ -247,6 +267,9 @@ impl hindsight_service::ToArgv for LearnerArgs {
             .opt("--collective-timeout-secs", self.collective_timeout_secs)
             .opt("--rendezvous-timeout-secs", self.rendezvous_timeout_secs)
             .opt("--digest-every", self.digest_every)
+            .value_enum("--collective", &self.collective)
+            .opt("--local-ranks", self.local_ranks)
+            .opt_some("--node-rank", &self.node_rank)
             .extend(&self.shutdown);
         a.into_vec()
     }
@@ -265,20 +288,42 @@ async fn connect_replay(url: &str, security: &hindsight_service::ClientSecurity)
         .max_encoding_message_size(hindsight_proto::MAX_MESSAGE_BYTES))
 }
 
+/// The device a rank trains on: `cuda` without an index is the rank's local GPU.
+pub fn rank_device(device: &str, rendezvous: &hindsight_collective::Rendezvous) -> String {
+    match device.trim() {
+        "cuda" => format!("cuda:{}", rendezvous.local_rank),
+        other => other.to_string(),
+    }
+}
+
 /// Runs the learner until `--max-steps` is reached or `shutdown` resolves.
 pub async fn run(
     args: LearnerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if args.local_ranks > 1 {
+        return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
+            "--local-ranks {} is the `hindsight learner` launcher's: it starts the ranks as \
+             child processes",
+            args.local_ranks
+        )));
+    }
+    // One rank per node (a StatefulSet pod): the node rank is the rank.
+    let rank = args.rank.or(args.node_rank);
     let rendezvous = hindsight_collective::Rendezvous::resolve(
-        args.rank,
+        rank,
         args.world_size,
         args.rendezvous.clone(),
         |k| std::env::var(k).ok(),
     )
     .map_err(hindsight_service::ConfigError::wrap)?;
     metrics::describe();
-    let device = hindsight_policy::parse_device(&args.device).config_err()?;
+    let device_name = rank_device(&args.device, &rendezvous);
+    let device = hindsight_policy::parse_device(&device_name).config_err()?;
+    let backend = args
+        .collective
+        .resolve(&device, rendezvous.world_size)
+        .config_err()?;
     if args.resume && args.checkpoint_dir.is_none() {
         return Err(hindsight_service::ConfigError::wrap(anyhow::anyhow!(
             "--resume needs --checkpoint-dir"
@@ -297,7 +342,7 @@ pub async fn run(
     .await?
     .with_context(|| format!("loading --model {}", args.model))
     .config_err()?;
-    info!(model = %loaded.name, params = loaded.weights.num_parameters(), device = %args.device, "model loaded");
+    info!(model = %loaded.name, params = loaded.weights.num_parameters(), device = %device_name, "model loaded");
     let config = TrainConfig {
         lr: args.lr,
         weight_decay: args.weight_decay,
@@ -329,6 +374,7 @@ pub async fn run(
         op_timeout: Duration::from_secs(args.collective_timeout_secs.max(1)),
         rendezvous_timeout: Duration::from_secs(args.rendezvous_timeout_secs.max(1)),
         digest_every: args.digest_every,
+        backend,
     };
     let mut collective =
         tokio::task::block_in_place(|| ranks::connect(&settings, &trainer, &fingerprint)).map_err(
@@ -982,6 +1028,9 @@ mod args_tests {
             collective_timeout_secs: 30,
             rendezvous_timeout_secs: 60,
             digest_every: 5,
+            collective: ranks::Backend::Nccl,
+            local_ranks: 8,
+            node_rank: Some(1),
             shutdown: hindsight_service::ShutdownArgs {
                 shutdown_timeout_secs: 9,
             },

@@ -69,6 +69,50 @@ impl Command {
     }
 }
 
+/// Which collective the ranks reduce gradients with (`--collective`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// NCCL when the learner trains on a GPU and the binary has the `nccl` feature, TCP
+    /// otherwise (one rank: nothing at all).
+    #[default]
+    Auto,
+    /// The TCP collective (host buffers; any device).
+    Tcp,
+    /// NCCL on the compute stream (a `--features cuda,nccl` build and a CUDA device); with one
+    /// rank it still creates the communicator, which checks the NCCL set-up.
+    Nccl,
+}
+
+impl Backend {
+    /// The backend `self` means for this device and world size; `None`: one rank, no
+    /// collective. A choice this binary or device cannot honour is an error that says why.
+    pub fn resolve(self, device: &candle_core::Device, world_size: u32) -> Result<Option<Self>> {
+        let nccl_built = cfg!(feature = "nccl");
+        match self {
+            Backend::Auto if world_size == 1 => Ok(None),
+            Backend::Auto if device.is_cuda() && nccl_built => Ok(Some(Backend::Nccl)),
+            Backend::Auto | Backend::Tcp if world_size == 1 => Ok(None),
+            Backend::Auto | Backend::Tcp => Ok(Some(Backend::Tcp)),
+            Backend::Nccl if !nccl_built => bail!(
+                "--collective nccl needs a binary built with `--features cuda,nccl` \
+                 (scripts/cuda-toolchain.sh --nccl)"
+            ),
+            Backend::Nccl if !device.is_cuda() => {
+                bail!("--collective nccl needs a CUDA --device (cuda or cuda:N)")
+            }
+            Backend::Nccl => Ok(Some(Backend::Nccl)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Tcp => "tcp",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
 /// The rank settings of `hindsight learner`.
 #[derive(Clone, Debug)]
 pub struct RankSettings {
@@ -77,6 +121,8 @@ pub struct RankSettings {
     pub rendezvous_timeout: Duration,
     /// Compare weight digests every this many steps (0: only at start).
     pub digest_every: u64,
+    /// The collective, as resolved for the device (`None`: one rank, no collective).
+    pub backend: Option<Backend>,
 }
 
 /// SHA-256 of the training configuration as JSON: every hyper-parameter that changes the
@@ -86,40 +132,100 @@ pub fn config_digest(trainer: &Trainer) -> Result<String> {
     Ok(hindsight_proto::sha256_hex(&json))
 }
 
-/// Joins the group (one rank: the no-op collective). Blocking.
+/// Joins the group (one rank without NCCL: the no-op collective). Blocking.
 pub fn connect(
     settings: &RankSettings,
     trainer: &Trainer,
     model_fingerprint: &str,
 ) -> Result<Box<dyn Collective>> {
     let r = &settings.rendezvous;
-    if r.world_size == 1 {
+    let Some(backend) = settings.backend else {
         return Ok(Box::new(Single));
-    }
-    let addr = r
-        .addr
-        .clone()
-        .context("a world size above 1 needs --rendezvous")?;
-    let hello = Hello {
-        rank: r.rank,
-        world_size: r.world_size,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        config_digest: config_digest(trainer)?,
-        model_fingerprint: model_fingerprint.to_string(),
     };
-    info!(rank = r.rank, world_size = r.world_size, %addr, "joining the learner ranks");
-    let config = TcpConfig {
-        op_timeout: settings.op_timeout,
-        rendezvous_timeout: settings.rendezvous_timeout,
-        ..TcpConfig::default()
+    // NCCL: rank 0 makes the communicator's unique id and hands it out at the rendezvous.
+    let unique_id = if backend == Backend::Nccl && r.rank == 0 {
+        nccl_unique_id()?
+    } else {
+        Vec::new()
     };
-    let c = TcpCollective::establish(&addr, hello, Vec::new(), config)?;
+    let (control, unique_id): (Box<dyn Collective>, Vec<u8>) = if r.world_size == 1 {
+        (Box::new(Single), unique_id)
+    } else {
+        let addr = r
+            .addr
+            .clone()
+            .context("a world size above 1 needs --rendezvous")?;
+        let hello = Hello {
+            rank: r.rank,
+            world_size: r.world_size,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config_digest: config_digest(trainer)?,
+            model_fingerprint: model_fingerprint.to_string(),
+            backend: backend.name().to_string(),
+        };
+        info!(rank = r.rank, world_size = r.world_size, %addr, backend = backend.name(), "joining the learner ranks");
+        let config = TcpConfig {
+            op_timeout: settings.op_timeout,
+            rendezvous_timeout: settings.rendezvous_timeout,
+            ..TcpConfig::default()
+        };
+        let tcp = TcpCollective::establish(&addr, hello, unique_id, config)?;
+        // Every rank now holds rank 0's id (rank 0 its own).
+        let id = tcp.unique_id().to_vec();
+        (Box::new(tcp), id)
+    };
+    let c = match backend {
+        Backend::Nccl => join_nccl(control, trainer, unique_id, settings.op_timeout)?,
+        _ => control,
+    };
     info!(
         rank = r.rank,
         world_size = r.world_size,
+        backend = backend.name(),
         "learner ranks joined"
     );
-    Ok(Box::new(c))
+    Ok(c)
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_unique_id() -> Result<Vec<u8>> {
+    Ok(hindsight_collective::nccl::new_unique_id()?)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_unique_id() -> Result<Vec<u8>> {
+    bail!("this binary has no NCCL (build it with `--features cuda,nccl`)")
+}
+
+/// The NCCL communicator on the trainer's CUDA stream, `control` as its host plane.
+#[cfg(feature = "nccl")]
+fn join_nccl(
+    control: Box<dyn Collective>,
+    trainer: &Trainer,
+    unique_id: Vec<u8>,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    use hindsight_collective::nccl::{library_version, NcclCollective};
+    let candle_core::Device::Cuda(dev) = trainer.device() else {
+        bail!("the NCCL collective needs a CUDA device");
+    };
+    info!(nccl = %library_version()?, "joining the NCCL communicator");
+    Ok(Box::new(NcclCollective::new(
+        control,
+        dev.cuda_stream(),
+        &unique_id,
+        timeout,
+    )?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn join_nccl(
+    _control: Box<dyn Collective>,
+    _trainer: &Trainer,
+    _unique_id: Vec<u8>,
+    _timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    bail!("this binary has no NCCL (build it with `--features cuda,nccl`)")
 }
 
 /// Start-up: rank 0's resumed state (if any) to every rank, then the digest check. Returns
@@ -371,5 +477,53 @@ pub fn follow(
                 on_step(&stats);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_follows_the_device_the_world_and_the_build() {
+        let cpu = candle_core::Device::Cpu;
+        assert_eq!(Backend::Auto.resolve(&cpu, 1).unwrap(), None);
+        assert_eq!(Backend::Tcp.resolve(&cpu, 1).unwrap(), None);
+        assert_eq!(Backend::Auto.resolve(&cpu, 2).unwrap(), Some(Backend::Tcp));
+        assert_eq!(Backend::Tcp.resolve(&cpu, 4).unwrap(), Some(Backend::Tcp));
+        let e = Backend::Nccl.resolve(&cpu, 2).unwrap_err().to_string();
+        if cfg!(feature = "nccl") {
+            assert!(e.contains("needs a CUDA --device"), "{e}");
+        } else {
+            assert!(e.contains("--features cuda,nccl"), "{e}");
+        }
+    }
+
+    #[test]
+    fn commands_survive_the_wire() {
+        let batch = TrainingBatch {
+            batch_id: 7,
+            step: 3,
+            ..Default::default()
+        };
+        let c = Command::Step {
+            step: 3,
+            version: 2,
+            batch: batch.clone(),
+        };
+        match Command::decode(&c.encode()).unwrap() {
+            Command::Step {
+                step,
+                version,
+                batch: b,
+            } => assert_eq!((step, version, b), (3, 2, batch)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Command::decode(&Command::Stop.encode()).unwrap(),
+            Command::Stop
+        ));
+        let e = Command::decode(&[9]).unwrap_err().to_string();
+        assert!(e.contains("unknown command"), "{e}");
     }
 }

@@ -163,6 +163,11 @@ impl Trainer {
         })
     }
 
+    /// The device the model trains on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn model_config(&self) -> &ModelConfig {
         self.model.config()
     }
@@ -457,7 +462,21 @@ impl Trainer {
         step: u64,
     ) -> Result<Reduced> {
         let LocalGradients { grads, mut sums } = local;
-        let (grads, norm) = if collective.world_size() == 1 {
+        #[cfg(feature = "nccl")]
+        // NCCL on a CUDA model: on the device, even with one rank (`--collective nccl`
+        // then runs the whole path, which is how one GPU checks it).
+        let on_gpu = self.device.is_cuda() && collective.nccl().is_some();
+        #[cfg(not(feature = "nccl"))]
+        let on_gpu = false;
+        let (grads, norm) = if on_gpu {
+            #[cfg(feature = "nccl")]
+            {
+                let nccl = collective.nccl().expect("checked above");
+                crate::nccl::reduce_gradients(nccl, &self.model, grads.into_tensors(&self.model)?)?
+            }
+            #[cfg(not(feature = "nccl"))]
+            unreachable!("no NCCL in this build")
+        } else if collective.world_size() == 1 {
             let grads = grads.into_grad_store(&self.model)?;
             let norm = hindsight_training::grad_norm(&grads, self.model.vars())?;
             (grads, norm)

@@ -140,6 +140,7 @@ fn rank_process_entry() {
             version: "test".into(),
             config_digest: hindsight_learner::ranks::config_digest(&t).unwrap(),
             model_fingerprint: "tiny".into(),
+            backend: "tcp".into(),
         };
         Box::new(
             hindsight_collective::TcpCollective::establish(

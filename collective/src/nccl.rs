@@ -1,0 +1,478 @@
+//! The NCCL backend, for GPU ranks (cargo feature `nccl`). Two planes:
+//!
+//! - **Control**: a host [`Collective`] ([`crate::TcpCollective`] for several ranks,
+//!   [`crate::Single`] for one) carries the rendezvous (rank 0 hands the NCCL unique id to the
+//!   peers over it, no shared file), broadcasts of bytes, all-gathers and barriers. Its bounded
+//!   reads already detect a dead peer.
+//! - **Data**: an NCCL communicator on the caller's CUDA stream (the compute stream: candle's,
+//!   so the reduction is ordered after the backward that produced the gradients without a
+//!   host synchronisation). Device buffers are reduced in place
+//!   ([`NcclCollective::all_reduce_device`]); host buffers go through a device copy.
+//!
+//! NCCL calls block (a collective waits for every peer; the first one also connects them), so
+//! each operation is **watched**: it is armed with the operation timeout, the caller polls the
+//! stream's completion, and a watchdog thread aborts the communicator when the deadline passes
+//! (`ncclCommAbort`, documented to unblock the calls in flight). If even that does not free the
+//! caller within [`ABORT_GRACE`], the watchdog ends the process with a message naming the
+//! operation: a clear error within a bounded time in every case, never a silent hang.
+//!
+//! Determinism: NCCL gives every rank the same bits (each chunk is reduced once and then
+//! copied), but its summation order is its ring's, not rank order; so NCCL ranks agree bit for
+//! bit with each other and match one rank within rounding, like the TCP backend.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
+use cudarc::nccl::sys;
+
+use crate::{Collective, CollectiveError, Result, Traffic, Wait};
+
+/// How long the watchdog waits, after aborting the communicator, for the blocked call to
+/// return before it ends the process.
+pub const ABORT_GRACE: Duration = Duration::from_secs(10);
+
+/// Bytes of an NCCL unique id (what rank 0 hands out at the rendezvous).
+pub const UNIQUE_ID_BYTES: usize = 128;
+
+/// A fresh NCCL unique id (rank 0 creates it before the rendezvous and hands it out).
+pub fn new_unique_id() -> Result<Vec<u8>> {
+    let id = cudarc::nccl::result::get_uniqueid()
+        .map_err(|e| device_err("creating the NCCL unique id", e.0, None))?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
+}
+
+/// The version of the NCCL library loaded at run time, as `major.minor.patch`.
+pub fn library_version() -> Result<String> {
+    let v = cudarc::nccl::result::get_nccl_version()
+        .map_err(|e| device_err("reading the NCCL version", e.0, None))?;
+    Ok(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
+}
+
+/// An element type NCCL reduces.
+pub trait Element: cudarc::nccl::NcclType + DeviceRepr + Copy {}
+impl Element for f32 {}
+impl Element for f64 {}
+
+/// The communicator handle, shared with the watchdog (which may abort it from its thread).
+struct Comm {
+    raw: sys::ncclComm_t,
+    aborted: AtomicBool,
+}
+
+// SAFETY: the handle is used for operations by the owning rank's thread only; the other
+// thread (the watchdog) only calls `ncclCommAbort`, which NCCL allows concurrently with a
+// blocked operation (it is how a hung collective is cancelled).
+unsafe impl Send for Comm {}
+unsafe impl Sync for Comm {}
+
+impl Comm {
+    /// Aborts once; later calls do nothing.
+    fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: a communicator created by `ncclCommInitRank`, aborted at most once.
+            unsafe {
+                sys::ncclCommAbort(self.raw);
+            }
+        }
+    }
+
+    fn last_error(&self) -> Option<String> {
+        // SAFETY: a valid communicator; NCCL returns a NUL-terminated string or null.
+        let p = unsafe { sys::ncclGetLastError(self.raw) };
+        (!p.is_null())
+            .then(|| {
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .filter(|s| !s.is_empty())
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // No operation is in flight once the owner drops it: abort frees the communicator
+        // without waiting for peers that may already be gone.
+        self.abort();
+    }
+}
+
+fn device_err(op: &'static str, code: sys::ncclResult_t, comm: Option<&Comm>) -> CollectiveError {
+    // SAFETY: NCCL returns a static NUL-terminated string for every result code.
+    let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(code)) }
+        .to_string_lossy()
+        .into_owned();
+    let detail = comm.and_then(Comm::last_error);
+    CollectiveError::Device {
+        op,
+        message: match detail {
+            Some(d) => format!("{code:?} ({text}): {d}"),
+            None => format!("{code:?} ({text})"),
+        },
+    }
+}
+
+fn driver_err(op: &'static str, e: cudarc::driver::DriverError) -> CollectiveError {
+    CollectiveError::Device {
+        op,
+        message: format!("CUDA: {e}"),
+    }
+}
+
+/// What the watchdog watches: at most one armed operation.
+#[derive(Default)]
+struct Watch {
+    /// The armed operation and its deadline.
+    armed: Option<(&'static str, Instant)>,
+    /// Counts arm calls, so a fired deadline belongs to the operation that set it.
+    generation: u64,
+    /// The operation whose deadline passed (the communicator is aborted).
+    fired: Option<&'static str>,
+    stop: bool,
+}
+
+struct Watchdog {
+    state: Arc<(Mutex<Watch>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    timeout: Duration,
+}
+
+impl Watchdog {
+    fn start(comm: Arc<Mutex<Option<Arc<Comm>>>>, timeout: Duration, rank: u32) -> Self {
+        let state = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
+        let s = Arc::clone(&state);
+        let thread = std::thread::Builder::new()
+            .name(format!("nccl-watchdog-{rank}"))
+            .spawn(move || watch(&s, &comm, timeout, rank))
+            .expect("spawning the NCCL watchdog thread");
+        Self {
+            state,
+            thread: Some(thread),
+            timeout,
+        }
+    }
+
+    fn arm(&self, op: &'static str) -> Result<Armed<'_>> {
+        let (m, cv) = &*self.state;
+        let mut w = m.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fired) = w.fired {
+            return Err(CollectiveError::OutOfStep(format!(
+                "the NCCL communicator was aborted after {fired} timed out; {op} cannot run"
+            )));
+        }
+        w.generation += 1;
+        w.armed = Some((op, Instant::now() + self.timeout));
+        cv.notify_all();
+        Ok(Armed {
+            dog: self,
+            generation: w.generation,
+        })
+    }
+
+    fn fired(&self) -> Option<&'static str> {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).fired
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.state;
+        m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Disarms on drop (the operation returned, successfully or not).
+struct Armed<'a> {
+    dog: &'a Watchdog,
+    generation: u64,
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.dog.state;
+        let mut w = m.lock().unwrap_or_else(|e| e.into_inner());
+        if w.generation == self.generation {
+            w.armed = None;
+        }
+        cv.notify_all();
+    }
+}
+
+/// The watchdog thread: sleeps until an armed deadline passes, aborts the communicator, then
+/// ends the process if the operation still has not returned after [`ABORT_GRACE`].
+fn watch(
+    state: &(Mutex<Watch>, Condvar),
+    comm: &Mutex<Option<Arc<Comm>>>,
+    timeout: Duration,
+    rank: u32,
+) {
+    let (m, cv) = state;
+    let mut w = m.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if w.stop {
+            return;
+        }
+        let Some((op, deadline)) = w.armed else {
+            w = cv.wait(w).unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+        let now = Instant::now();
+        if now < deadline {
+            w = cv
+                .wait_timeout(w, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        // The deadline passed with the operation still armed.
+        let generation = w.generation;
+        w.fired = Some(op);
+        drop(w);
+        tracing::error!(
+            rank,
+            op,
+            ?timeout,
+            "NCCL operation did not complete in time (a stalled or dead rank): aborting the communicator"
+        );
+        let c = comm.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(c) = c {
+            c.abort();
+        }
+        w = m.lock().unwrap_or_else(|e| e.into_inner());
+        let until = Instant::now() + ABORT_GRACE;
+        while w.armed.is_some() && w.generation == generation && !w.stop {
+            let now = Instant::now();
+            if now >= until {
+                // A call NCCL did not release: leave loudly rather than hang.
+                eprintln!(
+                    "hindsight learner rank {rank}: NCCL {op} did not complete within {timeout:?} \
+                     and did not return {ABORT_GRACE:?} after the communicator was aborted \
+                     (a stalled or dead rank); exiting"
+                );
+                std::process::exit(3);
+            }
+            w = cv
+                .wait_timeout(w, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        // Stay fired: every later operation is refused.
+        w.armed = None;
+    }
+}
+
+/// One GPU rank's collective (see the module docs).
+pub struct NcclCollective {
+    control: Box<dyn Collective>,
+    stream: Arc<CudaStream>,
+    comm: Arc<Comm>,
+    dog: Watchdog,
+    traffic: Traffic,
+}
+
+impl NcclCollective {
+    /// Joins the NCCL communicator of `control`'s ranks on `stream`'s device, with `unique_id`
+    /// (rank 0's [`new_unique_id`], which the others received at the rendezvous). Blocks until
+    /// every rank has joined, at most `timeout` (then the process exits with a message).
+    pub fn new(
+        control: Box<dyn Collective>,
+        stream: Arc<CudaStream>,
+        unique_id: &[u8],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let (rank, world) = (control.rank(), control.world_size());
+        if unique_id.len() != UNIQUE_ID_BYTES {
+            return Err(CollectiveError::OutOfStep(format!(
+                "an NCCL unique id has {UNIQUE_ID_BYTES} bytes, rank 0 handed out {} \
+                 (is rank 0 running the TCP backend?)",
+                unique_id.len()
+            )));
+        }
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        for (d, s) in id.internal.iter_mut().zip(unique_id) {
+            *d = *s as _;
+        }
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the CUDA context", e))?;
+        // The watchdog covers the join itself (a peer that died after the rendezvous).
+        let slot: Arc<Mutex<Option<Arc<Comm>>>> = Arc::default();
+        let dog = Watchdog::start(Arc::clone(&slot), timeout, rank);
+        let raw = {
+            let _armed = dog.arm("joining the NCCL communicator")?;
+            let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+            // SAFETY: `raw` receives the new communicator; `id` is 128 bytes from rank 0.
+            let code = unsafe { sys::ncclCommInitRank(&mut raw, world as i32, id, rank as i32) };
+            if code != sys::ncclResult_t::ncclSuccess {
+                return Err(device_err("joining the NCCL communicator", code, None));
+            }
+            raw
+        };
+        let comm = Arc::new(Comm {
+            raw,
+            aborted: AtomicBool::new(false),
+        });
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&comm));
+        Ok(Self {
+            control,
+            stream,
+            comm,
+            dog,
+            traffic: Traffic::default(),
+        })
+    }
+
+    /// The stream the collectives run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Element-wise sum over the ranks of a device buffer, in place, on the stream; returns
+    /// once the result is there (so the caller may read it from any stream).
+    pub fn all_reduce_device<T: Element>(&mut self, buf: &mut CudaSlice<T>) -> Result<()> {
+        const OP: &str = "all-reduce on the GPU";
+        let n = buf.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // One rank still runs the call (a copy in place): `--collective nccl` with one rank
+        // is how a single GPU checks the whole path.
+        let armed = self.dog.arm(OP)?;
+        {
+            let (ptr, _record) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` holds `n` elements of `T` on this communicator's device, and the
+            // reduction is enqueued on the stream that owns the buffer's pending work.
+            let code = unsafe {
+                sys::ncclAllReduce(
+                    ptr as *const _,
+                    ptr as *mut _,
+                    n,
+                    T::as_nccl_type(),
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm.raw,
+                    self.stream.cu_stream() as _,
+                )
+            };
+            if code != sys::ncclResult_t::ncclSuccess {
+                return Err(self.failed(OP, code));
+            }
+        }
+        self.wait(OP)?;
+        drop(armed);
+        // A ring all-reduce sends and receives 2 (N - 1) / N of the buffer on every rank
+        // (nothing with one rank).
+        let world = self.control.world_size() as u64;
+        let bytes = (n * std::mem::size_of::<T>()) as u64 * 2 * (world - 1) / world;
+        self.traffic.sent += bytes;
+        self.traffic.received += bytes;
+        Ok(())
+    }
+
+    /// Host buffers: copied to the device, reduced there, copied back.
+    fn all_reduce_host<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut dev = self
+            .stream
+            .clone_htod(buf)
+            .map_err(|e| driver_err("copying a buffer to the GPU", e))?;
+        self.all_reduce_device(&mut dev)?;
+        self.stream
+            .memcpy_dtoh(&dev, buf)
+            .map_err(|e| driver_err("copying a reduced buffer to the host", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("copying a reduced buffer to the host", e))
+    }
+
+    /// Polls the stream until the enqueued work is done, the communicator reports an
+    /// asynchronous error, or the watchdog fires.
+    fn wait(&self, op: &'static str) -> Result<()> {
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(|e| driver_err(op, e))?;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            match done.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(self
+                        .dog
+                        .fired()
+                        .map_or_else(|| driver_err(op, e), |fired| self.timed_out(fired)))
+                }
+            }
+            let mut code = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a valid communicator; `code` receives its asynchronous error state.
+            unsafe { sys::ncclCommGetAsyncError(self.comm.raw, &mut code) };
+            if code != sys::ncclResult_t::ncclSuccess && code != sys::ncclResult_t::ncclInProgress {
+                self.comm.abort();
+                return Err(device_err(op, code, Some(&self.comm)));
+            }
+            if let Some(fired) = self.dog.fired() {
+                return Err(self.timed_out(fired));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    fn failed(&self, op: &'static str, code: sys::ncclResult_t) -> CollectiveError {
+        match self.dog.fired() {
+            Some(fired) => self.timed_out(fired),
+            None => device_err(op, code, Some(&self.comm)),
+        }
+    }
+
+    fn timed_out(&self, op: &'static str) -> CollectiveError {
+        CollectiveError::DeviceTimeout {
+            op,
+            timeout: self.dog.timeout,
+        }
+    }
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> u32 {
+        self.control.rank()
+    }
+    fn world_size(&self) -> u32 {
+        self.control.world_size()
+    }
+    fn all_reduce_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_host(buf)
+    }
+    fn all_reduce_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        self.all_reduce_host(buf)
+    }
+    fn broadcast(&mut self, buf: &mut Vec<u8>, wait: Wait) -> Result<()> {
+        self.control.broadcast(buf, wait)
+    }
+    fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.control.all_gather(mine)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.control.barrier()
+    }
+    fn traffic(&self) -> Traffic {
+        let c = self.control.traffic();
+        Traffic {
+            sent: c.sent + self.traffic.sent,
+            received: c.received + self.traffic.received,
+        }
+    }
+    fn nccl(&mut self) -> Option<&mut NcclCollective> {
+        Some(self)
+    }
+}
