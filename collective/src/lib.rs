@@ -19,6 +19,7 @@
 pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
+pub mod watchdog;
 
 use std::time::Duration;
 

@@ -10,24 +10,25 @@
 //!   ([`NcclCollective::all_reduce_device`]); host buffers go through a device copy.
 //!
 //! NCCL calls block (a collective waits for every peer; the first one also connects them), so
-//! each operation is **watched**: it is armed with the operation timeout, the caller polls the
-//! stream's completion, and a watchdog thread aborts the communicator when the deadline passes
-//! (`ncclCommAbort`, documented to unblock the calls in flight). If even that does not free the
-//! caller within [`ABORT_GRACE`], the watchdog ends the process with a message naming the
-//! operation: a clear error within a bounded time in every case, never a silent hang.
+//! each operation is **watched** ([`crate::watchdog`]): it is armed with the operation
+//! timeout, the caller polls the stream's completion, and the watchdog aborts the
+//! communicator when the deadline passes (`ncclCommAbort`, documented to unblock the calls in
+//! flight). If even that does not free the caller within [`ABORT_GRACE`], the watchdog ends
+//! the process with a message naming the operation: a clear error within a bounded time in
+//! every case, never a silent hang.
 //!
 //! Determinism: NCCL gives every rank the same bits (each chunk is reduced once and then
 //! copied), but its summation order is its ring's, not rank order; so NCCL ranks agree bit for
 //! bit with each other and match one rank within rounding, like the TCP backend.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use cudarc::nccl::sys;
 
+use crate::watchdog::Watchdog;
 use crate::{Collective, CollectiveError, Result, Traffic, Wait};
 
 /// How long the watchdog waits, after aborting the communicator, for the blocked call to
@@ -122,152 +123,6 @@ fn driver_err(op: &'static str, e: cudarc::driver::DriverError) -> CollectiveErr
     }
 }
 
-/// What the watchdog watches: at most one armed operation.
-#[derive(Default)]
-struct Watch {
-    /// The armed operation and its deadline.
-    armed: Option<(&'static str, Instant)>,
-    /// Counts arm calls, so a fired deadline belongs to the operation that set it.
-    generation: u64,
-    /// The operation whose deadline passed (the communicator is aborted).
-    fired: Option<&'static str>,
-    stop: bool,
-}
-
-struct Watchdog {
-    state: Arc<(Mutex<Watch>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-    timeout: Duration,
-}
-
-impl Watchdog {
-    fn start(comm: Arc<Mutex<Option<Arc<Comm>>>>, timeout: Duration, rank: u32) -> Self {
-        let state = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
-        let s = Arc::clone(&state);
-        let thread = std::thread::Builder::new()
-            .name(format!("nccl-watchdog-{rank}"))
-            .spawn(move || watch(&s, &comm, timeout, rank))
-            .expect("spawning the NCCL watchdog thread");
-        Self {
-            state,
-            thread: Some(thread),
-            timeout,
-        }
-    }
-
-    fn arm(&self, op: &'static str) -> Result<Armed<'_>> {
-        let (m, cv) = &*self.state;
-        let mut w = m.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fired) = w.fired {
-            return Err(CollectiveError::OutOfStep(format!(
-                "the NCCL communicator was aborted after {fired} timed out; {op} cannot run"
-            )));
-        }
-        w.generation += 1;
-        w.armed = Some((op, Instant::now() + self.timeout));
-        cv.notify_all();
-        Ok(Armed {
-            dog: self,
-            generation: w.generation,
-        })
-    }
-
-    fn fired(&self) -> Option<&'static str> {
-        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).fired
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.state;
-        m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-        cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Disarms on drop (the operation returned, successfully or not).
-struct Armed<'a> {
-    dog: &'a Watchdog,
-    generation: u64,
-}
-
-impl Drop for Armed<'_> {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.dog.state;
-        let mut w = m.lock().unwrap_or_else(|e| e.into_inner());
-        if w.generation == self.generation {
-            w.armed = None;
-        }
-        cv.notify_all();
-    }
-}
-
-/// The watchdog thread: sleeps until an armed deadline passes, aborts the communicator, then
-/// ends the process if the operation still has not returned after [`ABORT_GRACE`].
-fn watch(
-    state: &(Mutex<Watch>, Condvar),
-    comm: &Mutex<Option<Arc<Comm>>>,
-    timeout: Duration,
-    rank: u32,
-) {
-    let (m, cv) = state;
-    let mut w = m.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        if w.stop {
-            return;
-        }
-        let Some((op, deadline)) = w.armed else {
-            w = cv.wait(w).unwrap_or_else(|e| e.into_inner());
-            continue;
-        };
-        let now = Instant::now();
-        if now < deadline {
-            w = cv
-                .wait_timeout(w, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            continue;
-        }
-        // The deadline passed with the operation still armed.
-        let generation = w.generation;
-        w.fired = Some(op);
-        drop(w);
-        tracing::error!(
-            rank,
-            op,
-            ?timeout,
-            "NCCL operation did not complete in time (a stalled or dead rank): aborting the communicator"
-        );
-        let c = comm.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(c) = c {
-            c.abort();
-        }
-        w = m.lock().unwrap_or_else(|e| e.into_inner());
-        let until = Instant::now() + ABORT_GRACE;
-        while w.armed.is_some() && w.generation == generation && !w.stop {
-            let now = Instant::now();
-            if now >= until {
-                // A call NCCL did not release: leave loudly rather than hang.
-                eprintln!(
-                    "hindsight learner rank {rank}: NCCL {op} did not complete within {timeout:?} \
-                     and did not return {ABORT_GRACE:?} after the communicator was aborted \
-                     (a stalled or dead rank); exiting"
-                );
-                std::process::exit(3);
-            }
-            w = cv
-                .wait_timeout(w, until - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        // Stay fired: every later operation is refused.
-        w.armed = None;
-    }
-}
-
 /// One GPU rank's collective (see the module docs).
 pub struct NcclCollective {
     control: Box<dyn Collective>,
@@ -303,9 +158,21 @@ impl NcclCollective {
             .context()
             .bind_to_thread()
             .map_err(|e| driver_err("binding the CUDA context", e))?;
-        // The watchdog covers the join itself (a peer that died after the rendezvous).
+        // The watchdog covers the join itself (a peer that died after the rendezvous); until
+        // the communicator exists there is nothing to abort, and the grace ends the process.
         let slot: Arc<Mutex<Option<Arc<Comm>>>> = Arc::default();
-        let dog = Watchdog::start(Arc::clone(&slot), timeout, rank);
+        let target = Arc::clone(&slot);
+        let dog = Watchdog::start(
+            &format!("learner rank {rank} NCCL"),
+            timeout,
+            ABORT_GRACE,
+            move |_| {
+                let comm = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(c) = comm {
+                    c.abort();
+                }
+            },
+        );
         let raw = {
             let _armed = dog.arm("joining the NCCL communicator")?;
             let mut raw: sys::ncclComm_t = std::ptr::null_mut();
@@ -410,7 +277,7 @@ impl NcclCollective {
                     return Err(self
                         .dog
                         .fired()
-                        .map_or_else(|| driver_err(op, e), |fired| self.timed_out(fired)))
+                        .map_or_else(|| driver_err(op, e), |fired| self.dog.timed_out(fired)))
                 }
             }
             let mut code = sys::ncclResult_t::ncclSuccess;
@@ -421,7 +288,7 @@ impl NcclCollective {
                 return Err(device_err(op, code, Some(&self.comm)));
             }
             if let Some(fired) = self.dog.fired() {
-                return Err(self.timed_out(fired));
+                return Err(self.dog.timed_out(fired));
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(1));
@@ -430,15 +297,8 @@ impl NcclCollective {
 
     fn failed(&self, op: &'static str, code: sys::ncclResult_t) -> CollectiveError {
         match self.dog.fired() {
-            Some(fired) => self.timed_out(fired),
+            Some(fired) => self.dog.timed_out(fired),
             None => device_err(op, code, Some(&self.comm)),
-        }
-    }
-
-    fn timed_out(&self, op: &'static str) -> CollectiveError {
-        CollectiveError::DeviceTimeout {
-            op,
-            timeout: self.dog.timeout,
         }
     }
 }
