@@ -212,6 +212,12 @@ impl NcclCollective {
         }
         // One rank still runs the call (a copy in place): `--collective nccl` with one rank
         // is how a single GPU checks the whole path.
+        // The caller's thread may change between steps (an async runtime's blocking section):
+        // make this communicator's context current before NCCL enqueues on it.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err(OP, e))?;
         let armed = self.dog.arm(OP)?;
         {
             let (ptr, _record) = buf.device_ptr_mut(&self.stream);
