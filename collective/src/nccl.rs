@@ -21,7 +21,6 @@
 //! copied), but its summation order is its ring's, not rank order; so NCCL ranks agree bit for
 //! bit with each other and match one rank within rounding, like the TCP backend.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,28 +59,71 @@ impl Element for f64 {}
 /// The communicator handle, shared with the watchdog (which may abort it from its thread).
 struct Comm {
     raw: sys::ncclComm_t,
-    aborted: AtomicBool,
+    /// Set once the communicator is aborted, which frees the handle: nothing may use it after.
+    /// The owner holds the lock while it asks the communicator for its state, so an abort
+    /// from the watchdog never frees the handle under such a call.
+    aborted: Mutex<bool>,
 }
 
-// SAFETY: the handle is used for operations by the owning rank's thread only; the other
-// thread (the watchdog) only calls `ncclCommAbort`, which NCCL allows concurrently with a
-// blocked operation (it is how a hung collective is cancelled).
+// SAFETY: the handle is used for operations by the owning rank's thread only. The other
+// thread (the watchdog's) only calls `ncclCommAbort`, under `aborted`'s lock, which NCCL
+// allows while an operation is blocked (it is how a hung collective is cancelled); every
+// other use of the handle takes that lock and checks that it is not aborted.
 unsafe impl Send for Comm {}
 unsafe impl Sync for Comm {}
 
+/// What the communicator says about itself while an operation runs.
+enum CommState {
+    Fine,
+    Failed(sys::ncclResult_t),
+    Aborted,
+}
+
 impl Comm {
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.aborted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Aborts once; later calls do nothing.
     fn abort(&self) {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
+        let mut aborted = self.lock();
+        if !*aborted {
             // SAFETY: a communicator created by `ncclCommInitRank`, aborted at most once.
             unsafe {
                 sys::ncclCommAbort(self.raw);
             }
+            *aborted = true;
+        }
+    }
+
+    fn is_aborted(&self) -> bool {
+        *self.lock()
+    }
+
+    /// The communicator's asynchronous error state (a peer failed, a network error).
+    fn state(&self) -> CommState {
+        let aborted = self.lock();
+        if *aborted {
+            return CommState::Aborted;
+        }
+        let mut code = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: a live communicator (not aborted, and it cannot be while we hold the lock).
+        let rc = unsafe { sys::ncclCommGetAsyncError(self.raw, &mut code) };
+        match (rc, code) {
+            (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess)
+            | (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclInProgress) => {
+                CommState::Fine
+            }
+            (sys::ncclResult_t::ncclSuccess, failed) | (failed, _) => CommState::Failed(failed),
         }
     }
 
     fn last_error(&self) -> Option<String> {
-        // SAFETY: a valid communicator; NCCL returns a NUL-terminated string or null.
+        let aborted = self.lock();
+        if *aborted {
+            return None;
+        }
+        // SAFETY: a live communicator; NCCL returns a NUL-terminated string or null.
         let p = unsafe { sys::ncclGetLastError(self.raw) };
         (!p.is_null())
             .then(|| {
@@ -135,12 +177,14 @@ pub struct NcclCollective {
 impl NcclCollective {
     /// Joins the NCCL communicator of `control`'s ranks on `stream`'s device, with `unique_id`
     /// (rank 0's [`new_unique_id`], which the others received at the rendezvous). Blocks until
-    /// every rank has joined, at most `timeout` (then the process exits with a message).
+    /// every rank has joined, at most `join_timeout` plus [`ABORT_GRACE`] (then the process
+    /// exits with a message); every operation after that is bounded by `timeout`.
     pub fn new(
         control: Box<dyn Collective>,
         stream: Arc<CudaStream>,
         unique_id: &[u8],
         timeout: Duration,
+        join_timeout: Duration,
     ) -> Result<Self> {
         let (rank, world) = (control.rank(), control.world_size());
         if unique_id.len() != UNIQUE_ID_BYTES {
@@ -174,7 +218,7 @@ impl NcclCollective {
             },
         );
         let raw = {
-            let _armed = dog.arm("joining the NCCL communicator")?;
+            let _armed = dog.arm_for("joining the NCCL communicator", join_timeout)?;
             let mut raw: sys::ncclComm_t = std::ptr::null_mut();
             // SAFETY: `raw` receives the new communicator; `id` is 128 bytes from rank 0.
             let code = unsafe { sys::ncclCommInitRank(&mut raw, world as i32, id, rank as i32) };
@@ -185,7 +229,7 @@ impl NcclCollective {
         };
         let comm = Arc::new(Comm {
             raw,
-            aborted: AtomicBool::new(false),
+            aborted: Mutex::new(false),
         });
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&comm));
         Ok(Self {
@@ -212,6 +256,9 @@ impl NcclCollective {
         }
         // One rank still runs the call (a copy in place): `--collective nccl` with one rank
         // is how a single GPU checks the whole path.
+        if self.comm.is_aborted() {
+            return Err(self.aborted(OP));
+        }
         // The caller's thread may change between steps (an async runtime's blocking section):
         // make this communicator's context current before NCCL enqueues on it.
         self.stream
@@ -268,7 +315,8 @@ impl NcclCollective {
     }
 
     /// Polls the stream until the enqueued work is done, the communicator reports an
-    /// asynchronous error, or the watchdog fires.
+    /// asynchronous error, or the watchdog fires. Work that "completes" because the
+    /// communicator was aborted under it is an error, not a result.
     fn wait(&self, op: &'static str) -> Result<()> {
         let done = self
             .stream
@@ -277,34 +325,44 @@ impl NcclCollective {
         let mut pause = Duration::from_micros(20);
         loop {
             match done.try_is_complete() {
+                Ok(true) if self.comm.is_aborted() => return Err(self.aborted(op)),
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) => {
-                    return Err(self
-                        .dog
-                        .fired()
-                        .map_or_else(|| driver_err(op, e), |fired| self.dog.timed_out(fired)))
+                Err(_) if self.comm.is_aborted() => return Err(self.aborted(op)),
+                Err(e) => return Err(driver_err(op, e)),
+            }
+            match self.comm.state() {
+                CommState::Fine => {}
+                CommState::Aborted => return Err(self.aborted(op)),
+                CommState::Failed(code) => {
+                    let err = device_err(op, code, Some(&self.comm));
+                    self.comm.abort();
+                    return Err(err);
                 }
-            }
-            let mut code = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: a valid communicator; `code` receives its asynchronous error state.
-            unsafe { sys::ncclCommGetAsyncError(self.comm.raw, &mut code) };
-            if code != sys::ncclResult_t::ncclSuccess && code != sys::ncclResult_t::ncclInProgress {
-                self.comm.abort();
-                return Err(device_err(op, code, Some(&self.comm)));
-            }
-            if let Some(fired) = self.dog.fired() {
-                return Err(self.dog.timed_out(fired));
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(1));
         }
     }
 
+    /// An NCCL call returned `code`.
     fn failed(&self, op: &'static str, code: sys::ncclResult_t) -> CollectiveError {
+        if self.comm.is_aborted() {
+            self.aborted(op)
+        } else {
+            device_err(op, code, Some(&self.comm))
+        }
+    }
+
+    /// The error of an operation on an aborted communicator: the watchdog's timeout when it
+    /// fired, else the earlier failure that aborted it.
+    fn aborted(&self, op: &'static str) -> CollectiveError {
         match self.dog.fired() {
             Some(fired) => self.dog.timed_out(fired),
-            None => device_err(op, code, Some(&self.comm)),
+            None => CollectiveError::Device {
+                op,
+                message: "the NCCL communicator was aborted after an earlier error".into(),
+            },
         }
     }
 }

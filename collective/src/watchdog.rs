@@ -3,10 +3,11 @@
 //!
 //! The caller [`Watchdog::arm`]s each operation; the guard disarms it when the operation
 //! returns. When an armed deadline passes, the watchdog thread marks the operation as fired
-//! (every later [`Watchdog::arm`] is refused) and calls `on_expiry`, which should release the
-//! blocked call (NCCL: `ncclCommAbort`). If the operation still has not returned `grace`
-//! later, the watchdog ends the process with exit code [`EXIT_CODE`] and a message naming
-//! the operation: a bounded, named failure in every case, never a silent hang.
+//! (every later [`Watchdog::arm`] is refused) and calls `on_expiry` on a thread of its own,
+//! which should release the blocked call (NCCL: `ncclCommAbort`). If the operation still has
+//! not returned `grace` after the deadline (the abort itself may block), the watchdog ends the
+//! process with exit code [`EXIT_CODE`] and a message naming the operation: a bounded, named
+//! failure in every case, never a silent hang.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -19,12 +20,12 @@ pub const EXIT_CODE: i32 = 3;
 
 #[derive(Default)]
 struct Watch {
-    /// The armed operation and its deadline.
-    armed: Option<(&'static str, Instant)>,
+    /// The armed operation, when it was armed and its bound.
+    armed: Option<(&'static str, Instant, Duration)>,
     /// Counts arms, so that a deadline belongs to the operation that set it.
     generation: u64,
-    /// The operation whose deadline passed.
-    fired: Option<&'static str>,
+    /// The operation whose deadline passed, and its bound.
+    fired: Option<(&'static str, Duration)>,
     stop: bool,
 }
 
@@ -43,19 +44,20 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// Starts the thread. `name` goes into its thread name and exit message; `on_expiry`
-    /// runs on the watchdog thread with the operation's name when its deadline passes.
+    /// runs on a thread of its own with the operation's name when its deadline passes.
     pub fn start(
         name: &str,
         timeout: Duration,
         grace: Duration,
-        on_expiry: impl Fn(&'static str) + Send + 'static,
+        on_expiry: impl Fn(&'static str) + Send + Sync + 'static,
     ) -> Self {
         let state: Shared = Arc::default();
         let s = Arc::clone(&state);
         let label = name.to_string();
+        let on_expiry: Arc<dyn Fn(&'static str) + Send + Sync> = Arc::new(on_expiry);
         let thread = std::thread::Builder::new()
             .name(format!("watchdog-{name}"))
-            .spawn(move || watch(&s, timeout, grace, &label, on_expiry))
+            .spawn(move || watch(&s, grace, &label, on_expiry))
             .expect("spawning a watchdog thread");
         Self {
             state,
@@ -69,17 +71,24 @@ impl Watchdog {
         self.timeout
     }
 
-    /// Arms `op` until the guard drops; refused once an operation has fired.
+    /// Arms `op` with the watchdog's timeout until the guard drops; refused once an operation
+    /// has fired.
     pub fn arm(&self, op: &'static str) -> Result<Armed<'_>> {
+        self.arm_for(op, self.timeout)
+    }
+
+    /// As [`Watchdog::arm`] with a bound of its own (joining a group may take longer than
+    /// one operation).
+    pub fn arm_for(&self, op: &'static str, bound: Duration) -> Result<Armed<'_>> {
         let (m, cv) = &*self.state;
         let mut w = lock(m);
-        if let Some(fired) = w.fired {
+        if let Some((fired, _)) = w.fired {
             return Err(CollectiveError::OutOfStep(format!(
                 "{fired} timed out earlier (the communicator was aborted); {op} cannot run"
             )));
         }
         w.generation += 1;
-        w.armed = Some((op, Instant::now() + self.timeout));
+        w.armed = Some((op, Instant::now(), bound));
         cv.notify_all();
         Ok(Armed {
             dog: self,
@@ -89,15 +98,16 @@ impl Watchdog {
 
     /// The operation whose deadline passed, if one did.
     pub fn fired(&self) -> Option<&'static str> {
-        lock(&self.state.0).fired
+        lock(&self.state.0).fired.map(|(op, _)| op)
     }
 
     /// The error of an operation that timed out.
     pub fn timed_out(&self, op: &'static str) -> CollectiveError {
-        CollectiveError::DeviceTimeout {
-            op,
-            timeout: self.timeout,
-        }
+        let timeout = match lock(&self.state.0).fired {
+            Some((fired, bound)) if fired == op => bound,
+            _ => self.timeout,
+        };
+        CollectiveError::DeviceTimeout { op, timeout }
     }
 }
 
@@ -131,10 +141,9 @@ impl Drop for Armed<'_> {
 
 fn watch(
     state: &(Mutex<Watch>, Condvar),
-    timeout: Duration,
     grace: Duration,
     name: &str,
-    on_expiry: impl Fn(&'static str),
+    on_expiry: Arc<dyn Fn(&'static str) + Send + Sync>,
 ) {
     let (m, cv) = state;
     let mut w = lock(m);
@@ -142,10 +151,11 @@ fn watch(
         if w.stop {
             return;
         }
-        let Some((op, deadline)) = w.armed else {
+        let Some((op, since, bound)) = w.armed else {
             w = cv.wait(w).unwrap_or_else(|e| e.into_inner());
             continue;
         };
+        let deadline = since + bound;
         let now = Instant::now();
         if now < deadline {
             w = cv
@@ -155,22 +165,27 @@ fn watch(
             continue;
         }
         let generation = w.generation;
-        w.fired = Some(op);
+        w.fired = Some((op, bound));
         drop(w);
         tracing::error!(
             watchdog = name,
             op,
-            ?timeout,
+            ?bound,
             "operation did not complete in time (a stalled or dead rank): aborting it"
         );
-        on_expiry(op);
-        w = lock(m);
+        // The abort may block too: it runs on a thread of its own, and the grace counts from
+        // now whatever it does.
         let until = Instant::now() + grace;
+        let abort = Arc::clone(&on_expiry);
+        let _ = std::thread::Builder::new()
+            .name(format!("abort-{name}"))
+            .spawn(move || abort(op));
+        w = lock(m);
         while w.armed.is_some() && w.generation == generation && !w.stop {
             let now = Instant::now();
             if now >= until {
                 eprintln!(
-                    "hindsight {name}: {op} did not complete within {timeout:?} and did not \
+                    "hindsight {name}: {op} did not complete within {bound:?} and did not \
                      return {grace:?} after it was aborted (a stalled or dead rank); exiting"
                 );
                 std::process::exit(EXIT_CODE);

@@ -1,6 +1,7 @@
 //! The watchdog's last resort, in a real process: an operation that its abort does not
-//! release ends the process with exit code 3 and a message naming it, within the timeout plus
-//! the grace (this is what keeps an NCCL rank from hanging forever).
+//! release (here the abort itself blocks forever, as `ncclCommAbort` might) ends the process
+//! with exit code 3 and a message naming it, within the timeout plus the grace (this is what
+//! keeps an NCCL rank from hanging forever).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use hindsight_collective::watchdog::{Watchdog, EXIT_CODE};
 
 const CHILD_ENV: &str = "HINDSIGHT_WATCHDOG_TEST_CHILD";
 
-/// The child: arms an operation that never returns (its abort releases nothing).
+/// The child: arms an operation that never returns, with an abort that never returns.
 #[test]
 fn child_blocks_forever() {
     if std::env::var(CHILD_ENV).is_err() {
@@ -19,7 +20,12 @@ fn child_blocks_forever() {
         "test rank 1 NCCL",
         Duration::from_millis(300),
         Duration::from_millis(500),
-        |_| {},
+        |op| {
+            eprintln!("abort of {op} called");
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        },
     );
     let _armed = dog.arm("all-reduce on the GPU").unwrap();
     loop {
@@ -44,4 +50,9 @@ fn an_operation_the_abort_does_not_release_ends_the_process() {
     );
     assert!(took >= Duration::from_millis(800), "exited after {took:?}");
     assert!(took < Duration::from_secs(20), "exited after {took:?}");
+    // The abort ran (and blocked) on its own thread; the bound held anyway.
+    assert!(
+        stderr.contains("abort of all-reduce on the GPU called"),
+        "{stderr}"
+    );
 }

@@ -4,6 +4,11 @@
 //! the sums are then cut back into the parameters' shapes and dtype. The host never sees a
 //! gradient, and one large all-reduce runs at NCCL's bandwidth instead of one small call per
 //! parameter.
+//!
+//! Ordering: candle's device runs on one stream per thread, and cudarc's events are inactive
+//! there, so the backward, this reduction and what reads its result are ordered only because
+//! one thread issues them all (the whole step runs in one blocking section); the reduction
+//! waits for its own completion before it returns.
 
 use std::cell::RefCell;
 
@@ -84,8 +89,14 @@ pub fn reduce_gradients(
         kept.push(i);
     }
     ensure!(!parts.is_empty(), "no rank computed a gradient");
-    // A fresh contiguous buffer (cat copies), so reducing it in place touches nothing else.
-    let flat = Tensor::cat(&parts, 0)?;
+    // A fresh contiguous buffer, so that reducing it in place touches nothing else: `cat`
+    // copies several parts, but one part it returns as it is (sharing the gradient's
+    // storage, perhaps a view into a larger one), so that one is copied here.
+    let flat = if parts.len() == 1 {
+        parts[0].affine(1.0, 0.0)?
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
     drop(parts);
     flat.inplace_op1(&AllReduce {
         nccl: RefCell::new(nccl),

@@ -175,7 +175,7 @@ pub fn connect(
         (Box::new(tcp), id)
     };
     let c = match backend {
-        Backend::Nccl => join_nccl(control, trainer, unique_id, settings.op_timeout)?,
+        Backend::Nccl => join_nccl(control, trainer, unique_id, settings)?,
         _ => control,
     };
     info!(
@@ -203,7 +203,7 @@ fn join_nccl(
     control: Box<dyn Collective>,
     trainer: &Trainer,
     unique_id: Vec<u8>,
-    timeout: Duration,
+    settings: &RankSettings,
 ) -> Result<Box<dyn Collective>> {
     use hindsight_collective::nccl::{library_version, NcclCollective};
     let candle_core::Device::Cuda(dev) = trainer.device() else {
@@ -214,7 +214,8 @@ fn join_nccl(
         control,
         dev.cuda_stream(),
         &unique_id,
-        timeout,
+        settings.op_timeout,
+        settings.rendezvous_timeout,
     )?))
 }
 
@@ -223,7 +224,7 @@ fn join_nccl(
     _control: Box<dyn Collective>,
     _trainer: &Trainer,
     _unique_id: Vec<u8>,
-    _timeout: Duration,
+    _settings: &RankSettings,
 ) -> Result<Box<dyn Collective>> {
     bail!("this binary has no NCCL (build it with `--features cuda,nccl`)")
 }
