@@ -494,7 +494,44 @@ fn configuration_errors_are_one_line_and_exit_code_2() {
     let busy_addr = busy.local_addr().unwrap().to_string();
     let cache = dir.path().join("cache");
     let cache = cache.to_str().unwrap();
+    // A state directory that cannot be created: its parent is a regular file (what a volume
+    // mounted as a file, or a path typo, gives; root may write anywhere, so not a permission).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let wal = file.join("wal");
+    let wal = wal.to_str().unwrap();
+    let checkpoints = file.join("checkpoints");
+    let checkpoints = checkpoints.to_str().unwrap();
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "write-ahead log directory not writable",
+            vec![
+                "replay-server",
+                "--insecure",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                wal,
+            ],
+            "--data-dir",
+        ),
+        (
+            // Checked before the learner dials the (here absent) replay server.
+            "checkpoint directory not writable",
+            vec![
+                "learner",
+                "--insecure",
+                "--model",
+                "tiny",
+                "--listen",
+                "127.0.0.1:0",
+                "--replay",
+                "http://127.0.0.1:1",
+                "--checkpoint-dir",
+                checkpoints,
+            ],
+            "--checkpoint-dir",
+        ),
         (
             "listen address in use",
             vec!["replay-server", "--insecure", "--listen", &busy_addr],

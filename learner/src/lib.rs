@@ -329,6 +329,10 @@ pub async fn run(
             "--resume needs --checkpoint-dir"
         )));
     }
+    // Only rank 0 writes checkpoints; it checks their volume before anything slow happens.
+    if let (Some(dir), 0) = (&args.checkpoint_dir, rendezvous.rank) {
+        hindsight_service::check_writable_dir("--checkpoint-dir", dir)?;
+    }
     let server_security = hindsight_service::ServerSecurity::from_args(&args.server_security)?;
     let client_security = hindsight_service::ClientSecurity::from_args(&args.client_security)?;
     let cache = args

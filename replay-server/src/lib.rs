@@ -168,6 +168,9 @@ pub async fn serve_with_codec(
     args.validate().config_err()?;
     // Refuse a half-configured security set-up before anything is loaded.
     let security = hindsight_service::ServerSecurity::from_args(&args.security)?;
+    if let Some(dir) = &args.data_dir {
+        hindsight_service::check_writable_dir("--data-dir", dir)?;
+    }
     metrics::describe();
     metrics::init(args.max_staleness);
 

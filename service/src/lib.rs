@@ -10,6 +10,7 @@
 //! - Health: [`GrpcHealth`] (the standard `grpc.health.v1` service of a gRPC server, open to
 //!   probes) and the process readiness behind every role's HTTP `/readyz` ([`set_ready`],
 //!   [`set_not_ready`], [`readiness`]).
+//! - [`check_writable_dir`]: a state directory (write-ahead log, checkpoints) checked at start.
 //! - [`make_certs`]: a private CA, a server certificate and one token per role, for
 //!   `hindsight certs`.
 //!
@@ -25,6 +26,7 @@ mod health;
 mod role;
 mod server;
 mod shutdown;
+mod state_dir;
 mod tokens;
 
 pub use argv::{assert_round_trip, from_env, Argv, ToArgv};
@@ -38,6 +40,7 @@ pub use health::{readiness, set_not_ready, set_ready, GrpcHealth};
 pub use role::{default_policy, Access, ParseRoleError, Policy, Role};
 pub use server::{SecureServer, ServerSecurity, ServerSecurityArgs};
 pub use shutdown::{ShutdownArgs, DEFAULT_SHUTDOWN_TIMEOUT_SECS};
+pub use state_dir::check_writable_dir;
 pub use tokens::{TokenFileError, TokenProblem, TokenTable};
 
 /// Makes ring the process's rustls crypto provider. tonic's server builds its rustls config
