@@ -143,8 +143,9 @@ impl WeightStore {
     /// learner per directory).
     pub fn with_shared_dir(mut self, dir: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the shared weights directory {}", dir.display()))?;
+        // Proven writable now, not at the first publication.
+        hindsight_service::check_writable_dir("--shared-weights-dir", dir)
+            .context("preparing the shared weights directory")?;
         for entry in std::fs::read_dir(dir)
             .with_context(|| format!("reading the shared weights directory {}", dir.display()))?
         {
