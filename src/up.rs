@@ -135,7 +135,38 @@ pub struct UpArgs {
     pub no_shared_weights: bool,
 }
 
+/// The first port of the kernel's ephemeral range (Linux's default where it cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+}
+
+/// A free loopback port for a child to serve on, chosen below the kernel's ephemeral range.
+/// A port from that range (what binding port 0 gives) can become the local end of any outgoing
+/// connection on the host between our check and the child's bind, and again before a restarted
+/// child binds it anew (ports are chosen once, see `spec`); ports below the range are only ever
+/// taken by an explicit bind.
 fn free_port() -> Result<SocketAddr> {
+    let (low, high) = (10_000u16, ephemeral_low());
+    if high > low {
+        // xorshift from the clock and pid: concurrent `up`s start at different places.
+        let mut x = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32)
+            | 1;
+        for _ in 0..256 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = low + (x % u64::from(high - low)) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(l.local_addr()?);
+            }
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
 }
@@ -830,6 +861,24 @@ impl Security {
                 token_file: Some(dir.join(format!("{role}.token"))),
                 ..Default::default()
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_bindable_and_below_the_ephemeral_range() {
+        let low = ephemeral_low();
+        let ports: Vec<SocketAddr> = (0..8).map(|_| free_port().unwrap()).collect();
+        for addr in &ports {
+            assert!(addr.ip().is_loopback());
+            if low > 10_000 {
+                assert!((10_000..low).contains(&addr.port()), "{addr}");
+            }
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
         }
     }
 }
