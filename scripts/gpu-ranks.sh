@@ -33,8 +33,15 @@ step_timeout=${STEP_TIMEOUT:-240}
 [ -x "$bin" ] || { echo "gpu-ranks: no binary at $bin (build it: scripts/cuda-toolchain.sh --nccl)" >&2; exit 1; }
 
 nvidia-smi >/dev/null 2>&1 || { echo "gpu-ranks: nvidia-smi failed: no NVIDIA GPU or driver here" >&2; exit 1; }
+# The CUDA 13 and NCCL libraries the binary links: scripts/cuda-toolchain.sh's, else those of
+# python3's nvidia wheels (PyTorch's cu130 build has them; its NCCL may be older than 2.30,
+# which refuses two ranks on one GPU: put a newer libnccl.so.2 first on LD_LIBRARY_PATH).
 if scripts/cuda-toolchain.sh --nccl --check >/dev/null 2>&1; then
     eval "$(scripts/cuda-toolchain.sh --nccl --env)"
+elif nv=$(python3 -c 'import nvidia, os; print(list(nvidia.__path__)[0])' 2>/dev/null); then
+    for lib in "$nv/cu13/lib" "$nv/nccl/lib"; do
+        [ -d "$lib" ] && export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$lib
+    done
 fi
 if ldd "$bin" | grep 'not found'; then
     echo "gpu-ranks: libraries missing for $bin (set up: scripts/cuda-toolchain.sh --nccl --setup)" >&2

@@ -32,13 +32,9 @@ pub struct BenchGenerateArgs {
     /// New tokens per sequence.
     #[arg(long, env = "HINDSIGHT_BENCH_NEW_TOKENS", default_value_t = 128)]
     pub new_tokens: usize,
-    /// Our weight precisions to measure (f32, bf16).
-    #[arg(
-        long,
-        env = "HINDSIGHT_BENCH_PRECISIONS",
-        value_delimiter = ',',
-        default_value = "f32,bf16"
-    )]
+    /// Our weight precisions to measure (f32, bf16; default both on the CPU, f32 on a GPU,
+    /// where generation runs in f32 only).
+    #[arg(long, env = "HINDSIGHT_BENCH_PRECISIONS", value_delimiter = ',')]
     pub precisions: Vec<Precision>,
     /// Peers to run next to ours (llama.cpp, torch).
     #[arg(
@@ -95,6 +91,13 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(hindsight_policy::default_cache_dir);
     let device = hindsight_policy::parse_device(&args.device)?;
+    let precisions = if !args.precisions.is_empty() {
+        args.precisions.clone()
+    } else if device.is_cpu() {
+        vec![Precision::F32, Precision::Bf16]
+    } else {
+        vec![Precision::F32]
+    };
     let threads = rayon::current_num_threads();
     let m = hindsight_policy::load(&args.model, &cache, &Device::Cpu)
         .with_context(|| format!("loading {}", args.model))?;
@@ -117,7 +120,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
 
     // Ours.
     let mut ours: Vec<Value> = Vec::new();
-    for &prec in &args.precisions {
+    for &prec in &precisions {
         let mut s = Sampler::with_precision(&m.config, &m.weights, &[], &device, prec)?;
         for &b in &args.batch_sizes {
             s.set_max_batch(b);
@@ -231,7 +234,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
     // Side by side.
     println!();
     let mut header = format!("{:<6}", "batch");
-    for p in &args.precisions {
+    for p in &precisions {
         header += &format!(" {:>14}", format!("ours {p}"));
     }
     let peer_names: Vec<&str> = if args.no_peer {
@@ -255,7 +258,7 @@ pub fn run(args: BenchGenerateArgs) -> Result<()> {
     for &b in &args.batch_sizes {
         let mut line = format!("{b:<6}");
         let mut best_ours: f64 = 0.0;
-        for p in &args.precisions {
+        for p in &precisions {
             let r = rate(&ours, "weights", &p.to_string(), b);
             best_ours = best_ours.max(r.unwrap_or(0.0));
             line += &format!(" {:>14}", r.map_or("-".into(), |v| format!("{v:.1}")));

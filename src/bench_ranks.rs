@@ -202,7 +202,7 @@ fn worker(args: &BenchRanksArgs, spec: &str) -> Result<()> {
     let digest = t.weight_digest()?;
     c.barrier()?;
     println!(
-        "{}",
+        "{REPORT_PREFIX}{}",
         json!({
             "rank": rank,
             "step_seconds": median(&mut step_s),
@@ -268,7 +268,7 @@ pub fn run(args: BenchRanksArgs) -> Result<()> {
                 bail!("{cfg}: rank {r} failed ({})", out.status);
             }
             if r == 0 {
-                rank0 = Some(serde_json::from_slice(&out.stdout).context("rank 0's report")?);
+                rank0 = Some(rank_report(&out.stdout).context("rank 0's report")?);
             }
         }
         let mut v = rank0.context("no rank 0")?;
@@ -304,4 +304,37 @@ pub fn run(args: BenchRanksArgs) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&report)?);
     eprintln!("written to {}", path.display());
     Ok(())
+}
+
+/// Marks a worker's report line: NCCL writes its own log (`NCCL_DEBUG`) to the same stdout.
+const REPORT_PREFIX: &str = "hindsight-rank-report: ";
+
+/// A worker's report: its one line that starts with [`REPORT_PREFIX`]. Every other line of
+/// its stdout (NCCL's log, say) goes on to our stderr, so that nothing it said is lost.
+fn rank_report(stdout: &[u8]) -> Result<Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut report = None;
+    for line in text.lines() {
+        match line.strip_prefix(REPORT_PREFIX) {
+            Some(json) => report = Some(serde_json::from_str(json)?),
+            None => eprintln!("{line}"),
+        }
+    }
+    report.with_context(|| format!("no line starting with {REPORT_PREFIX:?} in its output"))
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn the_report_is_found_among_nccl_log_lines() {
+        let out = format!(
+            "host:1:1 [0] NCCL INFO Bootstrap: Using eth0\n{REPORT_PREFIX}{{\"rank\":0,\"step_seconds\":0.5}}\nhost:1:1 [0] NCCL WARN late line\n"
+        );
+        let v = rank_report(out.as_bytes()).unwrap();
+        assert_eq!(v["step_seconds"], 0.5);
+        let err = rank_report(b"NCCL INFO only a log\n").unwrap_err();
+        assert!(err.to_string().contains("no line starting with"), "{err}");
+    }
 }

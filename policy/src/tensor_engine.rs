@@ -304,7 +304,10 @@ impl TensorEngine {
             })
             .collect::<anyhow::Result<_>>()?;
         let h = self.forward(&ids, &cos, &sin, mask.as_ref(), Some(&mut caches), 0)?;
-        let mut logits = linear(&h.narrow(1, lmax - 1, 1)?.squeeze(1)?, &self.lm_head)?;
+        // The last position of each row is a strided view; CUDA's matmul (cuBLAS) takes only
+        // contiguous operands, the CPU's any layout.
+        let last = h.narrow(1, lmax - 1, 1)?.squeeze(1)?.contiguous()?;
+        let mut logits = linear(&last, &self.lm_head)?;
 
         // active[r] = original index of batch row r.
         let mut active: Vec<usize> = (0..n).collect();
