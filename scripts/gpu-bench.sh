@@ -35,6 +35,13 @@ if ldd "$bin" | grep 'not found'; then
     exit 1
 fi
 
+# The PyTorch peers: bench/.venv's python (bench/README.md), else a python3 that has torch and
+# transformers (a GPU machine's own, e.g. PyTorch's cu130 image).
+if [ -z "${HINDSIGHT_BENCH_PYTHON:-}" ] && [ ! -x bench/.venv/bin/python ] &&
+    python3 -c 'import torch, transformers' 2>/dev/null; then
+    export HINDSIGHT_BENCH_PYTHON=python3
+fi
+
 mkdir -p "$out"
 echo "gpu-bench: $bin -> $out"
 nvidia-smi -q >"$out/nvidia-smi.txt"
