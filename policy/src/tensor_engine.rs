@@ -437,5 +437,12 @@ impl Generator for TensorEngine {
 
 /// `x [m, k] @ w [n, k]^T` (the CPU engine has its own kernel).
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    // cuBLAS takes a contiguous input only, the CPU's matmul any layout: checked here so
+    // that the CPU tests of this engine catch a strided input before a GPU does.
+    debug_assert!(
+        x.is_contiguous(),
+        "linear: strided input {:?} (CUDA's matmul needs it contiguous)",
+        x.layout()
+    );
     x.matmul(&w.t()?)
 }
