@@ -264,11 +264,13 @@ pub fn run(args: BenchRanksArgs) -> Result<()> {
         let mut rank0: Option<Value> = None;
         for (r, child) in spawned.into_iter().enumerate() {
             let out = child.wait_with_output()?;
+            // Every rank's log (NCCL's, say) reaches stderr, a failed rank's too.
+            let report = rank_report(&out.stdout);
             if !out.status.success() {
                 bail!("{cfg}: rank {r} failed ({})", out.status);
             }
             if r == 0 {
-                rank0 = Some(rank_report(&out.stdout).context("rank 0's report")?);
+                rank0 = Some(report.context("rank 0's report")?);
             }
         }
         let mut v = rank0.context("no rank 0")?;
@@ -316,15 +318,17 @@ fn rank_report(stdout: &[u8]) -> Result<Value> {
     let mut report = None;
     for line in text.lines() {
         match line.strip_prefix(REPORT_PREFIX) {
-            Some(json) => report = Some(serde_json::from_str(json)?),
+            Some(json) => report = Some(serde_json::from_str(json)),
             None => eprintln!("{line}"),
         }
     }
-    report.with_context(|| format!("no line starting with {REPORT_PREFIX:?} in its output"))
+    report
+        .transpose()?
+        .with_context(|| format!("no line starting with {REPORT_PREFIX:?} in its output"))
 }
 
 #[cfg(test)]
-mod report_tests {
+mod tests {
     use super::*;
 
     #[test]
